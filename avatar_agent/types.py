@@ -1,0 +1,249 @@
+"""Data objects that cross stage boundaries, and the plug-in protocols.
+
+Data flows one way: source → chunker → motion → renderer → player → sinks.  Everything that moves
+between stages is one of the frozen dataclasses below; every stage is one of the small protocols.
+Audio inside the pipeline is always 16 kHz mono float32 in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+"""The pipeline's one audio rate; sources resample to it."""
+
+FRAME_MS = 20
+"""Audio frame length produced by every source."""
+
+FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
+
+Profile = Literal["embedded", "official"]
+EMOTIONS: tuple[str, ...] = (
+    "anger", "contempt", "disgust", "fear", "happiness", "neutral", "sadness", "surprise",
+)
+"""MoDA's 8 emotion classes in label order (label 8 = "none", the CFG null class)."""
+EMOTION_NONE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Phoneme:
+    """One phoneme event from a TTS engine.
+
+    Attributes:
+        symbol: IPA symbol as espeak-ng reports it (e.g. "oʊ").
+        start: start time in seconds from the start of the utterance's audio.
+        end: end time in seconds (start of the next phoneme, or end of audio).
+    """
+
+    symbol: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFrame:
+    """A 20 ms block of 16 kHz mono audio, stamped from the source's sample counter.
+
+    Attributes:
+        samples: float32 [320] in [-1, 1].
+        index: sample index of samples[0] since the source started (the timeline).
+        phonemes: phoneme events overlapping this frame (TTS only), times relative to the
+            source's sample counter (seconds = index / 16000).
+    """
+
+    samples: np.ndarray
+    index: int
+    phonemes: tuple[Phoneme, ...] = ()
+
+    @property
+    def t(self) -> float:
+        """Start time of the frame in seconds on the source timeline."""
+        return self.index / SAMPLE_RATE
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechChunk:
+    """A hop of audio to animate, with context.
+
+    The chunk's *new* audio is ``audio[left : left + n_new]``; the samples before are left context
+    (already animated), the ones after are lookahead (animated by the next chunk).
+
+    Attributes:
+        audio: float32 [left + n_new + right] 16 kHz mono.
+        start: sample index (source timeline) of the first *new* sample.
+        n_new: number of new samples; always a whole number of video frames' worth.
+        left: samples of left context before the new audio.
+        right: samples of lookahead after the new audio.
+        speech: True when the VAD says this hop holds speech (False: silence/idle hop).
+        phonemes: phoneme events, times in seconds on the source timeline.
+        utterance: id of the utterance (increments on each speech start).
+        final: True on the last chunk of an utterance.
+    """
+
+    audio: np.ndarray
+    start: int
+    n_new: int
+    left: int
+    right: int
+    speech: bool
+    phonemes: tuple[Phoneme, ...] = ()
+    utterance: int = 0
+    final: bool = False
+
+    @property
+    def new_audio(self) -> np.ndarray:
+        """The samples this chunk must animate."""
+        return self.audio[self.left : self.left + self.n_new]
+
+
+@dataclass(frozen=True, slots=True)
+class MotionClip:
+    """Motion for consecutive video frames.
+
+    Attributes:
+        motion: float32 [T, 70] in the profile's raw (denormalised) motion space,
+            layout [exp 63 | scale | tx ty tz | pitch yaw roll (deg)] (see motion/space.py).
+        start_frame: video frame index (player timeline) of motion[0].
+        speech: per-frame flag [T] bool, True where the frame animates speech.
+    """
+
+    motion: np.ndarray
+    start_frame: int
+    speech: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class VideoFrame:
+    """One output frame with exactly its audio slice.
+
+    Attributes:
+        image: uint8 [H, W, 3] RGB.
+        index: frame index on the player timeline (due at t0 + index / fps).
+        audio: float32 [SAMPLE_RATE / fps] the audio that plays during this frame.
+        speech: True if the frame animates speech (False: idle).
+    """
+
+    image: np.ndarray
+    index: int
+    audio: np.ndarray
+    speech: bool = False
+
+
+@dataclass(frozen=True)
+class Avatar:
+    """A prepared portrait: everything the motion generator and renderer need about one face.
+
+    Attributes:
+        profile: which motion space the keypoints live in.
+        image: uint8 [H, W, 3] RGB, the original portrait (for paste-back).
+        crop: uint8 [S, S, 3] RGB, the aligned face crop.
+        crop_to_image: float64 [3, 3] affine mapping crop pixel coords to image pixel coords.
+        kp_canonical: float32 [21, 3] canonical keypoints x_c (identity condition).
+        rest_motion: float32 [70] the portrait's own motion (rendering it reproduces the crop).
+        extra: profile-specific cached data (mesh, appearance features, ...).
+    """
+
+    profile: Profile
+    image: np.ndarray
+    crop: np.ndarray
+    crop_to_image: np.ndarray
+    kp_canonical: np.ndarray
+    rest_motion: np.ndarray
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Plug-in protocols
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class AudioSource(Protocol):
+    """Produces 20 ms AudioFrames, stamped from its own sample counter."""
+
+    def frames(self) -> AsyncIterator[AudioFrame]:
+        """Yield frames until the source ends (file/tts) or forever (mic/pipe)."""
+        ...
+
+    async def close(self) -> None:
+        """Release the device or file."""
+        ...
+
+
+@runtime_checkable
+class Vad(Protocol):
+    """Voice activity per audio frame."""
+
+    def is_speech(self, samples: np.ndarray) -> bool:
+        """True if this 10/20/30 ms block of 16 kHz float32 audio holds speech."""
+        ...
+
+
+@runtime_checkable
+class MotionGenerator(Protocol):
+    """Audio → motion, continuing from the last emitted motion frame.
+
+    Called only from the inference thread.
+    """
+
+    profile: Profile
+    fps: int
+
+    def prepare(self, avatar: Avatar) -> None:
+        """Bind to an avatar (identity condition, rest pose)."""
+        ...
+
+    def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
+                 intensity: float = 1.0) -> np.ndarray:
+        """Motion for the chunk's new audio: float32 [n_new / (16000 / fps), 70], raw space.
+
+        ``prev`` [70] is the last emitted motion frame; the first generated frame must continue
+        smoothly from it (first-frame continuity).
+        """
+        ...
+
+    def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray:
+        """n frames of idle motion (blinks, sway, breathing) continuing from ``prev``.
+
+        ``t0`` is the time in seconds of the first frame on the player timeline.
+        """
+        ...
+
+
+@runtime_checkable
+class Renderer(Protocol):
+    """Motion → frames for one prepared avatar.  Called only from the inference thread."""
+
+    profile: Profile
+    size: int
+
+    def prepare(self, image: np.ndarray) -> Avatar:
+        """Analyse a portrait (uint8 RGB) once: crop, keypoints, cached features."""
+        ...
+
+    def render(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
+        """uint8 [B, size, size, 3] frames for motion [B, 70]."""
+        ...
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Consumes the player's frames.  ``send`` must not block the event loop for long."""
+
+    name: str
+
+    async def start(self, width: int, height: int, fps: int) -> None:
+        """Open the device/file/server track."""
+        ...
+
+    async def send(self, frame: VideoFrame) -> None:
+        """Deliver one frame (and its audio slice)."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release; a file sink finalises the file here."""
+        ...
+
