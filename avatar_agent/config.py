@@ -1,0 +1,473 @@
+"""Configuration: frozen dataclasses, one per section, parsed once from TOML.
+
+Sources, lowest precedence first: the defaults below → a config file (``--config``, else
+``$AVATAR_AGENT_CONFIG``, else ``$XDG_CONFIG_HOME/avatar-agent/config.toml`` when it exists) →
+``--set section.key=value`` overrides.  Unknown sections/keys and wrong types are errors that name
+the file, the line, the key and the expected type.  ``config.toml`` at the repository root
+documents every key and equals these defaults (a test loads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
+DEFAULT_AVATAR = REPO_ROOT / "avatars" / "default.png"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class AvatarConfig:
+    """The portrait and how it is animated."""
+
+    image: str = ""
+    """Portrait image (any format OpenCV reads). Empty = the bundled default (avatars/default.png)."""
+    profile: Literal["embedded", "official"] = "embedded"
+    """Model profile: "embedded" (no download, CPU real time) or "official" (MoDA + LivePortrait weights)."""
+    emotion: str = "neutral"
+    """One of anger, contempt, disgust, fear, happiness, neutral, sadness, surprise, none."""
+    intensity: float = 1.0
+    """Emotion intensity, 0..1."""
+    directories: list[str] = field(default_factory=list)
+    """Directories the control API may load avatars from (besides the configured image)."""
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Where speech comes from."""
+
+    source: Literal["auto", "mic", "file", "tts", "pipe", "none"] = "auto"
+    """auto = microphone if one exists, else typed text on stdin spoken by TTS."""
+    device: str = ""
+    """Microphone: a device name substring or index; empty = the system default input."""
+    file: str = ""
+    """Audio file for source = "file" (anything PyAV decodes)."""
+    realtime: bool = True
+    """File source: pace in real time (true) or read as fast as possible."""
+    voice: str = "en-us"
+    """espeak-ng voice for the TTS source."""
+    tts_rate: int = 175
+    """TTS speaking rate in words per minute."""
+    pipe_path: str = "-"
+    """Pipe source: "-" = stdin, else the path of a Unix socket to listen on."""
+    pipe_rate: int = 16000
+    """Pipe source: sample rate of the raw s16le PCM."""
+    pipe_channels: int = 1
+    """Pipe source: channel count of the raw PCM."""
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    """Voice-activity gate (webrtcvad) and its hysteresis."""
+
+    aggressiveness: int = 2
+    """webrtcvad mode 0 (least) .. 3 (most aggressive in rejecting non-speech)."""
+    frame_ms: int = 20
+    """VAD decision frame: 10, 20 or 30 ms."""
+    min_speech_ms: int = 60
+    """Voiced time needed before speech starts (rejects clicks)."""
+    pre_roll_ms: int = 120
+    """Audio before the detected start that still belongs to the utterance."""
+    hangover_ms: int = 300
+    """Unvoiced time after which speech ends."""
+
+
+@dataclass(frozen=True)
+class ChunkerConfig:
+    """How audio is cut into hops for streaming motion generation."""
+
+    hop_ms: int = 160
+    """New audio per chunk (a multiple of the video frame, 40 ms at 25 fps); ≤ 200 for live use."""
+    window_ms: int = 3200
+    """Longest chunk for offline/TTS use (the model's full window)."""
+    left_context_ms: int = 400
+    """Already-animated audio given to the motion model as context."""
+    lookahead_ms: int = 80
+    """Future audio the chunk waits for (adds to latency)."""
+    max_utterance_s: float = 30.0
+    """Force an utterance boundary after this long."""
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    """Audio → motion."""
+
+    generator: Literal["auto", "procedural", "moda"] = "auto"
+    """auto = the profile's default (embedded: procedural; official: MoDA release)."""
+    seed: int = 0
+    """Seed of idle motion and sampling noise."""
+    steps: int = 10
+    """Rectified-flow Euler steps (MoDA)."""
+    cfg_audio: float = 0.2
+    """MoDA classifier-free guidance weight for audio (eq. 8 λ; release CLI 1.2 = λ 0.2)."""
+    cfg_emotion: float = 0.0
+    """MoDA guidance weight for the emotion condition."""
+    expression_scale: float = 1.0
+    """Multiplier on expression motion (0 = frozen face, >1 = exaggerated)."""
+    head_scale: float = 1.0
+    """Multiplier on head motion (sway, nods)."""
+    models_dir: str = ""
+    """Where official weights live; empty = $AVATAR_AGENT_MODELS or ~/.local/share/avatar-agent/models."""
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """Motion → frames."""
+
+    size: int = 512
+    """Output frame size in pixels (square)."""
+    output: Literal["crop", "image"] = "crop"
+    """crop = the aligned face crop; image = pasted back into the full portrait (resized to size)."""
+    threads: int = 1
+    """Torch/OpenCV threads of the single inference thread."""
+    batch: int = 4
+    """Frames rendered per inference job."""
+
+
+@dataclass(frozen=True)
+class PlayerConfig:
+    """The master clock."""
+
+    fps: int = 25
+    """Output frame rate."""
+    latency_ms: int = 280
+    """Audio capture → frame due time; covers hop + lookahead + compute. Also the A/V delay."""
+    queue_frames: int = 50
+    """Rendered frames buffered ahead of the clock (overflow: drop oldest, counted)."""
+
+
+@dataclass(frozen=True)
+class SinksConfig:
+    """Where frames go (several at once)."""
+
+    enabled: list[str] = field(default_factory=lambda: ["auto"])
+    """Any of virtualcam, webrtc, file; "auto" = virtualcam when a device exists + webrtc."""
+    virtualcam_device: str = ""
+    """v4l2loopback device (e.g. /dev/video10); empty = the first loopback device."""
+    file: str = "avatar.mp4"
+    """mp4 path for the file sink."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The local web server: page, WebRTC signalling, control API, /metrics."""
+
+    host: str = "127.0.0.1"
+    """Bind address. Anything but loopback requires a token."""
+    port: int = 8080
+    """TCP port (0 = any free port)."""
+    token: str = ""
+    """Bearer token for the API; required for a non-loopback bind."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Running as a systemd service."""
+
+    drain_s: float = 1.0
+    """On SIGTERM, how long queued frames may still play before sinks are finalised."""
+    log_format: Literal["auto", "plain", "journal"] = "auto"
+    """journal = "<level>message" lines journald understands; auto = journal under systemd."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log verbosity."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    avatar: AvatarConfig = field(default_factory=AvatarConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    player: PlayerConfig = field(default_factory=PlayerConfig)
+    sinks: SinksConfig = field(default_factory=SinksConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    source_path: str = ""
+    """The file this config was read from ("" = defaults only). Not a TOML key."""
+
+    def avatar_path(self) -> Path:
+        """The portrait to use (relative paths resolve against the config file's folder)."""
+        return self.resolve(self.avatar.image) if self.avatar.image else DEFAULT_AVATAR
+
+    def resolve(self, p: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        path = Path(os.path.expanduser(p))
+        if not path.is_absolute() and self.source_path:
+            path = Path(self.source_path).parent / path
+        return path
+
+    def validate(self) -> None:
+        """Cross-field checks; raises ConfigError."""
+        fps = self.player.fps
+        if not 1 <= fps <= 60:
+            raise ConfigError(f"player.fps = {fps}: must be 1..60")
+        frame_ms = 1000 / fps
+        for key in ("hop_ms", "window_ms"):
+            v = getattr(self.chunker, key)
+            if v <= 0 or abs(v / frame_ms - round(v / frame_ms)) > 1e-6:
+                raise ConfigError(f"chunker.{key} = {v}: must be a positive multiple of the video "
+                                  f"frame ({frame_ms:g} ms at {fps} fps)")
+        if self.vad.frame_ms not in (10, 20, 30):
+            raise ConfigError(f"vad.frame_ms = {self.vad.frame_ms}: must be 10, 20 or 30")
+        if not 0 <= self.vad.aggressiveness <= 3:
+            raise ConfigError(f"vad.aggressiveness = {self.vad.aggressiveness}: must be 0..3")
+        if not 0.0 <= self.avatar.intensity <= 1.0:
+            raise ConfigError(f"avatar.intensity = {self.avatar.intensity}: must be 0..1")
+        if self.render.size < 64 or self.render.size % 16:
+            raise ConfigError(f"render.size = {self.render.size}: must be ≥ 64 and a multiple of 16")
+        known_sinks = {"auto", "virtualcam", "webrtc", "file"}
+        bad = [s for s in self.sinks.enabled if s not in known_sinks]
+        if bad:
+            raise ConfigError(f"sinks.enabled: unknown sink(s) {bad}; choose from {sorted(known_sinks)}")
+        from .types import EMOTIONS
+        if self.avatar.emotion not in EMOTIONS + ("none",):
+            raise ConfigError(f"avatar.emotion = {self.avatar.emotion!r}: choose one of "
+                              f"{', '.join(EMOTIONS + ('none',))}")
+        loopback = self.server.host in ("127.0.0.1", "localhost", "::1")
+        if not loopback and not self.server.token:
+            raise ConfigError(f"server.host = {self.server.host!r} is not loopback: set server.token "
+                              "(a long random string) so the API is not open to the network")
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing
+# ------------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {tp}, got {type(value).__name__}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected bool (true/false), got {type(value).__name__} {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """Best-effort line number of ``[section]`` / ``key`` in a TOML text (tomllib keeps none)."""
+    lines = text.splitlines()
+    start = 0
+    for i, line in enumerate(lines):
+        if re.match(rf"^\s*\[\s*{re.escape(section)}\s*\]", line):
+            start = i
+            if key is None:
+                return i + 1
+            break
+    else:
+        return None
+    for j in range(start + 1, len(lines)):
+        if re.match(r"^\s*\[", lines[j]):
+            break
+        if re.match(rf"^\s*{re.escape(key)}\s*=", lines[j]):
+            return j + 1
+    return None
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(data: dict[str, Any], origin: str, text: str = "") -> Config:
+    sections: dict[str, Any] = {}
+    hints = _hints(Config)
+    for name, body in data.items():
+        if name not in hints or name == "source_path":
+            line = _line_of(text, name, None)
+            raise ConfigError(f"{origin}{f':{line}' if line else ''}: unknown section [{name}]; "
+                              f"known: {', '.join(k for k in hints if k != 'source_path')}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{origin}: [{name}] must be a table")
+        cls = hints[name]
+        fhints = _hints(cls)
+        kwargs = {}
+        for key, value in body.items():
+            line = _line_of(text, name, key)
+            where = f"{origin}{f':{line}' if line else ''}: {name}.{key}"
+            if key not in fhints:
+                raise ConfigError(f"{where}: unknown key; [{name}] has {', '.join(fhints)}")
+            kwargs[key] = _coerce(value, fhints[key], where)
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k].update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r}: expected section.key=value (e.g. player.fps=30)")
+    dotted, raw = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes on the command line
+    return section, key, value
+
+
+def default_config_path() -> Path | None:
+    """$AVATAR_AGENT_CONFIG, else the XDG config file if it exists, else None."""
+    env = os.environ.get("AVATAR_AGENT_CONFIG")
+    if env:
+        return Path(env)
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    p = xdg / "avatar-agent" / "config.toml"
+    return p if p.exists() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                use_default_path: bool = True) -> Config:
+    """Load and validate the configuration.
+
+    Args:
+        path: a TOML file; None = :func:`default_config_path` (when ``use_default_path``).
+        overrides: ``section.key=value`` strings applied after the file.
+    """
+    data: dict[str, Any] = {}
+    text = ""
+    origin = "<defaults>"
+    if path is None and use_default_path:
+        path = default_config_path()
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist (check --config / "
+                              "$AVATAR_AGENT_CONFIG)") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    cfg = _build(data, origin, text)
+    over: dict[str, Any] = {}
+    for item in overrides or []:
+        section, key, value = _parse_override(item)
+        over.setdefault(section, {})[key] = value
+    if over:
+        merged = _merge({k: dataclasses.asdict(getattr(cfg, k)) for k in data}, over)
+        # Re-validate overridden sections against their types; keep untouched file sections.
+        try:
+            cfg = _build(merged, origin, text)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (from --set)") from None
+    cfg = dataclasses.replace(cfg, source_path=str(Path(path).resolve()) if path else "")
+    cfg.validate()
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective configuration as TOML (printed by ``check``)."""
+    out = []
+    for f in dataclasses.fields(Config):
+        if f.name == "source_path":
+            continue
+        out.append(f"[{f.name}]")
+        for k, v in dataclasses.asdict(getattr(cfg, f.name)).items():
+            out.append(f"{k} = {_toml_value(v)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def field_docs() -> dict[str, dict[str, str]]:
+    """Docstrings under each config field (read from this module's source), per section."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["_"])))
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            fields: dict[str, str] = {"": ast.get_docstring(node) or ""}
+            body = node.body
+            for a, b in zip(body, body[1:]):
+                if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+                        and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+                        and isinstance(b.value.value, str)):
+                    fields[a.target.id] = " ".join(b.value.value.split())
+            docs[node.name] = fields
+    return docs
+
+
+def sample_toml() -> str:
+    """The documented sample config (= the defaults): what config.toml at the repo root holds."""
+    docs = field_docs()
+    cfg = Config()
+    out = ["# avatar-agent configuration. Every key, with its default value.",
+           "# Load order: this file via --config, $AVATAR_AGENT_CONFIG or",
+           "# $XDG_CONFIG_HOME/avatar-agent/config.toml; then --set section.key=value overrides.",
+           "# Relative paths resolve against this file's folder. Unknown keys are errors.",
+           "# Regenerate: avatar-agent config --sample > config.toml", ""]
+    hints = _hints(Config)
+    for f in dataclasses.fields(Config):
+        if f.name == "source_path":
+            continue
+        cls_docs = docs[hints[f.name].__name__]
+        out.append(f"[{f.name}]")
+        out.append(f"# {cls_docs['']}")
+        for k, v in dataclasses.asdict(getattr(cfg, f.name)).items():
+            out.append(f"# {cls_docs.get(k, '')}")
+            out.append(f"{k} = {_toml_value(v)}")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,115 @@
+"""Named fakes for the plug-in seams (no mock libraries): small, real implementations."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import numpy as np
+
+from avatar_agent.clock import Clock
+from avatar_agent.types import (EMOTION_NONE, FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Avatar,
+                                SpeechChunk, VideoFrame)
+
+
+class ArraySource:
+    """Plays a float32 16 kHz array as 20 ms frames, paced by a clock (or as fast as possible)."""
+
+    def __init__(self, audio: np.ndarray, clock: Clock | None = None) -> None:
+        self.audio = np.asarray(audio, np.float32)
+        self.clock = clock
+        self.closed = False
+
+    async def frames(self) -> AsyncIterator[AudioFrame]:
+        t0 = self.clock.now() if self.clock else 0.0
+        n = len(self.audio) // FRAME_SAMPLES
+        for k in range(n):
+            if self.clock is not None:
+                await self.clock.sleep_until(t0 + (k + 1) * FRAME_SAMPLES / SAMPLE_RATE)
+            s = self.audio[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES]
+            yield AudioFrame(samples=s, index=k * FRAME_SAMPLES)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class EnergyVad:
+    """Speech = RMS above a threshold (deterministic, for pipeline tests)."""
+
+    def __init__(self, threshold: float = 0.02) -> None:
+        self.threshold = threshold
+
+    def is_speech(self, samples: np.ndarray) -> bool:
+        return float(np.sqrt(np.mean(np.square(samples)))) > self.threshold
+
+
+class LevelMotion:
+    """Motion whose exp[0] is the audio RMS of each frame; idle = rest."""
+
+    profile = "embedded"
+    fps = 25
+
+    def __init__(self) -> None:
+        self.rest = np.zeros(70, np.float32)
+        self.calls: list[tuple[int, int]] = []        # (start sample, frames) per generate
+
+    def prepare(self, avatar: Avatar) -> None:
+        self.rest = avatar.rest_motion.astype(np.float32)
+
+    def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
+                 intensity: float = 1.0) -> np.ndarray:
+        spf = SAMPLE_RATE // self.fps
+        n = chunk.n_new // spf
+        self.calls.append((chunk.start, n))
+        a = chunk.new_audio.reshape(n, spf)
+        out = np.repeat(self.rest[None], n, 0)
+        out[:, 0] = np.sqrt(np.mean(a ** 2, axis=1))
+        return out
+
+    def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray:
+        return np.repeat(self.rest[None], n, 0)
+
+
+class LevelRenderer:
+    """Renders motion exp[0] (mouth level) as the brightness of a small image."""
+
+    profile = "embedded"
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+
+    def prepare(self, image: np.ndarray) -> Avatar:
+        return Avatar(profile="embedded", image=image, crop=image, crop_to_image=np.eye(3),
+                      kp_canonical=np.zeros((21, 3), np.float32),
+                      rest_motion=np.zeros(70, np.float32))
+
+    def render(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
+        level = np.clip(motion[:, 0] * 1000, 0, 255).astype(np.uint8)
+        return np.broadcast_to(level[:, None, None, None],
+                               (len(motion), self.size, self.size, 3)).copy()
+
+
+class MemorySink:
+    """Keeps every frame it receives (or only counts them with keep=False)."""
+
+    def __init__(self, name: str = "memory", keep: bool = True, fail_every: int = 0) -> None:
+        self.name = name
+        self.keep = keep
+        self.frames: list[VideoFrame] = []
+        self.count = 0
+        self.started: tuple[int, int, int] | None = None
+        self.closed = False
+        self.fail_every = fail_every
+        self.send_times: list[float] = []
+
+    async def start(self, width: int, height: int, fps: int) -> None:
+        self.started = (width, height, fps)
+
+    async def send(self, frame: VideoFrame) -> None:
+        self.count += 1
+        if self.fail_every and self.count % self.fail_every == 0:
+            raise OSError("simulated sink failure")
+        if self.keep:
+            self.frames.append(frame)
+
+    async def close(self) -> None:
+        self.closed = True
