@@ -17,7 +17,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .chunker import ChunkerParams
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -76,9 +79,9 @@ class VadConfig:
     """webrtcvad mode 0 (least) .. 3 (most aggressive in rejecting non-speech)."""
     frame_ms: int = 20
     """VAD decision frame: 10, 20 or 30 ms."""
-    min_speech_ms: int = 60
+    min_speech_ms: int = 40
     """Voiced time needed before speech starts (rejects clicks)."""
-    pre_roll_ms: int = 120
+    pre_roll_ms: int = 60
     """Audio before the detected start that still belongs to the utterance."""
     hangover_ms: int = 300
     """Unvoiced time after which speech ends."""
@@ -88,13 +91,13 @@ class VadConfig:
 class ChunkerConfig:
     """How audio is cut into hops for streaming motion generation."""
 
-    hop_ms: int = 160
+    hop_ms: int = 80
     """New audio per chunk (a multiple of the video frame, 40 ms at 25 fps); ≤ 200 for live use."""
     window_ms: int = 3200
     """Longest chunk for offline/TTS use (the model's full window)."""
     left_context_ms: int = 400
     """Already-animated audio given to the motion model as context."""
-    lookahead_ms: int = 80
+    lookahead_ms: int = 40
     """Future audio the chunk waits for (adds to latency)."""
     max_utterance_s: float = 30.0
     """Force an utterance boundary after this long."""
@@ -142,7 +145,7 @@ class PlayerConfig:
 
     fps: int = 25
     """Output frame rate."""
-    latency_ms: int = 280
+    latency_ms: int = 300
     """Audio capture → frame due time; covers hop + lookahead + compute. Also the A/V delay."""
     queue_frames: int = 50
     """Rendered frames buffered ahead of the clock (overflow: drop oldest, counted)."""
@@ -471,3 +474,14 @@ def sample_toml() -> str:
             out.append(f"{k} = {_toml_value(v)}")
         out.append("")
     return "\n".join(out)
+
+
+def chunker_params(cfg: Config) -> "ChunkerParams":
+    """The chunker's settings from the [chunker] and [vad] sections."""
+    from .chunker import ChunkerParams
+
+    c, v = cfg.chunker, cfg.vad
+    return ChunkerParams(fps=cfg.player.fps, hop_ms=c.hop_ms, window_ms=c.window_ms,
+                         left_context_ms=c.left_context_ms, lookahead_ms=c.lookahead_ms,
+                         min_speech_ms=v.min_speech_ms, pre_roll_ms=v.pre_roll_ms,
+                         hangover_ms=v.hangover_ms, max_utterance_s=c.max_utterance_s)

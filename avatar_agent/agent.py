@@ -1,0 +1,337 @@
+"""The agent: how audio becomes frames.  Read top to bottom.
+
+    source ──▶ LISTEN task: timeline + VAD + chunker ──▶ [chunk queue]
+               ANIMATE task: motion.generate / motion.idle ─▶ renderer.render  (inference thread)
+                             ──▶ player buffer (frame index → image)
+               PLAY task (the clock): every 1/fps → the due frame + its audio slice → every sink
+
+* One asyncio loop owns orchestration; all model work runs on ONE inference thread (one torch
+  context, no GIL fights on 2 cores).
+* The chunker tiles the whole audio timeline: speech hops get lip-sync, silence hops get the idle
+  layer, so the player never runs dry in normal operation and never shows a frozen face.
+* Every frame's due time = capture time of its audio + latency: A/V sync by construction.
+* Queues are bounded: chunk queue drops the oldest chunk when full (counted; the player then
+  repeats the last image for those frames), the player buffer drops the oldest image.
+* Motion continuity: each chunk is generated from the last emitted motion frame (``_prev``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+
+from .chunker import Chunker, SpeechEnded, SpeechStarted
+from .clock import Clock, SystemClock
+from .config import Config, chunker_params
+from .metrics import Metrics
+from .player import AudioTimeline, Player
+from .service import Notifier
+from .types import (EMOTION_NONE, EMOTIONS, SAMPLE_RATE, AudioSource, Avatar, MotionGenerator,
+                    Renderer, Sink, SpeechChunk, Vad, VideoFrame)
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+_CHUNK_QUEUE = 64
+"""Chunks waiting for the animate task (≈10 s at a 160 ms hop); overflow drops the oldest."""
+
+
+def emotion_label(name: str) -> int:
+    """Emotion name → MoDA class label (8 = none)."""
+    return EMOTION_NONE if name == "none" else EMOTIONS.index(name)
+
+
+@dataclasses.dataclass
+class Event:
+    """Something listeners may want to know (speech boundaries, reloads)."""
+
+    kind: str
+    data: dict[str, Any]
+
+
+class Agent:
+    """Runs one avatar: source → chunks → motion → frames → sinks.
+
+    The plug-ins are built from the config by :mod:`avatar_agent.wiring` unless given (tests inject
+    fakes and real components alike).
+    """
+
+    def __init__(self, cfg: Config, *, source: AudioSource, vad: Vad, motion: MotionGenerator,
+                 renderer: Renderer, sinks: Sequence[Sink], clock: Clock | None = None,
+                 image: np.ndarray | None = None, metrics: Metrics | None = None,
+                 notifier: Notifier | None = None, offline: bool = False) -> None:
+        if motion.profile != renderer.profile:
+            raise ValueError(f"motion generator profile {motion.profile!r} does not match renderer "
+                             f"profile {renderer.profile!r}: set avatar.profile consistently")
+        self.cfg = cfg
+        self.clock = clock or SystemClock()
+        self.source, self.vad, self.motion, self.renderer = source, vad, motion, renderer
+        self.sinks = list(sinks)
+        self.metrics = metrics or Metrics()
+        self.notifier = notifier or Notifier(env={})
+        self.fps = cfg.player.fps
+        self.spf = SAMPLE_RATE // self.fps
+        self.timeline = AudioTimeline(self.clock)
+        self.chunker = Chunker(chunker_params(cfg), offline=offline)
+        self.player = Player(self.fps, self.clock, self.timeline, cfg.player.latency_ms / 1000,
+                             self.sinks, capacity=cfg.player.queue_frames, on_tick=self._on_tick)
+        self.emotion = emotion_label(cfg.avatar.emotion)
+        self.intensity = cfg.avatar.intensity
+        self.avatar: Avatar | None = None
+        self._image = image
+        self._chunks: asyncio.Queue[SpeechChunk | None] = asyncio.Queue(_CHUNK_QUEUE)
+        self._prev: np.ndarray | None = None        # last emitted motion frame (continuity)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="inference",
+                                        initializer=_init_inference_thread,
+                                        initargs=(cfg.render.threads,))
+        self._stop = asyncio.Event()
+        self._source_done = asyncio.Event()
+        self._end_sample: int | None = None          # finite sources: where the timeline ends
+        self.chunks_dropped = 0
+        self.listeners: list[Callable[[Event], None]] = []
+
+    # -------------------------------------------------------------------------------------------
+    # Lifecycle
+    # -------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Warm up, start the sinks, run until the source ends (and plays out) or :meth:`stop`."""
+        await self.warm_up()
+        for sink in list(self.sinks):
+            try:
+                await sink.start(self.cfg.render.size, self.cfg.render.size, self.fps)
+            except Exception as e:  # a sink that cannot start must not stop the others
+                log.error("sink %s could not start and is disabled: %s", sink.name, e)
+                self.sinks.remove(sink)
+        self.player.sinks = self.sinks
+        tasks = [asyncio.create_task(self._listen(), name="listen"),
+                 asyncio.create_task(self._animate(), name="animate"),
+                 asyncio.create_task(self._play(), name="play")]
+        self.notifier.ready(f"running at {self.fps} fps")
+        log.info("agent running: %d fps, latency %d ms, sinks: %s", self.fps,
+                 self.cfg.player.latency_ms, ", ".join(s.name for s in self.sinks) or "none")
+        try:
+            await self._stop.wait()
+        finally:
+            self.notifier.stopping()
+            await self._shutdown(tasks)
+
+    async def warm_up(self) -> None:
+        """Prepare the avatar and render its rest pose once (loads and JIT-warms the models)."""
+        if self.avatar is None:
+            await self.set_avatar(self._image)
+
+    async def set_avatar(self, image: np.ndarray | None) -> None:
+        """Prepare a portrait in the background and switch to it between two frames."""
+        if image is None:
+            from .face.landmarks import load_image
+
+            image = load_image(self.cfg.avatar_path())
+        img = image
+        avatar = await self._infer(self.renderer.prepare, img)
+        await self._infer(self.motion.prepare, avatar)
+        rest = avatar.rest_motion.astype(np.float32)
+        frame = (await self._infer(self.renderer.render, avatar, rest[None]))[0]
+        self.avatar = avatar
+        if self._prev is None:
+            self._prev = rest
+        self.player.set_idle_image(frame)
+
+    def stop(self) -> None:
+        """Ask the agent to stop (SIGTERM): drain ≤ service.drain_s, then finalise the sinks."""
+        self._stop.set()
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        # Let already rendered frames play for up to drain_s so a file gets the tail.
+        deadline = time.monotonic() + self.cfg.service.drain_s
+        while self.player.buffered() and time.monotonic() < deadline and not tasks[2].done():
+            await asyncio.sleep(0.02)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sink in self.sinks:
+            try:
+                await sink.close()
+            except Exception as e:
+                log.error("closing sink %s failed: %s", sink.name, e)
+        with contextlib.suppress(Exception):
+            await self.source.close()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.notifier.close()
+
+    # -------------------------------------------------------------------------------------------
+    # LISTEN: audio frames → timeline + VAD + chunker → chunk queue
+    # -------------------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        try:
+            async for frame in self.source.frames():
+                self.timeline.append(frame.index, frame.samples)
+                speech = self.vad.is_speech(frame.samples)
+                for item in self.chunker.push(frame, speech):
+                    await self._handle_chunker_output(item)
+            for item in self.chunker.flush():
+                await self._handle_chunker_output(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("audio source failed")
+        finally:
+            self._end_sample = self.timeline.end
+            self._source_done.set()
+            with contextlib.suppress(asyncio.QueueFull):
+                self._chunks.put_nowait(None)
+
+    async def _handle_chunker_output(self, item: SpeechChunk | SpeechStarted | SpeechEnded) -> None:
+        if isinstance(item, SpeechChunk):
+            if self._chunks.full():
+                self._chunks.get_nowait()            # drop oldest: the freshest audio matters most
+                self.chunks_dropped += 1
+                self.metrics.frames.labels("chunk_dropped").inc()
+            self._chunks.put_nowait(item)
+            self.metrics.queue_depth.labels("chunks").set(self._chunks.qsize())
+        elif isinstance(item, SpeechStarted):
+            self.metrics.speaking.set(1)
+            self._emit("speech_started", utterance=item.utterance, onset=item.onset)
+        elif isinstance(item, SpeechEnded):
+            self.metrics.speaking.set(0)
+            self._emit("speech_ended", utterance=item.utterance, offset=item.offset,
+                       reason=item.reason)
+
+    # -------------------------------------------------------------------------------------------
+    # ANIMATE: chunk → motion (continuing from _prev) → frames → player buffer
+    # -------------------------------------------------------------------------------------------
+
+    async def _animate(self) -> None:
+        while True:
+            chunk = await self._chunks.get()
+            if chunk is None:
+                return
+            try:
+                await self._animate_chunk(chunk)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad chunk never kills the agent: its frames fall back
+                log.exception("animating chunk at sample %d failed; continuing", chunk.start)
+                self.metrics.frames.labels("chunk_failed").inc()
+
+    async def _animate_chunk(self, chunk: SpeechChunk) -> None:
+        assert self.avatar is not None and self._prev is not None
+        first = chunk.start // self.spf
+        n = chunk.n_new // self.spf
+        t0 = time.perf_counter()
+        if chunk.speech:
+            motion = await self._infer(self.motion.generate, chunk, self._prev, self.emotion,
+                                       self.intensity)
+        else:
+            motion = await self._infer(self.motion.idle, n, self._prev, first / self.fps)
+        self.metrics.stage_seconds.labels("motion").observe(time.perf_counter() - t0)
+        motion = self._scaled(motion)
+        self._prev = motion[-1].copy()
+        avatar = self.avatar
+        batch = max(1, self.cfg.render.batch)
+        for b in range(0, n, batch):
+            idx = range(first + b, first + min(b + batch, n))
+            live = [i for i in idx if not self.player.is_late(i)]
+            if not live:                              # behind: skip work, the clock goes on
+                self.metrics.frames.labels("skipped_late").inc(len(idx))
+                continue
+            t1 = time.perf_counter()
+            rows = motion[[i - first for i in live]]
+            images = await self._infer(self.renderer.render, avatar, rows)
+            self.metrics.stage_seconds.labels("render").observe(time.perf_counter() - t1)
+            for i, img in zip(live, images):
+                if self.player.push(i, img, chunk.speech):
+                    self.metrics.frames.labels("produced").inc()
+            self.metrics.queue_depth.labels("frames").set(self.player.buffered())
+
+    def _scaled(self, motion: np.ndarray) -> np.ndarray:
+        """Apply the expression/head-motion scales around the avatar's rest motion."""
+        mc = self.cfg.motion
+        if mc.expression_scale == 1.0 and mc.head_scale == 1.0:
+            return motion
+        assert self.avatar is not None
+        rest = self.avatar.rest_motion
+        out = motion.copy()
+        out[:, :63] = rest[:63] + (motion[:, :63] - rest[:63]) * mc.expression_scale
+        out[:, 63:] = rest[63:] + (motion[:, 63:] - rest[63:]) * mc.head_scale
+        return out
+
+    # -------------------------------------------------------------------------------------------
+    # PLAY: the master clock
+    # -------------------------------------------------------------------------------------------
+
+    async def _play(self) -> None:
+        while not self.timeline.started:             # the clock starts with the first audio
+            if self._source_done.is_set():
+                self._stop.set()
+                return
+            await self.clock.sleep_until(self.clock.now() + 0.005)
+        while True:
+            end = self._end_sample
+            if end is not None and self.player.next_index * self.spf >= end:
+                self._stop.set()                     # finite source fully played out
+                return
+            await self.player.tick()
+
+    async def _on_tick(self, frame: VideoFrame, lateness: float) -> None:
+        m = self.metrics
+        m.frames.labels("delivered").inc()
+        m.frames.labels("speech" if frame.speech else "idle").inc()
+        m.clock_lateness.set(lateness)
+        m.av_offset.set(self.clock.now() - self.timeline.time_of(frame.index * self.spf))
+        self.notifier.watchdog(self.clock.now())
+
+    # -------------------------------------------------------------------------------------------
+    # Control (from the API or signals), and helpers
+    # -------------------------------------------------------------------------------------------
+
+    def set_emotion(self, name: str, intensity: float | None = None) -> None:
+        """Change the emotion; takes effect from the next chunk."""
+        self.emotion = emotion_label(name)
+        if intensity is not None:
+            self.intensity = float(np.clip(intensity, 0.0, 1.0))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for `check`, logs and the status API."""
+        s = dataclasses.asdict(self.player.stats)
+        s.update(chunks_dropped=self.chunks_dropped, frames_buffered=self.player.buffered(),
+                 chunks_queued=self._chunks.qsize(), timeline_drift_s=self.timeline.drift_s)
+        return s
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        ev = Event(kind, data)
+        log.info("%s %s", kind, data)
+        for cb in list(self.listeners):
+            try:
+                cb(ev)
+            except Exception:
+                log.exception("event listener failed")
+
+    async def _infer(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run model work on the inference thread (virtual time is held meanwhile)."""
+        loop = asyncio.get_running_loop()
+        with self.clock.hold():
+            return await loop.run_in_executor(self._pool, fn, *args)
+
+
+def _init_inference_thread(threads: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    except ImportError:
+        pass
+    try:
+        import cv2
+
+        cv2.setNumThreads(max(1, threads))
+    except ImportError:
+        pass

@@ -1,0 +1,178 @@
+"""``avatar-agent check``: devices, models, config and the latency the settings imply.
+
+Each problem is printed with its fix; the exit code is 1 when there is any problem (something the
+configured agent needs and does not have), 0 otherwise.  Notes are informational.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Callable
+
+from .config import Config, to_toml
+
+
+@dataclasses.dataclass
+class Report:
+    """Collected lines of a check run."""
+
+    problems: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    lines: list[str] = dataclasses.field(default_factory=list)
+
+    def ok(self, what: str) -> None:
+        self.lines.append(f"  ok       {what}")
+
+    def note(self, what: str) -> None:
+        self.lines.append(f"  note     {what}")
+
+    def problem(self, what: str, fix: str) -> None:
+        self.problems.append((what, fix))
+        self.lines.append(f"  PROBLEM  {what}\n           fix: {fix}")
+
+
+def implied_latency_ms(cfg: Config) -> dict[str, float]:
+    """The delay the settings add between speech and its frame, before any compute."""
+    from .chunker import Chunker
+    from .config import chunker_params
+
+    c = Chunker(chunker_params(cfg))
+    parts = {"chunker (hop + hold for lookahead/pre-roll + grid)": float(c.latency_ms),
+             "audio capture block (20 ms)": 20.0}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def run_check(cfg: Config, out: Callable[[str], None] = print) -> int:
+    """Run every check, print the report, return the exit code."""
+    r = Report()
+    _check_packages(r, cfg)
+    _check_audio(r, cfg)
+    _check_vcam(r, cfg)
+    _check_gpu(r)
+    _check_models(r, cfg)
+    _check_avatar(r, cfg)
+    lat = implied_latency_ms(cfg)
+    budget = cfg.player.latency_ms
+    out("avatar-agent check")
+    out("\n".join(r.lines))
+    out("\nlatency implied by the chunk settings:")
+    for k, v in lat.items():
+        out(f"  {k:<36} {v:7.0f} ms")
+    compute = budget - lat["total"]
+    out(f"  player.latency_ms (A/V delay)        {budget:7d} ms  → {compute:.0f} ms left for compute")
+    if compute < 40:
+        r.problem(f"player.latency_ms = {budget} leaves {compute:.0f} ms for motion + render",
+                  f"raise player.latency_ms to ≥ {lat['total'] + 80:.0f} or lower chunker.hop_ms / "
+                  "chunker.lookahead_ms")
+        out(r.lines[-1])
+    out("\neffective config:")
+    out(to_toml(cfg))
+    if r.problems:
+        out(f"{len(r.problems)} problem(s):")
+        for what, fix in r.problems:
+            out(f"  - {what}\n    fix: {fix}")
+        return 1
+    out("no problems found")
+    return 0
+
+
+def _check_packages(r: Report, cfg: Config) -> None:
+    need = {"torch": "torch==2.13.0", "cv2": "opencv-python-headless==4.14.0.94",
+            "mediapipe": "--no-deps mediapipe==0.10.21", "webrtcvad": "webrtcvad-wheels",
+            "av": "av==18.1.0", "soxr": "soxr"}
+    if "webrtc" in cfg.sinks.enabled or "auto" in cfg.sinks.enabled:
+        need["aiortc"] = "'avatar-agent[webrtc]'"
+    if "virtualcam" in cfg.sinks.enabled:
+        need["pyvirtualcam"] = "'avatar-agent[vcam]'"
+    if cfg.avatar.profile == "official":
+        need["transformers"] = "'avatar-agent[official]'"
+    for mod, pip in need.items():
+        if importlib.util.find_spec(mod) is None:
+            r.problem(f"python package {mod} is missing", f"pip install {pip}")
+        else:
+            r.ok(f"package {mod}")
+
+
+def _check_audio(r: Report, cfg: Config) -> None:
+    from .wiring import input_devices
+
+    devs = input_devices()
+    src = cfg.audio.source
+    if devs:
+        r.ok(f"{len(devs)} audio input(s): " + ", ".join(d["name"] for d in devs[:4]))
+    elif src == "mic":
+        r.problem("audio.source = \"mic\" but no audio input device exists",
+                  "start PulseAudio/PipeWire or plug in a microphone (see `avatar-agent devices`)")
+    elif src == "auto":
+        r.note("no microphone: `start` animates idle motion and speaks text typed on stdin")
+    if src == "file" and not cfg.resolve(cfg.audio.file).is_file():
+        r.problem(f"audio.file {cfg.audio.file!r} does not exist", "set audio.file to an audio file")
+    if src in ("tts", "auto"):
+        try:
+            from .audio.tts import synthesize
+
+            synthesize("ok")
+            r.ok("espeak-ng text to speech")
+        except Exception as e:
+            r.problem(f"espeak-ng is not usable: {e}", "sudo apt-get install espeak-ng")
+
+
+def _check_vcam(r: Report, cfg: Config) -> None:
+    from .wiring import virtualcam_available
+
+    fix = ("sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label=avatar-agent "
+           "(Chrome, Zoom and Meet need exclusive_caps=1)")
+    if virtualcam_available():
+        r.ok("v4l2loopback virtual camera present")
+    elif "virtualcam" in cfg.sinks.enabled:
+        r.problem("sinks.enabled has virtualcam but no v4l2loopback device exists", fix)
+    else:
+        r.note(f"no virtual camera (only the web page will show the avatar); to add one: {fix}")
+
+
+def _check_gpu(r: Report) -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            r.ok(f"GPU: {torch.cuda.get_device_name(0)}")
+        else:
+            r.note("no GPU: the embedded profile runs on CPU; the official profile needs a GPU "
+                   "for real time")
+    except Exception as e:  # pragma: no cover - torch import problems are reported above
+        r.note(f"torch unavailable: {e}")
+
+
+def _check_models(r: Report, cfg: Config) -> None:
+    if cfg.avatar.profile == "embedded":
+        r.ok("embedded profile: no downloaded weights needed")
+        return
+    from .wiring import models_dir
+
+    d = models_dir(cfg)
+    try:
+        from .models import missing_files
+
+        missing = missing_files(d)
+    except Exception as e:
+        missing = [f"(cannot list: {e})"]
+    if missing:
+        r.problem(f"official weights missing in {d}: {', '.join(missing)}",
+                  "avatar-agent models fetch official (needs internet), or set motion.models_dir")
+    else:
+        r.ok(f"official weights in {d}")
+
+
+def _check_avatar(r: Report, cfg: Config) -> None:
+    path = cfg.avatar_path()
+    if not path.is_file():
+        r.problem(f"avatar image {path} does not exist", "set avatar.image to a portrait photo")
+        return
+    try:
+        from .face.landmarks import detect_landmarks, load_image
+
+        lm = detect_landmarks(load_image(path))
+        r.ok(f"avatar {path.name}: face found" + (f" ({'; '.join(lm.warnings)})" if lm.warnings else ""))
+    except Exception as e:
+        r.problem(f"avatar {path}: {e}", "use a frontal portrait with one clearly visible face")

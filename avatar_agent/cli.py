@@ -1,0 +1,286 @@
+"""``avatar-agent``: start | render | check | devices | bench | models | config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import Config, ConfigError, load_config, sample_toml, to_toml
+
+log = logging.getLogger("avatar_agent")
+
+_JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                     logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """"<priority>logger: message" — journald reads the priority prefix from stdout lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record).replace("\n", " ⏎ ")
+        return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{record.name}: {msg}"
+
+
+def setup_logging(cfg: Config) -> None:
+    """Logs to stdout: journald-friendly under systemd, timestamped otherwise."""
+    fmt = cfg.service.log_format
+    journal = fmt == "journal" or (fmt == "auto" and bool(os.environ.get("JOURNAL_STREAM")
+                                                          or os.environ.get("NOTIFY_SOCKET")))
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_JournalFormatter("%(message)s") if journal else
+                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.service.log_level.upper())
+    for noisy in ("aioice", "aiortc", "aiohttp.access", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="config file (default: $AVATAR_AGENT_CONFIG or "
+                                          "~/.config/avatar-agent/config.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    ap = argparse.ArgumentParser(prog="avatar-agent", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("start", help="run the live agent (virtual camera + web page)")
+    _common(p)
+    p.add_argument("--avatar", help="portrait image (overrides avatar.image)")
+    p.add_argument("--profile", choices=["embedded", "official"], help="model profile")
+
+    p = sub.add_parser("render", help="portrait + speech → mp4, offline, faster than real time")
+    _common(p)
+    p.add_argument("image", help="portrait image")
+    p.add_argument("audio", nargs="?", help="speech audio file (any format PyAV reads)")
+    p.add_argument("--text", help="speak this text with espeak-ng instead of an audio file")
+    p.add_argument("--voice", help="espeak-ng voice for --text (default audio.voice)")
+    p.add_argument("--emotion", help="emotion class (default avatar.emotion)")
+    p.add_argument("--profile", choices=["embedded", "official"], help="model profile")
+    p.add_argument("-o", "--output", required=True, help="output .mp4")
+
+    p = sub.add_parser("check", help="check devices, models and config; exit 1 on problems")
+    _common(p)
+
+    sub.add_parser("devices", help="list audio inputs and virtual cameras")
+
+    p = sub.add_parser("bench", help="measure the pipeline and print figures")
+    _common(p)
+    p.add_argument("--seconds", type=float, default=60.0, help="real-time run length")
+    p.add_argument("--simulate-hours", type=float, default=0.0,
+                   help="also simulate a session this long on the fake clock")
+
+    p = sub.add_parser("models", help="official weights: fetch | list | verify")
+    p.add_argument("action", choices=["fetch", "list", "verify"])
+    p.add_argument("name", nargs="?", default="official")
+    p.add_argument("--dir", help="models directory (default $AVATAR_AGENT_MODELS or "
+                                 "~/.local/share/avatar-agent/models)")
+
+    p = sub.add_parser("config", help="print the sample config or the effective config")
+    _common(p)
+    p.add_argument("--sample", action="store_true", help="print the documented defaults")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "devices":
+            return cmd_devices()
+        if args.cmd == "models":
+            return cmd_models(args)
+        overrides = list(args.set)
+        if getattr(args, "profile", None):
+            overrides.append(f"avatar.profile={args.profile}")
+        if args.cmd == "config" and args.sample:
+            print(sample_toml(), end="")
+            return 0
+        cfg = load_config(args.config, overrides)
+        setup_logging(cfg)
+        if args.cmd == "config":
+            print(to_toml(cfg), end="")
+            return 0
+        if args.cmd == "start":
+            if args.avatar:
+                cfg = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar,
+                                                                          image=str(Path(args.avatar).resolve())))
+            return asyncio.run(cmd_start(cfg, args.config, list(args.set)))
+        if args.cmd == "render":
+            return asyncio.run(cmd_render(cfg, args))
+        if args.cmd == "check":
+            from .check import run_check
+
+            return run_check(cfg)
+        if args.cmd == "bench":
+            from .bench import run_bench
+
+            return run_bench(cfg, seconds=args.seconds, simulate_hours=args.simulate_hours)
+    except ConfigError as e:
+        print(f"avatar-agent: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f"avatar-agent: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# start
+# ------------------------------------------------------------------------------------------------
+
+async def cmd_start(cfg: Config, config_path: str | None, overrides: list[str]) -> int:
+    """The long-running agent: sinks + local web page, SIGTERM/SIGHUP handling, sd_notify."""
+    from .agent import Agent
+    from .clock import SystemClock
+    from .service import Notifier
+    from .wiring import make_motion, make_renderer, make_sinks, make_source, make_vad
+
+    clock = SystemClock()
+    notifier = Notifier()
+    notifier.status("warming up")
+    source = make_source(cfg, clock)
+    sinks, webrtc = make_sinks(cfg)
+    agent = Agent(cfg, source=source, vad=make_vad(cfg), motion=make_motion(cfg),
+                  renderer=make_renderer(cfg), sinks=sinks, clock=clock, notifier=notifier)
+    runner = None
+    if webrtc is not None:
+        from .server.app import make_app, serve
+
+        app = make_app(webrtc, extra_routes=_extra_routes(agent))
+        runner, url = await serve(app, cfg.server.host, cfg.server.port)
+        print(f"avatar-agent: open {url} to watch the avatar", flush=True)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, agent.stop)
+    loop.add_signal_handler(signal.SIGINT, agent.stop)
+
+    def reload() -> None:
+        async def go() -> None:
+            notifier.reloading()
+            try:
+                new = load_config(config_path, overrides)
+                agent.cfg = dataclasses.replace(agent.cfg, avatar=new.avatar, motion=new.motion)
+                agent.set_emotion(new.avatar.emotion, new.avatar.intensity)
+                await agent.set_avatar(None)
+                log.info("reloaded config and avatar %s", new.avatar_path())
+            except Exception as e:  # a bad reload keeps the running avatar
+                log.error("reload failed, keeping the current config: %s", e)
+            notifier.ready("reloaded")
+        asyncio.ensure_future(go())
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    stdin_task = None
+    if hasattr(source, "say") and sys.stdin is not None and not sys.stdin.closed:
+        stdin_task = asyncio.create_task(_read_stdin(source))
+    try:
+        await agent.run()
+    finally:
+        if stdin_task:
+            stdin_task.cancel()
+        if runner is not None:
+            await runner.cleanup()
+    log.info("stopped: %s", agent.stats())
+    return 0
+
+
+async def _read_stdin(source: Any) -> None:
+    """Each line typed on stdin is spoken by the TTS source."""
+    loop = asyncio.get_running_loop()
+    print("avatar-agent: type text and press Enter to make the avatar speak it", flush=True)
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            return
+        if line.strip():
+            source.say(line.strip())
+
+
+def _extra_routes(agent: Any) -> list[Any]:
+    from aiohttp import web
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=agent.metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(agent.stats())
+
+    return [web.get("/metrics", metrics), web.get("/status", status)]
+
+
+# ------------------------------------------------------------------------------------------------
+# render
+# ------------------------------------------------------------------------------------------------
+
+async def cmd_render(cfg: Config, args: argparse.Namespace) -> int:
+    """Offline: the same stages as `start` on a fake clock, into an mp4."""
+    from .offline import render_to_file
+
+    if bool(args.audio) == bool(args.text):
+        raise ValueError("render needs either an AUDIO file or --text \"what to say\" (not both)")
+    if args.emotion:
+        cfg = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar, emotion=args.emotion))
+        cfg.validate()
+    stats = await render_to_file(cfg, image=Path(args.image), output=Path(args.output),
+                                 audio=Path(args.audio) if args.audio else None, text=args.text,
+                                 voice=args.voice)
+    print(f"wrote {args.output}: {stats['delivered']} frames, "
+          f"{stats['delivered'] / cfg.player.fps:.2f} s, real-time factor {stats['rtf']:.3f}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# devices, models
+# ------------------------------------------------------------------------------------------------
+
+def cmd_devices() -> int:
+    """List audio inputs and v4l2loopback devices."""
+    from .wiring import input_devices
+
+    devs = input_devices()
+    print("audio inputs:" if devs else "audio inputs: none (no sound server or PortAudio devices)")
+    for d in devs:
+        print(f"  [{d['index']}] {d['name']}  ({d['max_input_channels']} ch, "
+              f"{d['default_samplerate']:.0f} Hz)")
+    try:
+        from .sinks.virtualcam import available_devices
+
+        cams = available_devices()
+    except Exception:
+        cams = []
+    print("virtual cameras:" if cams else "virtual cameras: none (sudo modprobe v4l2loopback "
+          "devices=1 exclusive_caps=1 card_label=avatar-agent)")
+    for c in cams:
+        print(f"  {c}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """models fetch | list | verify."""
+    from . import models
+
+    dest = Path(args.dir) if args.dir else models.models_dir()
+    if args.action == "fetch":
+        models.fetch(args.name, dest)
+        return 0
+    if args.action == "list":
+        return models.list_models(dest)
+    return 0 if models.verify(dest, args.name) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Builds the plug-ins named by a config.  Imports lazily: each optional dependency is loaded only
+when the config asks for the component that needs it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .clock import Clock
+from .config import Config, ConfigError
+from .types import AudioSource, MotionGenerator, Renderer, Sink, Vad
+
+log = logging.getLogger(__name__)
+
+
+def input_devices() -> list[dict[str, Any]]:
+    """Audio input devices PortAudio sees (empty when PortAudio or a sound server is missing)."""
+    try:
+        import sounddevice as sd
+
+        return [dict(d, index=i) for i, d in enumerate(sd.query_devices())
+                if d.get("max_input_channels", 0) > 0]
+    except Exception:
+        return []
+
+
+def make_source(cfg: Config, clock: Clock, *, realtime: bool | None = None) -> AudioSource:
+    """The audio source.  ``auto`` = the microphone when one exists, else TTS from typed text."""
+    a = cfg.audio
+    kind = a.source
+    if kind == "auto":
+        kind = "mic" if input_devices() else "tts"
+        if kind == "tts":
+            log.warning("no microphone found: animating idle motion; type text on stdin and the "
+                        "avatar speaks it (fix: plug in a microphone or start PulseAudio/PipeWire)")
+    if kind == "mic":
+        from .audio.mic import MicSource
+
+        return MicSource(device=_device(a.device), clock=clock)
+    if kind == "file":
+        from .audio.file import FileSource
+
+        if not a.file:
+            raise ConfigError("audio.source = \"file\" needs audio.file = \"path/to/audio\"")
+        rt = a.realtime if realtime is None else realtime
+        return FileSource(cfg.resolve(a.file), realtime=rt, clock=clock)
+    if kind == "pipe":
+        from .audio.pipe import PipeSource
+
+        return PipeSource(rate=a.pipe_rate, channels=a.pipe_channels,
+                          path=None if a.pipe_path == "-" else a.pipe_path, clock=clock)
+    if kind in ("tts", "none"):
+        from .audio.tts import TtsSource
+
+        return TtsSource(voice=a.voice, rate_wpm=a.tts_rate, clock=clock,
+                         realtime=True if realtime is None else realtime, idle_silence=True)
+    raise ConfigError(f"audio.source = {kind!r}: unknown")
+
+
+def _device(d: str) -> str | int | None:
+    if not d:
+        return None
+    return int(d) if d.isdigit() else d
+
+
+def make_vad(cfg: Config) -> Vad:
+    """webrtcvad with the configured aggressiveness."""
+    from .audio.vad import WebRtcVad
+
+    return WebRtcVad(aggressiveness=cfg.vad.aggressiveness, frame_ms=cfg.vad.frame_ms)
+
+
+def make_renderer(cfg: Config) -> Renderer:
+    """The profile's renderer."""
+    if cfg.avatar.profile == "embedded":
+        from .render.warp import WarpRenderer
+
+        return WarpRenderer(size=cfg.render.size, output=cfg.render.output)
+    from .render.liveportrait import LivePortraitRenderer
+
+    return LivePortraitRenderer.from_dir(models_dir(cfg))
+
+
+def make_motion(cfg: Config) -> MotionGenerator:
+    """The profile's motion generator."""
+    gen = cfg.motion.generator
+    if cfg.avatar.profile == "embedded":
+        if gen in ("auto", "procedural"):
+            from .motion.procedural import ProceduralMotion
+
+            return ProceduralMotion(fps=cfg.player.fps, seed=cfg.motion.seed)
+        raise ConfigError("motion.generator = \"moda\" with avatar.profile = \"embedded\" needs the "
+                          "tiny MoDA model, which is not trained yet; use \"procedural\"")
+    from .motion.moda import official_generator
+
+    return official_generator(models_dir(cfg), fps=cfg.player.fps, steps=cfg.motion.steps,
+                              cfg_audio=cfg.motion.cfg_audio, cfg_emotion=cfg.motion.cfg_emotion,
+                              seed=cfg.motion.seed)
+
+
+def models_dir(cfg: Config) -> Path:
+    """Where official weights live."""
+    if cfg.motion.models_dir:
+        return cfg.resolve(cfg.motion.models_dir)
+    env = os.environ.get("AVATAR_AGENT_MODELS")
+    if env:
+        return Path(env)
+    return Path.home() / ".local" / "share" / "avatar-agent" / "models"
+
+
+def virtualcam_available() -> bool:
+    """True if a v4l2loopback device exists."""
+    try:
+        from .sinks.virtualcam import available_devices
+
+        return bool(available_devices())
+    except Exception:
+        return False
+
+
+def make_sinks(cfg: Config, *, file: str | None = None) -> tuple[list[Sink], Any]:
+    """The sinks and the WebRTC sink (or None) for the web server."""
+    names = list(cfg.sinks.enabled)
+    if "auto" in names:
+        names.remove("auto")
+        if virtualcam_available():
+            names.append("virtualcam")
+        else:
+            log.warning("no v4l2loopback device: virtual camera off (fix: sudo modprobe "
+                        "v4l2loopback devices=1 exclusive_caps=1 card_label=avatar-agent)")
+        names.append("webrtc")
+    if file:
+        names.append("file")
+    sinks: list[Sink] = []
+    webrtc = None
+    for name in dict.fromkeys(names):
+        if name == "virtualcam":
+            from .sinks.virtualcam import VirtualCamSink
+
+            sinks.append(VirtualCamSink(device=cfg.sinks.virtualcam_device or None))
+        elif name == "webrtc":
+            from .sinks.webrtc import WebRtcSink
+
+            webrtc = WebRtcSink()
+            sinks.append(webrtc)
+        elif name == "file":
+            from .sinks.file import Mp4Sink
+
+            sinks.append(Mp4Sink(cfg.resolve(file or cfg.sinks.file)))
+    return sinks, webrtc
+
+
+def stdin_is_interactive() -> bool:
+    """True when stdin can carry typed text."""
+    try:
+        return sys.stdin is not None and not sys.stdin.closed
+    except Exception:
+        return False
