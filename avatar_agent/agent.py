@@ -96,6 +96,16 @@ class Agent:
         self._end_sample: int | None = None          # finite sources: where the timeline ends
         self.chunks_dropped = 0
         self.listeners: list[Callable[[Event], None]] = []
+        self.expression_scale = cfg.motion.expression_scale
+        self.head_scale = cfg.motion.head_scale
+        self.gaze = (0.0, 0.0)
+        # Interruption: chunks starting before _mute_before are animated as idle, and jobs started
+        # in an older epoch do not deliver their frames.
+        self._epoch = 0
+        self._mute_before = 0
+        self._muted_utterance = 0
+        self._utterance = 0                            # id of the latest utterance started
+        self._motion_log: dict[int, np.ndarray] = {}   # frame index → motion, recent frames only
 
     # -------------------------------------------------------------------------------------------
     # Lifecycle
@@ -139,8 +149,9 @@ class Agent:
         await self._infer(self.motion.prepare, avatar)
         rest = avatar.rest_motion.astype(np.float32)
         frame = (await self._infer(self.renderer.render, avatar, rest[None]))[0]
+        swapped = self.avatar is not None
         self.avatar = avatar
-        if self._prev is None:
+        if self._prev is None or swapped:             # a new identity starts from its own rest
             self._prev = rest
         self.player.set_idle_image(frame)
 
@@ -199,6 +210,7 @@ class Agent:
             self.metrics.queue_depth.labels("chunks").set(self._chunks.qsize())
         elif isinstance(item, SpeechStarted):
             self.metrics.speaking.set(1)
+            self._utterance = item.utterance
             self._emit("speech_started", utterance=item.utterance, onset=item.onset)
         elif isinstance(item, SpeechEnded):
             self.metrics.speaking.set(0)
@@ -226,17 +238,31 @@ class Agent:
         assert self.avatar is not None and self._prev is not None
         first = chunk.start // self.spf
         n = chunk.n_new // self.spf
+        speech = (chunk.speech and chunk.start >= self._mute_before
+                  and chunk.utterance > self._muted_utterance)
+        epoch = self._epoch
         t0 = time.perf_counter()
-        if chunk.speech:
+        if speech:
             motion = await self._infer(self.motion.generate, chunk, self._prev, self.emotion,
                                        self.intensity)
         else:
             motion = await self._infer(self.motion.idle, n, self._prev, first / self.fps)
         self.metrics.stage_seconds.labels("motion").observe(time.perf_counter() - t0)
-        motion = self._scaled(motion)
+        if epoch != self._epoch:                      # interrupted meanwhile: refill owns this
+            return
+        await self._deliver(first, self._scaled(motion), speech, epoch)
+
+    async def _deliver(self, first: int, motion: np.ndarray, speech: bool, epoch: int) -> None:
+        """Render ``motion`` (frames first, first+1, …) in batches and hand them to the player."""
+        assert self.avatar is not None
         self._prev = motion[-1].copy()
+        for k, m in enumerate(motion):
+            self._motion_log[first + k] = m
+        for old in [i for i in self._motion_log if i < first + len(motion) - 4 * self.fps]:
+            del self._motion_log[old]
         avatar = self.avatar
         batch = max(1, self.cfg.render.batch)
+        n = len(motion)
         for b in range(0, n, batch):
             idx = range(first + b, first + min(b + batch, n))
             live = [i for i in idx if not self.player.is_late(i)]
@@ -244,24 +270,27 @@ class Agent:
                 self.metrics.frames.labels("skipped_late").inc(len(idx))
                 continue
             t1 = time.perf_counter()
-            rows = motion[[i - first for i in live]]
-            images = await self._infer(self.renderer.render, avatar, rows)
+            images = await self._infer(self.renderer.render, avatar, motion[[i - first for i in live]])
             self.metrics.stage_seconds.labels("render").observe(time.perf_counter() - t1)
+            if epoch != self._epoch:
+                return
             for i, img in zip(live, images):
-                if self.player.push(i, img, chunk.speech):
+                if self.player.push(i, img, speech):
                     self.metrics.frames.labels("produced").inc()
             self.metrics.queue_depth.labels("frames").set(self.player.buffered())
 
     def _scaled(self, motion: np.ndarray) -> np.ndarray:
         """Apply the expression/head-motion scales around the avatar's rest motion."""
-        mc = self.cfg.motion
-        if mc.expression_scale == 1.0 and mc.head_scale == 1.0:
+        if self.expression_scale == 1.0 and self.head_scale == 1.0 and self.gaze == (0.0, 0.0):
             return motion
         assert self.avatar is not None
         rest = self.avatar.rest_motion
         out = motion.copy()
-        out[:, :63] = rest[:63] + (motion[:, :63] - rest[:63]) * mc.expression_scale
-        out[:, 63:] = rest[63:] + (motion[:, 63:] - rest[63:]) * mc.head_scale
+        out[:, :63] = rest[:63] + (motion[:, :63] - rest[:63]) * self.expression_scale
+        out[:, 63:] = rest[63:] + (motion[:, 63:] - rest[63:]) * self.head_scale
+        # Gaze: the embedded keypoints have no iris, so the head turns a little towards it.
+        out[:, 68] += 10.0 * self.gaze[0]
+        out[:, 67] += 8.0 * self.gaze[1]
         return out
 
     # -------------------------------------------------------------------------------------------
@@ -298,6 +327,83 @@ class Agent:
         self.emotion = emotion_label(name)
         if intensity is not None:
             self.intensity = float(np.clip(intensity, 0.0, 1.0))
+
+    def set_scales(self, expression: float | None = None, head: float | None = None) -> None:
+        """Multipliers on expression and head motion around the rest pose (0 = still)."""
+        if expression is not None:
+            self.expression_scale = float(np.clip(expression, 0.0, 3.0))
+        if head is not None:
+            self.head_scale = float(np.clip(head, 0.0, 3.0))
+
+    def set_gaze(self, x: float, y: float) -> None:
+        """Look direction in [-1, 1]² (right/down positive)."""
+        self.gaze = (float(np.clip(x, -1, 1)), float(np.clip(y, -1, 1)))
+
+    def say(self, text: str, voice: str | None = None, emotion: str | None = None) -> int:
+        """Queue text for the TTS source; returns the utterance id."""
+        if not hasattr(self.source, "say"):
+            raise ValueError("say() needs a text-to-speech source: start with audio.source = \"tts\"")
+        if emotion is not None:
+            self.set_emotion(emotion)
+        return self.source.say(text, voice)
+
+    def push_audio(self, samples: np.ndarray, final: bool = False) -> int:
+        """Queue 16 kHz mono float32 speech (chatbot TTS audio); returns the utterance id."""
+        if not hasattr(self.source, "push"):
+            raise ValueError("push_audio() needs a speech-queue source: start with "
+                             "audio.source = \"tts\"")
+        return self.source.push(samples, final=final)
+
+    def interrupt(self) -> dict[str, Any]:
+        """Drop queued speech and return to idle smoothly, effective from the next frame.
+
+        Audio not yet played is muted on the timeline, queued chunks and rendered frames after
+        "now" are dropped, and idle motion continuing from the frame on screen refills the gap.
+        """
+        src = self.source.interrupt() if hasattr(self.source, "interrupt") else None
+        nxt = self.player.next_index
+        self._epoch += 1
+        self._mute_before = max(self._mute_before, self.timeline.end)
+        self._muted_utterance = self._utterance       # its hangover tail stays idle too
+        self.timeline.silence(nxt * self.spf, self.timeline.end)
+        dropped_chunks = 0
+        while not self._chunks.empty():
+            item = self._chunks.get_nowait()
+            if item is None:                          # keep the end-of-stream marker
+                self._chunks.put_nowait(None)
+                break
+            dropped_chunks += 1
+        dropped_frames = self.player.clear_after(nxt)
+        prev = self._motion_log.get(nxt - 1, self._prev)
+        upto = max(self.chunker.emitted // self.spf, nxt)
+        if prev is not None and upto > nxt:
+            asyncio.ensure_future(self._refill(nxt, upto - nxt, prev.copy(), self._epoch))
+        else:
+            self._prev = prev
+        self.metrics.speaking.set(0)
+        self._emit("speech_finished", interrupted=True, frame=nxt,
+                   utterance=src[0] if isinstance(src, tuple) else None)
+        return {"frame": nxt, "dropped_frames": dropped_frames, "dropped_chunks": dropped_chunks}
+
+    async def _refill(self, first: int, n: int, prev: np.ndarray, epoch: int) -> None:
+        motion = await self._infer(self.motion.idle, n, prev, first / self.fps)
+        if epoch == self._epoch:
+            await self._deliver(first, self._scaled(motion), False, epoch)
+
+    async def swap_avatar(self, path: str) -> None:
+        """Prepare another portrait in the background; switch between two frames."""
+        from .face.landmarks import load_image
+
+        await self.set_avatar(load_image(path))
+        self._emit("avatar_swapped", path=str(path), frame=self.player.next_index)
+
+    def subscribe(self, callback: Callable[[str, dict], None]) -> Callable[[], None]:
+        """Call ``callback(kind, data)`` on every event; returns the unsubscribe function."""
+        def listener(ev: Event) -> None:
+            callback(ev.kind, ev.data)
+
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener) if listener in self.listeners else None
 
     def stats(self) -> dict[str, Any]:
         """Counters for `check`, logs and the status API."""

@@ -94,6 +94,12 @@ class AudioTimeline:
             self._win_min = float("inf")
             self._win_start = end
 
+    def silence(self, start: int, end: int) -> None:
+        """Zero received audio in [start, end) (an interruption mutes what was not played yet)."""
+        lo, hi = max(start, self._lo), min(end, self.end)
+        if hi > lo:
+            self._ring[np.arange(lo, hi) % self._keep] = 0.0
+
     def slice(self, start: int, n: int) -> np.ndarray:
         """Samples [start, start + n); silence where nothing was received (yet or any more)."""
         out = np.zeros(n, dtype=np.float32)

@@ -18,11 +18,19 @@ class ArraySource:
         self.audio = np.asarray(audio, np.float32)
         self.clock = clock
         self.closed = False
+        self._pos = 0
+
+    def interrupt(self) -> tuple[None, int]:
+        """Stop speaking: the rest of the audio becomes silence (the timeline goes on)."""
+        self.audio = self.audio.copy()
+        self.audio[self._pos:] = 0.0
+        return None, self._pos
 
     async def frames(self) -> AsyncIterator[AudioFrame]:
         t0 = self.clock.now() if self.clock else 0.0
         n = len(self.audio) // FRAME_SAMPLES
         for k in range(n):
+            self._pos = k * FRAME_SAMPLES              # next sample not yet delivered
             if self.clock is not None:
                 await self.clock.sleep_until(t0 + (k + 1) * FRAME_SAMPLES / SAMPLE_RATE)
             s = self.audio[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES]

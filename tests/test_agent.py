@@ -112,3 +112,34 @@ async def test_motion_continuity_prev_is_last_emitted_frame():
     await agent.run()
     assert len(seen) > 3
     assert np.array_equal(agent._prev, spy.last)
+
+
+async def test_interrupt_mutes_next_frame_and_returns_to_idle_without_gaps():
+    import asyncio
+
+    clock = FakeClock()
+    audio = _speechlike(4.0, [(0.5, 3.5)])
+    sink = MemorySink()
+    agent, motion = _agent(audio, clock, [sink])
+    events: list[tuple[str, dict]] = []
+    agent.subscribe(lambda k, d: events.append((k, d)))
+    result = {}
+
+    async def interrupter():
+        while agent.player.next_index < 50:          # 2.0 s: mid-utterance
+            await clock.sleep_until(clock.now() + 0.01)
+        result.update(agent.interrupt())
+
+    task = asyncio.create_task(interrupter())
+    await agent.run()
+    await task
+    k = result["frame"]
+    assert 50 <= k <= 52
+    assert result["dropped_frames"] > 0               # rendered speech frames were discarded
+    frames = {f.index: f for f in sink.frames}
+    assert all(frames[i].speech for i in range(k - 5, k))            # speaking until the request
+    after = [frames[i] for i in range(k, int(3.5 * FPS))]
+    assert all(not f.speech and not f.audio.any() for f in after)    # silent from the next frame
+    assert agent.player.stats.underruns == 0          # the idle refill closed the gap
+    assert [f.index for f in sink.frames] == list(range(len(sink.frames)))
+    assert any(kind == "speech_finished" and d["interrupted"] for kind, d in events)
