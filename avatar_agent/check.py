@@ -121,8 +121,9 @@ def _check_audio(r: Report, cfg: Config) -> None:
 def _check_vcam(r: Report, cfg: Config) -> None:
     from .wiring import virtualcam_available
 
-    fix = ("sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label=avatar-agent "
-           "(Chrome, Zoom and Meet need exclusive_caps=1)")
+    from .sinks.virtualcam import MODPROBE_LINE
+
+    fix = f"{MODPROBE_LINE} (Chrome, Zoom and Meet need exclusive_caps=1)"
     if virtualcam_available():
         r.ok("v4l2loopback virtual camera present")
     elif "virtualcam" in cfg.sinks.enabled:

@@ -162,8 +162,7 @@ async def cmd_start(cfg: Config, config_path: str | None, overrides: list[str]) 
         from .server.app import make_app, serve
 
         app = make_app(webrtc, extra_routes=_extra_routes(agent))
-        runner, url = await serve(app, cfg.server.host, cfg.server.port)
-        print(f"avatar-agent: open {url} to watch the avatar", flush=True)
+        runner = await serve(app, cfg.server.host, cfg.server.port)   # prints the page's URL
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.stop)
     loop.add_signal_handler(signal.SIGINT, agent.stop)
@@ -256,16 +255,13 @@ def cmd_devices() -> int:
     for d in devs:
         print(f"  [{d['index']}] {d['name']}  ({d['max_input_channels']} ch, "
               f"{d['default_samplerate']:.0f} Hz)")
-    try:
-        from .sinks.virtualcam import available_devices
+    from .sinks.virtualcam import MODPROBE_LINE, available_devices
 
-        cams = available_devices()
-    except Exception:
-        cams = []
-    print("virtual cameras:" if cams else "virtual cameras: none (sudo modprobe v4l2loopback "
-          "devices=1 exclusive_caps=1 card_label=avatar-agent)")
+    cams = [d for d in available_devices() if d.loopback and d.output]
+    print("virtual cameras:" if cams else f"virtual cameras: none — {MODPROBE_LINE} "
+          "(Chrome, Zoom and Meet need exclusive_caps=1)")
     for c in cams:
-        print(f"  {c}")
+        print(f"  {c.path}  {c.card}")
     return 0
 
 

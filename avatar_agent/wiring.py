@@ -91,7 +91,11 @@ def make_motion(cfg: Config) -> MotionGenerator:
         if gen in ("auto", "procedural"):
             from .motion.procedural import ProceduralMotion
 
-            return ProceduralMotion(fps=cfg.player.fps, seed=cfg.motion.seed)
+            gen = ProceduralMotion(seed=cfg.motion.seed)
+            if gen.fps != cfg.player.fps:
+                raise ConfigError(f"player.fps = {cfg.player.fps}: the procedural generator "
+                                  f"runs at {gen.fps} fps")
+            return gen
         raise ConfigError("motion.generator = \"moda\" with avatar.profile = \"embedded\" needs the "
                           "tiny MoDA model, which is not trained yet; use \"procedural\"")
     from .motion.moda import official_generator
@@ -116,7 +120,7 @@ def virtualcam_available() -> bool:
     try:
         from .sinks.virtualcam import available_devices
 
-        return bool(available_devices())
+        return any(d.loopback and d.output for d in available_devices())
     except Exception:
         return False
 
@@ -129,8 +133,9 @@ def make_sinks(cfg: Config, *, file: str | None = None) -> tuple[list[Sink], Any
         if virtualcam_available():
             names.append("virtualcam")
         else:
-            log.warning("no v4l2loopback device: virtual camera off (fix: sudo modprobe "
-                        "v4l2loopback devices=1 exclusive_caps=1 card_label=avatar-agent)")
+            from .sinks.virtualcam import MODPROBE_LINE
+
+            log.warning("no v4l2loopback device: virtual camera off (fix: %s)", MODPROBE_LINE)
         names.append("webrtc")
     if file:
         names.append("file")

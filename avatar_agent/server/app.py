@@ -1,0 +1,115 @@
+"""The local web server: a page that plays the live avatar, and the WebRTC offer/answer endpoint.
+
+Routes:
+    GET  /          the viewer page (static/index.html + static/app.js)
+    GET  /static/*  the page's assets
+    POST /offer     {"sdp": ..., "type": "offer"} → {"sdp": ..., "type": "answer"}
+    GET  /healthz   {"ok": true, "viewers": n}
+
+The lead mounts more (``/metrics``, the control API, auth middleware) through ``extra_routes`` or by
+adding routes to the returned application before it starts.  The server binds 127.0.0.1 by default:
+exposing it on a LAN is an explicit choice (``host="0.0.0.0"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+from aiohttp import web
+
+from avatar_agent.sinks.webrtc import OfferError, WebRtcError, WebRtcSink
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+SINK_KEY = web.AppKey("webrtc_sink", WebRtcSink)
+MAX_OFFER_BYTES = 256 * 1024  # an SDP offer is a few kB; anything larger is not one
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    sink = request.app[SINK_KEY]
+    return web.json_response({"ok": True, "viewers": sink.viewers})
+
+
+async def _offer(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
+        return _error(413, f"offer larger than {MAX_OFFER_BYTES} bytes")
+    try:
+        body = json.loads(await request.text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return _error(400, f'body must be JSON {{"sdp": "...", "type": "offer"}}: {e}')
+    if not isinstance(body, dict) or not isinstance(body.get("sdp"), str) or not isinstance(body.get("type"), str):
+        return _error(400, 'body must be a JSON object with string fields "sdp" and "type"')
+    try:
+        sdp, type_ = await request.app[SINK_KEY].accept(body["sdp"], body["type"])
+    except OfferError as e:
+        return _error(400, str(e))
+    except WebRtcError as e:  # not started yet, or full: the client may retry later
+        return _error(503, str(e))
+    return web.json_response({"sdp": sdp, "type": type_})
+
+
+def make_app(webrtc_sink: WebRtcSink, extra_routes: Iterable[web.AbstractRouteDef] | None = None
+             ) -> web.Application:
+    """Build the aiohttp application serving the viewer page and WebRTC signalling.
+
+    Args:
+        webrtc_sink: the sink whose stream viewers receive (started by the agent).
+        extra_routes: more routes to mount, e.g. ``[web.get("/metrics", handler)]``.
+    """
+    app = web.Application(client_max_size=MAX_OFFER_BYTES)
+    app[SINK_KEY] = webrtc_sink
+    app.add_routes([
+        web.get("/", _index),
+        web.post("/offer", _offer),
+        web.get("/healthz", _healthz),
+        web.static("/static", STATIC_DIR),
+    ])
+    if extra_routes:
+        app.add_routes(list(extra_routes))
+
+    async def _on_shutdown(app: web.Application) -> None:
+        await app[SINK_KEY].close_viewers()
+
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+def runner_urls(runner: web.AppRunner) -> list[str]:
+    """The http:// URLs a started runner listens on (resolves port 0 to the real port)."""
+    urls = []
+    for addr in runner.addresses:
+        host, port = addr[0], addr[1]
+        urls.append(f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/")
+    return urls
+
+
+async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8080) -> web.AppRunner:
+    """Start ``app`` on host:port (port 0: any free port), print the URL, return the runner.
+
+    Stop it with ``await runner.cleanup()``.
+    """
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror}); "
+                               "pick another port or stop the program using it") from e
+    for url in runner_urls(runner):
+        print(f"avatar-agent: open {url} to watch the avatar", flush=True)
+        log.info("serving on %s", url)
+    return runner

@@ -1,0 +1,129 @@
+// Viewer page: receive-only WebRTC session with the avatar-agent server.
+// Query: ?token=T when the server requires a bearer token (sent as Authorization on every call).
+// Test flags: ?report=1&frames=N&endpoint=/report POSTs playback figures once N frames have been
+// shown (or after 20 s), so a headless browser can prove it decoded the stream.
+"use strict";
+
+const params = new URLSearchParams(location.search);
+const token = params.get("token");
+const jsonHeaders = Object.assign({ "Content-Type": "application/json" },
+                                  token ? { Authorization: `Bearer ${token}` } : {});
+const video = document.getElementById("video");
+const stateEl = document.getElementById("state");
+const infoEl = document.getElementById("info");
+const unmuteBtn = document.getElementById("unmute");
+const reconnectBtn = document.getElementById("reconnect");
+let pc = null;
+let framesShown = 0;
+
+function setState(s) {
+  stateEl.textContent = s;
+  stateEl.className = s;
+}
+
+// aiortc does not trickle ICE: send the offer once gathering is complete.
+function gatheringComplete(pc) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const check = () => {
+      if (pc.iceGatheringState === "complete") {
+        pc.removeEventListener("icegatheringstatechange", check);
+        resolve();
+      }
+    };
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
+
+function countFrames() {
+  if (!("requestVideoFrameCallback" in HTMLVideoElement.prototype)) return;
+  const tick = () => { framesShown += 1; video.requestVideoFrameCallback(tick); };
+  video.requestVideoFrameCallback(tick);
+}
+
+async function play() {
+  try {
+    await video.play();
+  } catch (e) {
+    // Autoplay with sound needs a user gesture in most browsers: start muted, offer a button.
+    video.muted = true;
+    await video.play().catch(() => {});
+    unmuteBtn.hidden = false;
+  }
+}
+
+async function connect() {
+  reconnectBtn.hidden = true;
+  setState("connecting");
+  pc = new RTCPeerConnection();
+  const stream = new MediaStream();
+  video.srcObject = stream;
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  pc.addEventListener("track", (ev) => { stream.addTrack(ev.track); play(); });
+  pc.addEventListener("connectionstatechange", () => {
+    setState(pc.connectionState);
+    if (pc.connectionState === "failed" || pc.connectionState === "closed") reconnectBtn.hidden = false;
+  });
+  await pc.setLocalDescription(await pc.createOffer());
+  await gatheringComplete(pc);
+  const resp = await fetch("/offer", {
+    method: "POST",
+    headers: jsonHeaders,
+    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+  });
+  if (!resp.ok) {
+    const msg = await resp.text();
+    setState("error");
+    infoEl.textContent = `server said ${resp.status}: ${msg}`;
+    reconnectBtn.hidden = false;
+    throw new Error(msg);
+  }
+  await pc.setRemoteDescription(await resp.json());
+}
+
+async function stats() {
+  const out = { framesDecoded: 0, audioSamples: 0, audioEnergy: 0, audioDuration: 0 };
+  if (!pc) return out;
+  (await pc.getStats()).forEach((s) => {
+    if (s.type !== "inbound-rtp") return;
+    if (s.kind === "video") out.framesDecoded = s.framesDecoded || 0;
+    if (s.kind === "audio") {
+      out.audioSamples = s.totalSamplesReceived || 0;
+      out.audioEnergy = s.totalAudioEnergy || 0;
+      out.audioDuration = s.totalSamplesDuration || 0;
+    }
+  });
+  return out;
+}
+
+async function report(endpoint, wanted) {
+  const t0 = performance.now();
+  while (framesShown < wanted && performance.now() - t0 < 20000) {
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const stream = video.srcObject;
+  const body = Object.assign({
+    frames: framesShown,
+    width: video.videoWidth,
+    height: video.videoHeight,
+    audioTracks: stream ? stream.getAudioTracks().length : 0,
+    videoTracks: stream ? stream.getVideoTracks().length : 0,
+    connectionState: pc ? pc.connectionState : "none",
+    muted: video.muted,
+  }, await stats());
+  await fetch(endpoint, { method: "POST", headers: jsonHeaders, body: JSON.stringify(body) });
+}
+
+unmuteBtn.addEventListener("click", () => { video.muted = false; video.play(); unmuteBtn.hidden = true; });
+reconnectBtn.addEventListener("click", () => { if (pc) pc.close(); connect().catch(console.error); });
+setInterval(() => {
+  if (video.videoWidth) infoEl.textContent = `${video.videoWidth}×${video.videoHeight}, ${framesShown} frames`;
+}, 500);
+
+countFrames();
+connect().catch((e) => console.error(e));
+if (params.get("report")) {
+  report(params.get("endpoint") || "/report", parseInt(params.get("frames") || "30", 10))
+    .catch((e) => console.error(e));
+}

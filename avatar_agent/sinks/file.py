@@ -1,0 +1,315 @@
+"""MP4 file sink: H.264 video + AAC audio via PyAV, written so that a killed run stays playable.
+
+The file is a *fragmented* MP4 (``movflags=frag_keyframe+empty_moov+default_base_moof``): the
+header holds no sample table, and every keyframe starts a self-contained fragment (moof + mdat).
+With one keyframe per ``gop`` frames (default: one per second) and ``flush_packets=1``, a SIGKILL
+loses at most the fragment in progress plus what is still queued; everything before it decodes.
+
+Timing is exact by construction: video pts is the frame's index (time base 1/fps); audio is every
+frame's own 16 kHz slice, upsampled ×3 to 48 kHz by a fixed FIR (so each slice becomes exactly 3×
+as many samples) and stamped with a running sample count.  Missing indices (frames the player
+never produced) become silence, so audio duration == video duration and they stay in sync.
+
+Encoding runs in one worker thread; ``send`` only enqueues.  Overflow policy (live mode): at most
+``max_queued_images`` frames keep their image; beyond that the *oldest queued image* is dropped
+(counted in ``frames_dropped``, logged once per second) but its audio is kept, so the recording's
+sound never has holes — the previous picture is simply held a frame longer.  Offline mode
+(``avatar-agent render``) never drops: ``send`` waits for room instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avatar_agent.types import SAMPLE_RATE, VideoFrame
+
+log = logging.getLogger(__name__)
+
+_PIP_LINE = "pip install av==18.1.0"
+
+
+class FileSinkError(RuntimeError):
+    """The mp4 file could not be written (the message names the path and the cause)."""
+
+
+def _import_av() -> Any:
+    try:
+        import av
+    except ImportError as e:  # optional at import time, required to use the sink
+        raise FileSinkError(f"the mp4 file sink needs PyAV: {_PIP_LINE}") from e
+    return av
+
+
+class Upsampler3:
+    """Streaming ×3 upsampler (16 kHz → 48 kHz) with exact sample accounting.
+
+    Every call returns exactly ``3 * len(x)`` samples; the fixed group delay is
+    ``(taps - 1) / 2`` output samples (35.5 at 72 taps ≈ 0.74 ms at 48 kHz).  A windowed-sinc
+    low-pass at 7.6 kHz removes the images that zero-stuffing creates.
+    """
+
+    FACTOR = 3
+
+    def __init__(self, taps: int = 72) -> None:
+        if taps % self.FACTOR:
+            raise ValueError(f"Upsampler3 taps must be a multiple of 3, got {taps}")
+        n = np.arange(taps) - (taps - 1) / 2
+        cutoff = 7600.0 / 48000.0  # cycles per output sample
+        h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(taps, 8.0)
+        h *= self.FACTOR / h.sum()  # unit DC gain after zero-stuffing
+        self._phases = [h[p :: self.FACTOR].astype(np.float64) for p in range(self.FACTOR)]
+        self._hist = np.zeros(taps // self.FACTOR - 1, np.float64)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float32 [N] at 16 kHz → float32 [3N] at 48 kHz."""
+        x = np.asarray(x, np.float64).reshape(-1)
+        if x.size == 0:
+            return np.zeros(0, np.float32)
+        xx = np.concatenate([self._hist, x])  # [K-1+N] history + new input
+        self._hist = xx[xx.size - self._hist.size :]
+        out = np.empty((x.size, self.FACTOR), np.float64)  # [N, 3] one column per phase
+        for p, hp in enumerate(self._phases):
+            out[:, p] = np.convolve(xx, hp, mode="valid")
+        return out.reshape(-1).astype(np.float32)
+
+
+@dataclass(slots=True)
+class _Entry:
+    index: int
+    image: np.ndarray | None  # None: image dropped on overflow, audio kept
+    audio: np.ndarray
+
+
+class Mp4Sink:
+    """Writes the player's frames and audio slices to a fragmented, kill-safe MP4.
+
+    Args:
+        path: output file (overwritten).
+        fps: expected frame rate; if given, ``start`` checks the player agrees.
+        crf: x264 constant rate factor (lower = better, 18–28 is sensible).
+        preset: x264 speed preset; "veryfast" keeps one core free for the rest of the agent.
+        gop: frames per keyframe = per fragment (default: fps, one second); also the most a
+            SIGKILL can lose (plus the queue).
+        audio_bitrate: AAC bit rate in bit/s.
+        offline: True for ``avatar-agent render``: never drop, ``send`` waits for the encoder.
+        max_queued_images: images held while the encoder catches up (live mode; default 2 s).
+        threads: x264 threads; 1 leaves the second core of a 2-core machine to inference.
+        name: sink name for logs and metrics.
+    """
+
+    AUDIO_RATE = 48_000
+
+    def __init__(self, path: str | Path, fps: int | None = None, crf: int = 23,
+                 preset: str = "veryfast", gop: int | None = None, audio_bitrate: int = 64_000,
+                 offline: bool = False, max_queued_images: int | None = None, threads: int = 1,
+                 name: str = "file") -> None:
+        if not 0 <= crf <= 51:
+            raise ValueError(f"Mp4Sink crf must be in 0..51, got {crf}")
+        if gop is not None and gop < 1:
+            raise ValueError(f"Mp4Sink gop must be ≥ 1 frame, got {gop}")
+        self.name = name
+        self.path = Path(path)
+        self.fps = fps
+        self.crf = crf
+        self.preset = preset
+        self.gop = gop
+        self.audio_bitrate = audio_bitrate
+        self.offline = offline
+        self.max_queued_images = max_queued_images
+        self.threads = threads
+        self.frames_written = 0
+        self.frames_dropped = 0
+        self.audio_samples_written = 0  # at 48 kHz
+        self._cond = threading.Condition()
+        self._queue: deque[_Entry] = deque()
+        self._n_images = 0  # the entries holding an image are always the newest _n_images
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._next_index: int | None = None
+        self._first_index = 0
+        self._samples_per_frame = 0
+        self._last_drop_log = 0.0
+        self._av: Any = None
+        self._container: Any = None
+        self._vstream: Any = None
+        self._astream: Any = None
+
+    async def start(self, width: int, height: int, fps: int) -> None:
+        """Create the file and the encoders (in a thread: opening a file can block)."""
+        if self._container is not None:
+            raise FileSinkError(f"{self.name}: start() called twice")
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"{self.name}: H.264 4:2:0 needs a positive even frame size, got {width}x{height}")
+        if self.fps is not None and fps != self.fps:
+            raise ValueError(f"{self.name}: sink was made for {self.fps} fps but the player runs at {fps}")
+        self.fps = fps
+        self._samples_per_frame = SAMPLE_RATE // fps
+        if self.max_queued_images is None:
+            self.max_queued_images = 2 * fps
+        self._av = _import_av()
+        await asyncio.to_thread(self._open, width, height, fps)
+        self._stop = False
+        self._thread = threading.Thread(target=self._worker, name=f"{self.name}-encoder", daemon=True)
+        self._thread.start()
+
+    def _open(self, width: int, height: int, fps: int) -> None:
+        av = self._av
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.open("wb").close()  # PyAV opens lazily; surface a bad path here, not mid-run
+            container = av.open(str(self.path), "w", format="mp4", options={
+                "movflags": "frag_keyframe+empty_moov+default_base_moof",
+                "flush_packets": "1",  # hand each finished fragment to the OS at once
+            })
+        except Exception as e:
+            raise FileSinkError(f"{self.name}: cannot create {self.path}: {e}") from e
+        gop = self.gop or fps
+        v = container.add_stream("libx264", rate=fps, options={
+            "crf": str(self.crf),
+            "preset": self.preset,
+            "tune": "zerolatency",  # no lookahead/B-frames: a frame is in the file one fragment later
+            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+        })
+        v.width, v.height, v.pix_fmt = width, height, "yuv420p"
+        v.time_base = Fraction(1, fps)
+        v.codec_context.time_base = Fraction(1, fps)
+        v.codec_context.gop_size = gop
+        v.codec_context.thread_count = self.threads
+        a = container.add_stream("aac", rate=self.AUDIO_RATE, layout="mono")
+        a.bit_rate = self.audio_bitrate
+        a.time_base = Fraction(1, self.AUDIO_RATE)
+        self._vtb, self._atb = Fraction(1, fps), Fraction(1, self.AUDIO_RATE)
+        self._container, self._vstream, self._astream = container, v, a
+        self._upsample = Upsampler3()
+        self._abuf = np.zeros(0, np.float32)  # 48 kHz samples not yet in an AAC frame
+        self._apts = 0
+
+    async def send(self, frame: VideoFrame) -> None:
+        """Queue a frame and its audio slice for encoding (never blocks in live mode)."""
+        if self._error is not None:
+            raise FileSinkError(f"{self.name}: writing {self.path} failed: {self._error}") from self._error
+        if self._thread is None:
+            raise FileSinkError(f"{self.name}: send() before start() or after close()")
+        v = self._vstream
+        if frame.image.shape != (v.height, v.width, 3) or frame.image.dtype != np.uint8:
+            raise ValueError(f"{self.name}: frame {frame.index} is {frame.image.dtype} {frame.image.shape}, "
+                             f"expected uint8 ({v.height}, {v.width}, 3)")
+        audio = np.asarray(frame.audio, np.float32).reshape(-1)
+        if abs(audio.size - SAMPLE_RATE / self.fps) >= 1:
+            raise ValueError(f"{self.name}: frame {frame.index} carries {audio.size} audio samples, expected "
+                             f"{SAMPLE_RATE / self.fps:g} (16 kHz at {self.fps} fps); A/V sync depends on it")
+        if self._next_index is not None and frame.index < self._next_index:
+            log.warning("%s: frame %d arrived after %d; ignored", self.name, frame.index, self._next_index - 1)
+            return
+        if self._next_index is None:
+            self._first_index = frame.index
+        self._next_index = frame.index + 1
+        entry = _Entry(frame.index, frame.image, audio)
+        if self.offline:
+            while True:
+                with self._cond:
+                    if self._n_images < self.max_queued_images or self._error is not None:
+                        break
+                await asyncio.to_thread(self._wait_for_room)
+        with self._cond:
+            self._queue.append(entry)
+            self._n_images += 1
+            if self._n_images > self.max_queued_images:  # live overflow: drop the oldest image
+                self._queue[len(self._queue) - self._n_images].image = None
+                self._n_images -= 1
+                self.frames_dropped += 1
+                now = time.monotonic()
+                if now - self._last_drop_log > 1.0:
+                    self._last_drop_log = now
+                    log.warning("%s: encoder behind, %d images dropped so far (audio kept)",
+                                self.name, self.frames_dropped)
+            self._cond.notify_all()
+
+    def _wait_for_room(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._n_images < self.max_queued_images or self._error is not None,
+                                timeout=1.0)
+
+    async def close(self) -> None:
+        """Encode what is queued, flush the encoders and finalise the file."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        await asyncio.to_thread(thread.join)
+        if self._error is not None:
+            raise FileSinkError(f"{self.name}: writing {self.path} failed: {self._error}") from self._error
+        log.info("%s: wrote %d frames (%d dropped) to %s", self.name, self.frames_written,
+                 self.frames_dropped, self.path)
+
+    # ---- worker thread ----------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        try:
+            expected: int | None = None
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._queue or self._stop)
+                    if not self._queue:
+                        break
+                    entry = self._queue.popleft()
+                    if entry.image is not None:
+                        self._n_images -= 1
+                    self._cond.notify_all()
+                expected = entry.index if expected is None else expected
+                if entry.index > expected:  # frames never produced: keep audio continuous
+                    self._encode_audio(np.zeros((entry.index - expected) * self._samples_per_frame, np.float32))
+                expected = entry.index + 1
+                self._encode_audio(entry.audio)
+                if entry.image is not None:
+                    self._encode_video(entry.index, entry.image)
+            self._finish()
+        except BaseException as e:  # reported through send()/close()
+            log.error("%s: encoder failed: %s", self.name, e)
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+            try:
+                self._container.close()
+            except Exception:
+                pass
+
+    def _encode_video(self, index: int, image: np.ndarray) -> None:
+        vf = self._av.VideoFrame.from_ndarray(image, format="rgb24")
+        vf.pts = index - self._first_index
+        vf.time_base = self._vtb  # the stream's own time base changes when the muxer starts
+        self._container.mux(self._vstream.encode(vf))
+        self.frames_written += 1
+
+    def _encode_audio(self, samples16k: np.ndarray, final: bool = False) -> None:
+        self._abuf = np.concatenate([self._abuf, self._upsample(samples16k)])
+        size = self._astream.codec_context.frame_size or 1024
+        while self._abuf.size >= size or (final and self._abuf.size):
+            n = min(size, self._abuf.size)
+            af = self._av.AudioFrame.from_ndarray(self._abuf[None, :n].copy(), format="fltp", layout="mono")
+            af.sample_rate = self.AUDIO_RATE
+            af.pts = self._apts
+            af.time_base = self._atb
+            self._apts += n
+            self._abuf = self._abuf[n:]
+            self._container.mux(self._astream.encode(af))
+        self.audio_samples_written = self._apts + self._abuf.size
+
+    def _finish(self) -> None:
+        self._encode_audio(np.zeros(0, np.float32), final=True)
+        self._container.mux(self._vstream.encode(None))
+        self._container.mux(self._astream.encode(None))
+        self._container.close()

@@ -1,0 +1,266 @@
+"""Virtual camera sink: the player's frames appear as a webcam (v4l2loopback on Linux).
+
+pyvirtualcam is a *push* API: you call ``send`` and, usually, ``sleep_until_next_frame``.  Here the
+player is the clock, so this sink never sleeps; it hands each frame to one writer thread through a
+one-slot mailbox (latest frame wins, an overwritten frame is counted as dropped) so a slow or stuck
+device never blocks the event loop.  Audio is not carried: a webcam has no audio track (a virtual
+microphone sink carries the same slices).
+
+Device setup on a real host (one device, visible to Chrome/Zoom/Meet)::
+
+    sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label="avatar-agent"
+
+``exclusive_caps=1`` makes the node report only CAPTURE once a writer has opened it; Chrome, Zoom
+and Google Meet list a device as a camera only then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import glob
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from avatar_agent.types import VideoFrame
+
+log = logging.getLogger(__name__)
+
+MODPROBE_LINE = 'sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label="avatar-agent"'
+"""The command that creates a suitable device; every "no device" error repeats it."""
+
+_PIP_LINE = "pip install 'avatar-agent[vcam]'  (or: pip install pyvirtualcam==0.15.0)"
+
+Fourcc = Literal["I420", "YUYV"]
+
+# VIDIOC_QUERYCAP = _IOR('V', 0, struct v4l2_capability); the struct is 104 bytes:
+# driver[16] card[32] bus_info[32] version capabilities device_caps reserved[3].
+_V4L2_CAP_STRUCT = struct.Struct("16s32s32sIII12x")
+_VIDIOC_QUERYCAP = (2 << 30) | (_V4L2_CAP_STRUCT.size << 16) | (ord("V") << 8) | 0
+_V4L2_CAP_VIDEO_OUTPUT = 0x00000002
+_V4L2_CAP_DEVICE_CAPS = 0x80000000
+_LOOPBACK_DRIVER = "v4l2 loopback"
+
+
+class VirtualCamError(RuntimeError):
+    """The virtual camera could not be opened or stopped working; the message says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class VideoDevice:
+    """One V4L2 node as seen by ``available_devices``.
+
+    Attributes:
+        path: device node, e.g. "/dev/video10".
+        driver: driver name from VIDIOC_QUERYCAP ("v4l2 loopback" for a loopback device).
+        card: the card label (``card_label=`` of the modprobe line).
+        loopback: True for a v4l2loopback node (the only kind this sink can write to).
+        output: True if the node currently accepts frames (VIDEO_OUTPUT capability).  With
+            ``exclusive_caps=1`` a node that another writer holds reports capture only.
+    """
+
+    path: str
+    driver: str
+    card: str
+    loopback: bool
+    output: bool
+
+
+def available_devices(pattern: str = "/dev/video*") -> list[VideoDevice]:
+    """List V4L2 nodes matching ``pattern`` with their driver and capabilities (for ``check``).
+
+    Nodes that cannot be opened or queried are skipped (they are not usable by this sink).
+    """
+
+    def node_number(path: str) -> tuple[int, str]:
+        digits = "".join(c for c in os.path.basename(path) if c.isdigit())
+        return (int(digits) if digits else -1, path)
+
+    found: list[VideoDevice] = []
+    for path in sorted(glob.glob(pattern), key=node_number):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            buf = bytearray(_V4L2_CAP_STRUCT.size)
+            fcntl.ioctl(fd, _VIDIOC_QUERYCAP, buf, True)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        driver, card, _bus, _version, caps, device_caps = _V4L2_CAP_STRUCT.unpack(bytes(buf))
+        effective = device_caps if caps & _V4L2_CAP_DEVICE_CAPS else caps
+        drv = driver.split(b"\0", 1)[0].decode(errors="replace")
+        found.append(VideoDevice(
+            path=path,
+            driver=drv,
+            card=card.split(b"\0", 1)[0].decode(errors="replace"),
+            loopback=drv == _LOOPBACK_DRIVER,
+            output=bool(effective & _V4L2_CAP_VIDEO_OUTPUT),
+        ))
+    return found
+
+
+def rgb_to_yuyv(image: np.ndarray) -> np.ndarray:
+    """Convert uint8 RGB [H, W, 3] (W even) to packed YUYV 4:2:2, BT.601 limited range.
+
+    Returns uint8 [H, W * 2]: per pixel pair Y0 U Y1 V, chroma averaged over the pair.
+    """
+    h, w, _ = image.shape
+    if w % 2:
+        raise ValueError(f"YUYV needs an even frame width, got {w}; use fourcc='I420' or an even size")
+    rgb = image.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0  # [H, W]
+    rp = (r[:, 0::2] + r[:, 1::2]) * 0.5  # [H, W/2] chroma is shared by each pixel pair
+    gp = (g[:, 0::2] + g[:, 1::2]) * 0.5
+    bp = (b[:, 0::2] + b[:, 1::2]) * 0.5
+    u = 128.0 + (-37.797 * rp - 74.203 * gp + 112.0 * bp) / 255.0  # [H, W/2]
+    v = 128.0 + (112.0 * rp - 93.786 * gp - 18.214 * bp) / 255.0  # [H, W/2]
+    out = np.empty((h, w // 2, 4), np.float32)  # [H, W/2, (Y0 U Y1 V)]
+    out[..., 0] = y[:, 0::2]
+    out[..., 1] = u
+    out[..., 2] = y[:, 1::2]
+    out[..., 3] = v
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(h, w * 2)
+
+
+def _import_pyvirtualcam() -> Any:
+    try:
+        import pyvirtualcam
+    except ImportError as e:  # optional dependency
+        raise VirtualCamError(f"the virtual camera sink needs pyvirtualcam: {_PIP_LINE}") from e
+    return pyvirtualcam
+
+
+def _no_device_message(device: str | None, detail: str) -> str:
+    where = f"device {device!r}" if device else "no v4l2loopback device in /dev/video[0-99]"
+    return (
+        f"virtual camera: {where} could not be opened ({detail.strip()}).\n"
+        f"Create one with:\n    {MODPROBE_LINE}\n"
+        "exclusive_caps=1 is required for Chrome, Zoom and Google Meet to list the camera; "
+        "add video_nr=N to pin the node to /dev/videoN and pass that path as the sink's device. "
+        "Your user must be in the 'video' group to write to it."
+    )
+
+
+class VirtualCamSink:
+    """Pushes frames to a v4l2loopback device via pyvirtualcam.
+
+    Args:
+        device: node path such as "/dev/video10"; None picks the first loopback device.
+        fourcc: pixel format written to the device: "I420" (YU12, what Chrome and most apps take;
+            pyvirtualcam converts RGB natively) or "YUYV" (packed 4:2:2, converted here).
+        name: sink name for logs and metrics.
+
+    ``send`` never blocks: frames go to a writer thread through a one-slot mailbox.  If the writer
+    fails (device gone, bad frame), the next ``send`` raises ``VirtualCamError`` with the cause, so
+    the agent can log it and keep feeding its other sinks.
+    """
+
+    def __init__(self, device: str | None = None, fourcc: Fourcc = "I420",
+                 name: str = "virtualcam") -> None:
+        if fourcc not in ("I420", "YUYV"):
+            raise ValueError(f"VirtualCamSink fourcc must be 'I420' or 'YUYV', got {fourcc!r}")
+        self.name = name
+        self.device = device
+        self.fourcc: Fourcc = fourcc
+        self.frames_written = 0
+        self.frames_dropped = 0
+        self._cam: Any = None
+        self._size: tuple[int, int] = (0, 0)
+        self._cond = threading.Condition()
+        self._slot: VideoFrame | None = None
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def device_path(self) -> str | None:
+        """The node actually opened (after ``start``), else the requested one."""
+        return self._cam.device if self._cam is not None else self.device
+
+    async def start(self, width: int, height: int, fps: int) -> None:
+        """Open the device (in a thread: opening a FIFO or a busy node may block)."""
+        if self._cam is not None:
+            raise VirtualCamError(f"{self.name}: start() called twice")
+        if width <= 0 or height <= 0 or fps <= 0:
+            raise ValueError(f"{self.name}: width/height/fps must be positive, got {width}x{height}@{fps}")
+        if width % 2 or height % 2:
+            raise ValueError(f"{self.name}: 4:2:0/4:2:2 output needs an even frame size, got {width}x{height}")
+        pyvirtualcam = _import_pyvirtualcam()
+        fmt = pyvirtualcam.PixelFormat.RGB if self.fourcc == "I420" else pyvirtualcam.PixelFormat.YUYV
+
+        def open_camera() -> Any:
+            try:
+                return pyvirtualcam.Camera(width, height, fps, fmt=fmt, device=self.device,
+                                           backend="v4l2loopback")
+            except Exception as e:  # pyvirtualcam raises RuntimeError/ValueError with its reason
+                raise VirtualCamError(_no_device_message(self.device, str(e))) from e
+
+        self._cam = await asyncio.to_thread(open_camera)
+        self._size = (width, height)
+        self._stop, self._slot, self._error = False, None, None
+        self._thread = threading.Thread(target=self._writer, name=f"{self.name}-writer", daemon=True)
+        self._thread.start()
+        log.info("%s: writing %dx%d %s to %s", self.name, width, height, self.fourcc, self._cam.device)
+
+    async def send(self, frame: VideoFrame) -> None:
+        """Queue a frame for the device (latest wins); raises VirtualCamError if the writer failed."""
+        if self._error is not None:
+            raise VirtualCamError(f"{self.name}: device {self.device_path} failed: {self._error}") from self._error
+        if self._cam is None:
+            raise VirtualCamError(f"{self.name}: send() before start()")
+        w, h = self._size
+        if frame.image.shape != (h, w, 3) or frame.image.dtype != np.uint8:
+            raise ValueError(
+                f"{self.name}: frame {frame.index} is {frame.image.dtype} {frame.image.shape}, "
+                f"the device was started for uint8 ({h}, {w}, 3)")
+        with self._cond:
+            if self._slot is not None:
+                self.frames_dropped += 1  # the writer fell behind by a whole frame
+            self._slot = frame
+            self._cond.notify()
+
+    async def close(self) -> None:
+        """Stop the writer and release the device."""
+        thread, self._thread = self._thread, None
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 5.0)
+        cam, self._cam = self._cam, None
+        if cam is not None:
+            await asyncio.to_thread(cam.close)
+
+    def _writer(self) -> None:
+        cam = self._cam
+        path = cam.device
+        check_every = max(1, int(round(cam.fps)))
+        while True:
+            with self._cond:
+                while self._slot is None and not self._stop:
+                    self._cond.wait()
+                if self._slot is None:  # stopping, and the last frame is already written
+                    return
+                frame, self._slot = self._slot, None
+            try:
+                data = frame.image if self.fourcc == "I420" else rgb_to_yuyv(frame.image)
+                cam.send(np.ascontiguousarray(data))
+                self.frames_written += 1
+                # pyvirtualcam only prints write errors to stderr; a vanished node (module unloaded,
+                # device removed) is the failure we can see, so check once a second.
+                if self.frames_written % check_every == 0 and not os.path.exists(path):
+                    raise OSError(f"{path} disappeared (v4l2loopback unloaded?)")
+            except BaseException as e:  # handed to the loop through send()
+                log.error("%s: writing frame %d failed: %s", self.name, frame.index, e)
+                self._error = e
+                return

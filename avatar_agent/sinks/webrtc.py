@@ -1,0 +1,301 @@
+"""WebRTC sink: any number of browser viewers watch and hear the live avatar (aiortc).
+
+aiortc tracks are *pulled*: each viewer's RTP sender calls ``recv()`` in a loop.  The player pushes.
+The bridge is a mailbox per viewer: a one-slot video mailbox (the newest frame wins; a viewer whose
+encoder falls behind skips frames instead of lagging) and a short audio queue.  ``recv()`` waits on
+the mailbox, so the player's clock paces every viewer; nothing here sleeps on its own timer.
+
+Timestamps come from the frame index, never from wall time: video pts on the 90 kHz RTP clock is
+``(index - first) * 90000 / fps`` and audio pts on the 48 kHz clock is ``(index - first) * 48000 /
+fps`` (+960 for the second 20 ms half), with ``first`` the first frame this viewer received.  Audio
+and video of one frame therefore carry the same instant, which is what the browser's lip sync uses.
+
+Each frame's 16 kHz slice is upsampled ×3 once (shared by all viewers) and cut into 20 ms s16
+frames of 960 samples, the unit Opus encodes.  A viewer that disconnects, fails or never connects
+is closed and removed; the others and the player never notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from avatar_agent.sinks.file import Upsampler3
+from avatar_agent.types import SAMPLE_RATE, VideoFrame
+
+log = logging.getLogger(__name__)
+
+_PIP_LINE = "pip install 'avatar-agent[webrtc]'  (or: pip install aiortc==1.16.0)"
+
+VIDEO_CLOCK = 90_000
+AUDIO_RATE = 48_000
+AUDIO_FRAME = 960  # 20 ms at 48 kHz: one Opus frame
+
+
+class WebRtcError(RuntimeError):
+    """A viewer could not be added (bad offer, too many viewers, sink not started)."""
+
+
+class OfferError(WebRtcError, ValueError):
+    """The SDP offer itself is unusable; the message says what is wrong (HTTP 400)."""
+
+
+def _import_aiortc() -> Any:
+    try:
+        import aiortc
+    except ImportError as e:  # optional dependency
+        raise WebRtcError(f"the WebRTC sink needs aiortc: {_PIP_LINE}") from e
+    return aiortc
+
+
+def _track_classes() -> tuple[type, type]:
+    """Build the two MediaStreamTrack subclasses (aiortc is imported only when needed)."""
+    import av
+    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+    class MailboxVideoTrack(MediaStreamTrack):
+        """Video track whose ``recv`` returns the newest frame pushed by the player."""
+
+        kind = "video"
+
+        def __init__(self, viewer: _Viewer) -> None:
+            super().__init__()
+            self._viewer = viewer
+            self._slot: VideoFrame | None = None
+            self._ready = asyncio.Event()
+            self.frames_sent = 0
+            self.frames_skipped = 0
+
+        def put(self, frame: VideoFrame) -> None:
+            if self._slot is not None:
+                self.frames_skipped += 1  # the encoder did not take the previous one in time
+            self._slot = frame
+            self._ready.set()
+
+        async def recv(self) -> Any:
+            while self._slot is None:
+                if self.readyState != "live":
+                    raise MediaStreamError
+                self._ready.clear()
+                await self._ready.wait()
+            if self.readyState != "live":
+                raise MediaStreamError
+            frame, self._slot = self._slot, None
+            vf = av.VideoFrame.from_ndarray(frame.image, format="rgb24")
+            vf.pts = (frame.index - self._viewer.first_index) * VIDEO_CLOCK // self._viewer.fps
+            vf.time_base = Fraction(1, VIDEO_CLOCK)
+            self.frames_sent += 1
+            return vf
+
+        def stop(self) -> None:
+            super().stop()
+            self._ready.set()  # wake a waiting recv so it can raise
+
+    class QueueAudioTrack(MediaStreamTrack):
+        """Audio track returning 20 ms 48 kHz s16 frames in the order the player sent them."""
+
+        kind = "audio"
+
+        def __init__(self, viewer: _Viewer, max_frames: int) -> None:
+            super().__init__()
+            self._viewer = viewer
+            self._queue: deque[tuple[int, np.ndarray]] = deque(maxlen=max_frames)  # drop oldest
+            self._ready = asyncio.Event()
+            self._started = False
+            self.frames_sent = 0
+
+        def put(self, pts: int, pcm: np.ndarray) -> None:
+            if self._started:  # before the sender starts, old audio would only add latency
+                self._queue.append((pts, pcm))
+                self._ready.set()
+
+        async def recv(self) -> Any:
+            self._started = True
+            while not self._queue:
+                if self.readyState != "live":
+                    raise MediaStreamError
+                self._ready.clear()
+                await self._ready.wait()
+            if self.readyState != "live":
+                raise MediaStreamError
+            pts, pcm = self._queue.popleft()
+            # Stereo on purpose: aiortc's Opus encoder wants stereo, and FFmpeg's mono→stereo
+            # upmix treats mono as front-centre and lowers it by 3 dB.
+            af = av.AudioFrame(format="s16", layout="stereo", samples=AUDIO_FRAME)
+            af.planes[0].update(np.repeat(pcm, 2).tobytes())
+            af.sample_rate = AUDIO_RATE
+            af.pts = pts
+            af.time_base = Fraction(1, AUDIO_RATE)
+            self.frames_sent += 1
+            return af
+
+        def stop(self) -> None:
+            super().stop()
+            self._ready.set()
+
+    return MailboxVideoTrack, QueueAudioTrack
+
+
+class _Viewer:
+    """One browser: its peer connection, its two tracks and its timestamp origin."""
+
+    def __init__(self, vid: int, pc: Any, fps: int) -> None:
+        self.id = vid
+        self.pc = pc
+        self.fps = fps
+        self.first_index: int | None = None
+        self.video: Any = None
+        self.audio: Any = None
+
+    def push(self, frame: VideoFrame, pcm_halves: tuple[np.ndarray, ...]) -> None:
+        if self.first_index is None:
+            self.first_index = frame.index
+        self.video.put(frame)
+        base = (frame.index - self.first_index) * AUDIO_RATE // self.fps
+        for k, pcm in enumerate(pcm_halves):
+            self.audio.put(base + k * AUDIO_FRAME, pcm)
+
+
+class WebRtcSink:
+    """Serves the player's frames and audio to WebRTC viewers (VP8/H.264 video + Opus audio).
+
+    Args:
+        name: sink name for logs and metrics.
+        max_viewers: further offers are refused with WebRtcError (HTTP 503 in the server).
+        connect_timeout: seconds a new viewer may take to reach "connected" before it is dropped.
+        ice_servers: optional STUN/TURN URLs for viewers outside the LAN (none: host candidates).
+
+    Use: ``await sink.start(w, h, fps)``; the server calls ``await sink.accept(sdp, "offer")`` per
+    viewer and returns the answer; the player calls ``await sink.send(frame)`` every tick.
+    """
+
+    def __init__(self, name: str = "webrtc", max_viewers: int = 16, connect_timeout: float = 30.0,
+                 ice_servers: list[str] | None = None) -> None:
+        self.name = name
+        self.max_viewers = max_viewers
+        self.connect_timeout = connect_timeout
+        self.ice_servers = list(ice_servers or [])
+        self.width = self.height = self.fps = 0
+        self.frames_sent = 0
+        self._viewers: dict[int, _Viewer] = {}
+        self._ids = itertools.count(1)
+        self._upsample = Upsampler3()
+        self._classes: tuple[type, type] | None = None
+        self._started = False
+        self._tasks: set[asyncio.Task[None]] = set()  # keeps fire-and-forget drops alive
+
+    @property
+    def viewers(self) -> int:
+        """Number of viewers currently attached (connecting or connected)."""
+        return len(self._viewers)
+
+    async def start(self, width: int, height: int, fps: int) -> None:
+        """Fix the stream geometry; viewers may connect from now on."""
+        if width <= 0 or height <= 0 or fps <= 0:
+            raise ValueError(f"{self.name}: width/height/fps must be positive, got {width}x{height}@{fps}")
+        if AUDIO_RATE % fps or SAMPLE_RATE % fps:
+            raise ValueError(f"{self.name}: fps must divide 16000 and 48000 exactly (25 does), got {fps}")
+        _import_aiortc()
+        self._classes = _track_classes()
+        self.width, self.height, self.fps = width, height, fps
+        self._started = True
+
+    async def send(self, frame: VideoFrame) -> None:
+        """Hand one frame and its audio slice to every viewer (never waits on a viewer)."""
+        if not self._started:
+            raise WebRtcError(f"{self.name}: send() before start() or after close()")
+        audio = np.asarray(frame.audio, np.float32).reshape(-1)
+        if audio.size * self.fps != SAMPLE_RATE:
+            raise ValueError(f"{self.name}: frame {frame.index} carries {audio.size} audio samples, "
+                             f"expected {SAMPLE_RATE // self.fps} (16 kHz at {self.fps} fps)")
+        up = self._upsample(audio)  # [3 * 16000/fps] float32 at 48 kHz
+        pcm = np.clip(np.rint(up * 32767.0), -32768, 32767).astype(np.int16)
+        halves = tuple(pcm[i : i + AUDIO_FRAME] for i in range(0, pcm.size, AUDIO_FRAME))
+        self.frames_sent += 1
+        for viewer in list(self._viewers.values()):
+            try:
+                viewer.push(frame, halves)
+            except Exception as e:  # one broken viewer must not stop the others
+                log.warning("%s: viewer %d failed (%s); dropping it", self.name, viewer.id, e)
+                await self._drop(viewer)
+
+    async def accept(self, sdp: str, type_: str = "offer") -> tuple[str, str]:
+        """Add a viewer from its SDP offer; returns the answer as (sdp, type)."""
+        if not self._started:
+            raise WebRtcError(f"{self.name}: the stream has not started yet; retry in a moment")
+        if type_ != "offer":
+            raise OfferError(f"expected an SDP of type 'offer', got {type_!r}")
+        if not isinstance(sdp, str) or not sdp.startswith("v=0"):
+            raise OfferError("the 'sdp' field must be an SDP text starting with 'v=0'")
+        if len(self._viewers) >= self.max_viewers:
+            raise WebRtcError(f"{self.name}: {self.max_viewers} viewers already connected")
+        from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+        config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in self.ice_servers])
+        pc = RTCPeerConnection(configuration=config)
+        viewer = _Viewer(next(self._ids), pc, self.fps)
+        video_cls, audio_cls = self._classes  # type: ignore[misc]
+        viewer.video = video_cls(viewer)
+        viewer.audio = audio_cls(viewer, max_frames=AUDIO_RATE // AUDIO_FRAME // 2)  # 0.5 s
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if "video" not in kinds and "audio" not in kinds:
+                raise OfferError("the offer asks for neither video nor audio; add recvonly transceivers")
+            for t in pc.getTransceivers():
+                if t.kind == "video":
+                    pc.addTrack(viewer.video)
+                elif t.kind == "audio":
+                    pc.addTrack(viewer.audio)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except OfferError:
+            await pc.close()
+            raise
+        except Exception as e:  # aiortc's parse/negotiation errors: the offer is at fault
+            await pc.close()
+            raise OfferError(f"cannot negotiate this offer: {e}") from e
+
+        @pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            log.info("%s: viewer %d %s", self.name, viewer.id, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
+                await self._drop(viewer)
+
+        asyncio.get_running_loop().call_later(self.connect_timeout, self._check_connected, viewer)
+        self._viewers[viewer.id] = viewer
+        log.info("%s: viewer %d joined (%d now)", self.name, viewer.id, len(self._viewers))
+        return pc.localDescription.sdp, pc.localDescription.type
+
+    def _check_connected(self, viewer: _Viewer) -> None:
+        if viewer.id in self._viewers and viewer.pc.connectionState != "connected":
+            log.warning("%s: viewer %d did not connect in %.0f s; dropping it",
+                        self.name, viewer.id, self.connect_timeout)
+            task = asyncio.ensure_future(self._drop(viewer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _drop(self, viewer: _Viewer) -> None:
+        if self._viewers.pop(viewer.id, None) is None:
+            return
+        for track in (viewer.video, viewer.audio):
+            track.stop()
+        try:
+            await viewer.pc.close()
+        except Exception as e:  # closing a half-dead connection may fail; it is gone either way
+            log.debug("%s: closing viewer %d: %s", self.name, viewer.id, e)
+        log.info("%s: viewer %d left (%d now)", self.name, viewer.id, len(self._viewers))
+
+    async def close_viewers(self) -> None:
+        """Disconnect every viewer (server shutdown); the sink stays usable."""
+        await asyncio.gather(*(self._drop(v) for v in list(self._viewers.values())))
+
+    async def close(self) -> None:
+        """Disconnect every viewer and stop accepting new ones."""
+        self._started = False
+        await self.close_viewers()
