@@ -1,0 +1,666 @@
+"""The embedded renderer: keypoint-driven warp of the portrait's face crop.
+
+No network.  ``prepare`` finds the face mesh (478 FaceMesh points) in the crop and precomputes
+everything that depends only on the avatar; ``render`` does, per frame, O(vertices) math and one
+image remap:
+
+1. Driven mesh.  Each mesh vertex v (frontalised canonical position V_c[v]) moves like a keypoint:
+   ``V_d = s·(O + V_c·R + W·(δ − δ_rest·R0ᵀ·R)) + [tx, ty]`` where W [478, 21] spreads the 21
+   keypoints' expression displacement over the mesh (normalised inverse-distance weights on
+   *geodesic* mesh distances, so the upper lip ignores the lower lip across the mouth slit and the
+   lids ignore each other across the eye; fixed anchor vertices — nose bridge, forehead, temples,
+   cheekbones — keep rigid parts rigid), and O [478, 3] is a constant that makes the rest
+   motion give back the source mesh exactly (V_c has its deep face sides flattened, see
+   :func:`soft_depth`).  Keypoint vertices land on transform_keypoints' positions (exactly
+   for all but the deep jaw corners).
+2. Dense field.  Vertex displacements (pixels) are spread over a low-res grid by barycentric
+   interpolation on a Delaunay triangulation of the mesh plus three rings around the face (which
+   copy a decaying fraction of the nearest face-outline vertex's displacement: hair and neck
+   follow the head softly) plus fixed points on the crop border (no tearing, no seams at
+   paste-back).
+3. Backward map.  The forward field D is inverted on the grid with Newton steps (q + D(q) = p),
+   upsampled to full resolution and applied with one ``cv2.remap``.
+4. Overlays.  Lips parted beyond the portrait's own gap → a procedural mouth cavity (dark throat,
+   a band of upper teeth if the portrait showed none) inside the driven inner-lip polygon; lips
+   pressed tighter than in the portrait → a dark seam where its teeth were squeezed; lids closed
+   beyond the portrait's own opening → the aperture shows the unsqueezed eye moving with the
+   lower lid (the upper lid occludes it) and, near closure, lid skin sampled above the eye.
+
+Coordinates (motion/space.py, embedded profile): canonical = crop pixels normalised to [-1, 1]
+(``u = 2·x/S − 1``), x right, y down, z = FaceMesh depth in the same units (away from viewer).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from avatar_agent.face.crop import CropTransform, crop_transform, feather_mask, paste_back, warp_crop
+from avatar_agent.face.landmarks import FaceAnalyzer, detect_landmarks, to_rgb_uint8
+from avatar_agent.motion import space
+from avatar_agent.types import Avatar
+
+# FaceMesh topology used here (indices into the 478 points) -----------------------------------
+FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400,
+             377, 152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67,
+             109)
+INNER_LIP_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)     # left corner → right
+INNER_LIP_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
+EYE_L = (33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7)
+EYE_R = (263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249)
+IRIS_L = tuple(range(468, 473))
+IRIS_R = tuple(range(473, 478))
+ANCHORS = (168, 6, 197, 195, 5, 10, 151, 9, 8, 109, 338, 67, 297, 103, 332, 54, 284, 21, 251,
+           127, 356, 234, 454, 116, 345, 123, 352, 143, 372)
+"""Vertices that no expression keypoint moves (rigid skull: forehead, nose bridge, temples,
+cheekbones)."""
+
+RINGS = ((1.2, 0.85, 0.35), (1.5, 0.5, 0.0), (1.9, 0.18, 0.0))
+"""(radius factor about the face centre, fraction of the nearest outline vertex's head motion,
+fraction of its expression motion): hair and neck follow the head, only the skin right next to
+the face follows the jaw."""
+
+CAVITY_RGB = np.array([[96, 34, 38], [34, 10, 12]], dtype=np.float32)   # lip edge → throat
+TEETH_RGB = np.array([222, 208, 186], dtype=np.float32)
+
+Output = Literal["crop", "image"]
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry helpers (pure functions)
+# --------------------------------------------------------------------------------------------
+
+
+def rotation_to_angles(rot: np.ndarray) -> tuple[float, float, float]:
+    """(pitch, yaw, roll) in degrees of R = (Rz·Ry·Rx)ᵀ (inverse of space.rotation_matrix)."""
+    m = rot.T
+    yaw = np.degrees(np.arcsin(np.clip(-m[2, 0], -1.0, 1.0)))
+    pitch = np.degrees(np.arctan2(m[2, 1], m[2, 2]))
+    roll = np.degrees(np.arctan2(m[1, 0], m[0, 0]))
+    return float(pitch), float(yaw), float(roll)
+
+
+PITCH_BIAS_DEG = 11.0
+"""FaceMesh's forehead(10)→chin(152) line leans back by about this much in a camera-facing face
+(measured on avatars/default.png, which looks straight into the camera); subtracted so that a
+frontal portrait reads pitch ≈ 0."""
+
+
+def estimate_head_rotation(mesh: np.ndarray) -> np.ndarray:
+    """Head rotation R0 [3, 3] (row-vector convention: observed ≈ frontal @ R0) from the mesh.
+
+    The face frame is built from the mesh itself: x = mean left→right direction of symmetric
+    landmark pairs, y = forehead→chin midline made orthogonal to x, z = x × y, and the pitch is
+    corrected by :data:`PITCH_BIAS_DEG`.  With no reference head to calibrate against, pitch
+    keeps a small person-dependent bias; it cancels out because poses are always applied
+    relative to this rest estimate.
+    """
+    pairs = ((33, 263), (133, 362), (234, 454), (61, 291), (127, 356), (172, 397), (70, 300))
+    ax = sum(mesh[r] - mesh[l] for l, r in pairs)
+    ax = ax / np.linalg.norm(ax)
+    ay = mesh[152] - mesh[10]
+    ay = ay - ax * (ay @ ax)
+    ay = ay / np.linalg.norm(ay)
+    az = np.cross(ax, ay)
+    pitch, yaw, roll = rotation_to_angles(np.stack([ax, ay, az]))
+    return space.rotation_matrix(pitch - PITCH_BIAS_DEG, yaw, roll)
+
+
+def soft_depth(z: np.ndarray, knee: float, slope: float = 0.3) -> np.ndarray:
+    """Compress depths behind ``knee`` (the outer eye corners' depth) by ``slope``.
+
+    A warp cannot hide the far cheek when the head turns: with true depth the face outline
+    (deep, so it barely moves) is overtaken by the cheek in front of it and the warp field folds
+    (torn, jagged outline).  Flattening the deep sides keeps the field one-to-one at ±20° yaw at
+    the cost of a little parallax at the silhouette.
+    """
+    return np.where(z > knee, knee + (z - knee) * slope, z)
+
+
+def _mesh_edges() -> np.ndarray:
+    """[E, 2] FaceMesh tessellation edges (+ iris rings tied to their eye contour)."""
+    from mediapipe.python.solutions import face_mesh_connections as fmc  # bundled with landmarks
+
+    edges = {tuple(sorted(e)) for e in fmc.FACEMESH_TESSELATION}
+    for iris, eye in ((IRIS_L, EYE_L), (IRIS_R, EYE_R)):
+        for i in iris:
+            for j in eye:
+                edges.add((j, i) if j < i else (i, j))
+    return np.array(sorted(edges), dtype=np.int64)
+
+
+def geodesic_weights(mesh_c: np.ndarray, sigma: float = 0.16, eps: float = 1e-4,
+                     null: float = 20.0) -> np.ndarray:
+    """W [478, 21]: how much each vertex follows each keypoint's expression displacement.
+
+    Normalised inverse-square geodesic distance with a Gaussian cut-off; anchors and a constant
+    ``null`` weight (both meaning "stay") make far vertices stay put.  Distances run along the
+    mesh surface, so points across the mouth slit or the eye opening are far apart.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import dijkstra
+
+    n = mesh_c.shape[0]
+    e = _mesh_edges()
+    length = np.linalg.norm(mesh_c[e[:, 0]] - mesh_c[e[:, 1]], axis=1) + 1e-6
+    graph = coo_matrix((length, (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
+    sources = np.concatenate([space.MESH_INDEX, np.array(ANCHORS)])
+    g = dijkstra(graph, directed=False, indices=sources)                     # [21 + A, 478]
+    unreachable = ~np.isfinite(g)
+    if unreachable.any():                                                    # fall back to 3-D
+        eu = np.linalg.norm(mesh_c[sources][:, None] - mesh_c[None], axis=-1)
+        g[unreachable] = eu[unreachable]
+    w = np.exp(-(g / sigma) ** 2) / (g ** 2 + eps)                           # [21 + A, 478]
+    w = w / (w.sum(0, keepdims=True) + null)
+    w_kp = w[: space.N_KP].T.copy()                                          # [478, 21]
+    w_kp[space.MESH_INDEX] = np.eye(space.N_KP)                              # exact at keypoints
+    w_kp[list(ANCHORS)] = 0.0
+    return w_kp
+
+
+def neutralise(kp: np.ndarray) -> np.ndarray:
+    """Neutral (mouth closed) version of frontalised keypoints [21, 3].
+
+    The portrait's lip gap (inner lower − inner upper, y) is attributed to the jaw: the lower lip
+    moves up by the whole gap, the chin by 90 % of it and the jaw corners by 50 %, so that
+    ``lip_opening(exp=0) == 0``.  Eyes and brows are taken as they are (portraits have them open
+    and relaxed).
+    """
+    k = kp.copy()
+    gap = max(0.0, float(k[space.KP["lower_lip_inner"], 1] - k[space.KP["upper_lip_inner"], 1]))
+    for name, f in (("lower_lip_inner", 1.0), ("lower_lip_outer", 1.0), ("lower_lip_outer_l", 1.0),
+                    ("lower_lip_outer_r", 1.0), ("chin", 0.9), ("jaw_l", 0.5), ("jaw_r", 0.5)):
+        k[space.KP[name], 1] -= f * gap
+    # exactly closed, whatever FaceMesh's rounding
+    k[space.KP["lower_lip_inner"], 1] = k[space.KP["upper_lip_inner"], 1]
+    return k
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centre ``image`` on a black square and resize it to size × size.
+
+    Returns the uint8 [size, size, 3] picture and the 3×3 map image pixel → picture pixel.
+    """
+    h, w = image.shape[:2]
+    side = max(h, w)
+    k = size / side
+    ox, oy = (side - w) / 2 * k, (side - h) / 2 * k
+    # pixel-centre convention, as cv2.resize
+    m = np.array([[k, 0, ox + 0.5 * k - 0.5], [0, k, oy + 0.5 * k - 0.5], [0, 0, 1.0]])
+    if h == w == size:
+        return image.copy(), np.eye(3)
+    src, pre = image, np.eye(3)
+    if k < 0.5:  # warpAffine has no area filter: shrink big portraits with INTER_AREA first
+        src = cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))),
+                         interpolation=cv2.INTER_AREA)
+        sx, sy = src.shape[1] / w, src.shape[0] / h
+        pre = np.array([[1 / sx, 0, 0.5 / sx - 0.5], [0, 1 / sy, 0.5 / sy - 0.5], [0, 0, 1.0]])
+    out = cv2.warpAffine(src, (m @ pre)[:2], (size, size), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    return out, m
+
+
+def _barycentric_grid(points: np.ndarray,
+                      grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Delaunay-triangulate ``points`` [P, 2]; for each grid point [G, 2] return the triangle's
+    vertex indices [G, 3] and barycentric weights [G, 3] (nearest-vertex for points outside),
+    and the triangles [T, 3]."""
+    from scipy.spatial import Delaunay
+
+    tri = Delaunay(points)
+    simplex = tri.find_simplex(grid)
+    inside = simplex >= 0
+    idx = np.zeros((grid.shape[0], 3), dtype=np.int64)
+    bary = np.zeros((grid.shape[0], 3), dtype=np.float64)
+    s = simplex[inside]
+    t = tri.transform[s]                                                     # [n, 3, 2]
+    b = np.einsum("nij,nj->ni", t[:, :2], grid[inside] - t[:, 2])            # [n, 2]
+    bary[inside] = np.concatenate([b, 1 - b.sum(1, keepdims=True)], axis=1)
+    idx[inside] = tri.simplices[s]
+    if (~inside).any():
+        d = np.linalg.norm(grid[~inside][:, None] - points[None], axis=-1)
+        idx[~inside, 0] = d.argmin(1)
+        bary[~inside, 0] = 1.0
+    return idx, bary, tri.simplices
+
+
+# --------------------------------------------------------------------------------------------
+# Renderer
+# --------------------------------------------------------------------------------------------
+
+
+class WarpRenderer:
+    """Embedded-profile renderer: warps the portrait's crop with the 21 driven keypoints.
+
+    Args:
+        size: output crop side in pixels (the crop is taken at this size).
+        output: "crop" → frames are the size×size face crop; "image" → frames are the full
+            portrait with the animated crop pasted back through a feathered mask, letterboxed
+            (centred, black bars) and resized to size×size.
+        grid_step: the dense warp field is computed every ``grid_step`` pixels and upsampled.
+        newton_steps: Newton iterations when inverting the forward warp field.
+        analyzer: face analyzer to use (default: the process-wide cached one).
+    """
+
+    profile = "embedded"
+
+    def __init__(self, size: int = 512, output: Output = "crop", grid_step: int | None = None,
+                 newton_steps: int = 3, analyzer: FaceAnalyzer | None = None) -> None:
+        if size < 64:
+            raise ValueError(f"WarpRenderer size must be ≥ 64 px, got {size}")
+        if output not in ("crop", "image"):
+            raise ValueError(f"output must be 'crop' or 'image', got {output!r}")
+        self.size = int(size)
+        self.output: Output = output
+        # the field grid must tile the crop exactly (the upsampling assumes size = g · step)
+        step = int(grid_step or max(2, size // 128))
+        while self.size % step:
+            step -= 1
+        self.grid_step = step
+        self.newton_steps = int(newton_steps)
+        self._analyzer = analyzer
+
+    # ---------------------------------------------------------------------------------- prepare
+
+    def prepare(self, image: np.ndarray) -> Avatar:
+        """Analyse a portrait once: landmarks, crop, pose, neutral keypoints, warp tables.
+
+        Raises:
+            FaceError: no usable face in ``image``.
+        """
+        lm = detect_landmarks(image, self._analyzer)
+        rgb = to_rgb_uint8(image)
+        S = self.size
+        tf = crop_transform(lm.points, size=S)
+        crop = warp_crop(rgb, tf)
+        mesh_px = tf.to_crop(lm.points.astype(np.float64))                  # [478, 3] crop px
+        mesh_n = mesh_px * (2.0 / S)
+        mesh_n[:, :2] -= 1.0                                                 # canonical units
+
+        # rest pose: rotation from the mesh frame, pivot at the head centre (x, y: mesh centroid;
+        # z: depth of the face outline's sides, roughly where the neck pivots), scale 1
+        rot0 = estimate_head_rotation(mesh_n)
+        pitch0, yaw0, roll0 = rotation_to_angles(rot0)
+        # (the neck pivots behind the ears: a third of a face width behind the outline's sides;
+        # a shallower pivot makes yaw fold the far cheek over the face outline)
+        width = float(np.linalg.norm(mesh_n[454, :2] - mesh_n[234, :2]))
+        pivot = np.array([mesh_n[:468, 0].mean(), mesh_n[:468, 1].mean(),
+                          mesh_n[[234, 454, 127, 356], 2].mean() + width / 3])
+        mesh_true = mesh_n - pivot                                           # about the pivot
+        mesh_c = mesh_true @ rot0.T                                          # frontalised
+        mesh_c[:, 2] = soft_depth(mesh_c[:, 2], mesh_c[[33, 263], 2].mean())
+        # what the softened depth changes at the rest pose; added back so that the rest motion
+        # reproduces the portrait exactly (head turns are applied to the softened mesh)
+        rest_offset = mesh_true - mesh_c @ rot0                              # [478, 3]
+        kp_front = mesh_c[space.MESH_INDEX]
+        kp_c = neutralise(kp_front)
+        # so that transform_keypoints(kp_c, rest) == the portrait's 21 keypoints exactly
+        delta_rest = mesh_true[space.MESH_INDEX] - kp_c @ rot0               # [21, 3]
+        rest = np.zeros(space.DIM, dtype=np.float64)
+        rest[space.EXP] = delta_rest.reshape(-1)
+        rest[space.SCALE] = 1.0
+        rest[64:66] = pivot[:2]
+        rest[space.POSE] = (pitch0, yaw0, roll0)
+
+        extra = self._tables(crop, mesh_px, mesh_c, delta_rest, rot0)
+        extra["rest_offset"] = rest_offset
+        # output="image": paste straight into the letterboxed size×size portrait
+        base, to_box = letterbox(rgb, S)
+        c2b = to_box @ tf.c2o
+        extra.update(crop_tf=tf, landmarks=lm, warnings=list(lm.warnings),
+                     mask=feather_mask(S, 0, max(2, S // 32)), image_base=base,
+                     crop_to_base=CropTransform(o2c=np.linalg.inv(c2b), c2o=c2b, size=S))
+        return Avatar(profile="embedded", image=rgb, crop=crop, crop_to_image=tf.c2o.copy(),
+                      kp_canonical=kp_c.astype(np.float32), rest_motion=rest.astype(np.float32),
+                      extra=extra)
+
+    def _tables(self, crop: np.ndarray, mesh_px: np.ndarray, mesh_c: np.ndarray,
+                delta_rest: np.ndarray, rot0: np.ndarray) -> dict:
+        """Everything per-avatar the per-frame path needs."""
+        S, st = self.size, self.grid_step
+        src = mesh_px[:, :2]
+        # rings around the face: each ring point copies a fraction of an outline vertex's motion
+        oval = np.array(FACE_OVAL)
+        centre = src[oval].mean(0)
+        # each extended point reads up to two entries of the per-frame stacked displacement
+        # table [D_full (478) ; D_expression (478)] with fixed weights
+        n = len(src)
+        ext_pts = [src]
+        ext_idx = [np.stack([np.arange(n), np.arange(n)], 1)]
+        ext_w = [np.stack([np.ones(n), np.zeros(n)], 1)]
+        margin = 0.04 * S
+        for radius, f_head, f_exp in RINGS:
+            p = centre + (src[oval] - centre) * radius
+            ok = ((p > margin) & (p < S - margin)).all(1)
+            ext_pts.append(p[ok])
+            ext_idx.append(np.stack([oval[ok], oval[ok] + n], 1))
+            # f_head·D_full + (f_exp − f_head)·D_exp = f_head·D_rigid + f_exp·D_exp
+            ext_w.append(np.tile([f_head, f_exp - f_head], (ok.sum(), 1)))
+        k = 12
+        border = np.linspace(0, S, k + 1)[:-1]
+        bpts = np.concatenate([np.stack([border, np.zeros(k)], 1),
+                               np.stack([np.full(k, S), border], 1),
+                               np.stack([S - border, np.full(k, S)], 1),
+                               np.stack([np.zeros(k), S - border], 1)]) - 0.5
+        ext_pts.append(bpts)
+        ext_idx.append(np.zeros((len(bpts), 2), dtype=np.int64))
+        ext_w.append(np.zeros((len(bpts), 2)))
+        pts = np.concatenate(ext_pts)
+        eidx = np.concatenate(ext_idx)                                         # [E, 2]
+        ew = np.concatenate(ext_w)                                             # [E, 2]
+
+        g = S // st
+        off = (st - 1) / 2.0
+        gx, gy = np.meshgrid(np.arange(g) * st + off, np.arange(g) * st + off)
+        grid = np.stack([gx.ravel(), gy.ravel()], 1)                          # [G², 2] pixels
+        idx, bary, triangles = _barycentric_grid(pts, grid)
+        # compose: grid ← 3 extended points ← 2 table entries each, as one sparse matrix
+        from scipy.sparse import csr_matrix
+
+        gidx = eidx[idx].reshape(len(grid), 6)                                # [G², 6]
+        gw = (bary[:, :, None] * ew[idx]).reshape(len(grid), 6)
+        rows = np.repeat(np.arange(len(grid)), 6)
+        grid_mat = csr_matrix((gw.ravel().astype(np.float32), (rows, gidx.ravel())),
+                              shape=(len(grid), 2 * n))
+
+        fx, fy = np.meshgrid(np.arange(S, dtype=np.float32), np.arange(S, dtype=np.float32))
+        return {
+            "mesh_px": mesh_px.astype(np.float32),
+            "mesh_c": mesh_c,
+            "rot0": rot0,
+            "delta_rest": delta_rest,
+            "weights": geodesic_weights(mesh_c),
+            "grid_mat": grid_mat,                                             # [G², 956]
+            "grid_px": np.stack([gx, gy], -1).astype(np.float32),             # [g, g, 2]
+            "ident": np.stack([fx, fy], -1),                                  # [S, S, 2]
+            "warp_points": pts.astype(np.float32),                            # mesh+rings+border
+            "triangles": triangles,                                           # [T, 3] into those
+            "mouth_gap_px": self._gap(mesh_px[:, :2], 13, 14),
+            "tone": self._tone(crop, mesh_px),
+            "eye_gap_px": (self._gap(mesh_px[:, :2], 159, 145), self._gap(mesh_px[:, :2], 386, 374)),
+        }
+
+    @staticmethod
+    def _tone(crop: np.ndarray, mesh_px: np.ndarray) -> float:
+        """Brightness of the portrait's cheeks relative to a well-lit face (synthesised teeth
+        and cavity are scaled by it, so they do not glow in a dim photo)."""
+        p = np.clip(np.round(mesh_px[[50, 280, 101, 330, 205, 425], :2]).astype(int), 0,
+                    crop.shape[0] - 1)
+        lum = float(np.median(crop[p[:, 1], p[:, 0]].mean(-1)))
+        return float(np.clip(lum / 185.0, 0.55, 1.05))
+
+    @staticmethod
+    def _gap(p: np.ndarray, upper: int, lower: int) -> float:
+        """Signed distance lower − upper along the face's down axis (pixels)."""
+        down = p[152] - p[168]
+        down = down / (np.linalg.norm(down) + 1e-9)
+        return float((p[lower] - p[upper]) @ down)
+
+    # ----------------------------------------------------------------------------------- render
+
+    def driven_mesh(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
+        """Driven mesh [478, 2] in crop pixels for one raw motion frame [70]."""
+        return self._driven(avatar, motion)[0]
+
+    def _driven(self, avatar: Avatar, motion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(driven mesh, head-motion-only mesh), each [478, 2] crop pixels."""
+        ex = avatar.extra
+        m = np.asarray(motion, dtype=np.float64)
+        rot = space.rotation_matrix(m[space.PITCH], m[space.YAW], m[space.ROLL])
+        delta = m[space.EXP].reshape(space.N_KP, 3)
+        corr = delta - ex["delta_rest"] @ ex["rot0"].T @ rot                  # [21, 3]
+        rigid = ex["rest_offset"][:, :2] + (ex["mesh_c"] @ rot[:, :2])         # [478, 2]
+        expr = ex["weights"] @ corr[:, :2]                                     # [478, 2]
+        half = self.size / 2.0
+        full = ((m[space.SCALE] * (rigid + expr) + m[64:66] + 1.0) * half).astype(np.float32)
+        head = ((m[space.SCALE] * rigid + m[64:66] + 1.0) * half).astype(np.float32)
+        return full, head
+
+    def render(self, avatar: Avatar, motion: np.ndarray, output: Output | None = None) -> np.ndarray:
+        """uint8 frames for raw motion [B, 70] (or [70]).
+
+        Returns [B, size, size, 3]: the face crop (output "crop") or the letterboxed portrait
+        with the crop pasted back (output "image").
+        """
+        if avatar.profile != "embedded" or "weights" not in avatar.extra:
+            raise ValueError("WarpRenderer.render needs an avatar from WarpRenderer.prepare "
+                             f"(got profile {avatar.profile!r})")
+        if avatar.crop.shape[0] != self.size:
+            raise ValueError(f"avatar was prepared at {avatar.crop.shape[0]} px, renderer is "
+                             f"{self.size} px; prepare it with this renderer")
+        m = np.asarray(motion, dtype=np.float64)
+        if m.ndim == 1:
+            m = m[None]
+        if m.ndim != 2 or m.shape[1] != space.DIM:
+            raise ValueError(f"motion must be [B, {space.DIM}], got {np.shape(motion)}")
+        if not np.isfinite(m).all():
+            raise ValueError("motion contains NaN or infinite values")
+        out = output or self.output
+        frames = [self._frame(avatar, row) for row in m]
+        if out == "image":
+            ex = avatar.extra
+            frames = [paste_back(f, ex["image_base"], ex["crop_to_base"], ex["mask"])
+                      for f in frames]
+        return np.stack(frames)
+
+    def _frame(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
+        ex = avatar.extra
+        S, st = self.size, self.grid_step
+        vd, vh = self._driven(avatar, motion)                                 # [478, 2] each
+        dv = np.concatenate([vd - ex["mesh_px"][:, :2], vd - vh])              # [956, 2] px
+        if not np.abs(dv).max() > 1e-3:
+            frame = avatar.crop.copy()
+        else:
+            g = S // st
+            dgrid = (ex["grid_mat"] @ dv).reshape(g, g, 2)                     # [g, g, 2]
+            q = self._invert(dgrid, ex["grid_px"])                              # [g, g, 2]
+            disp = cv2.resize(q - ex["grid_px"], (S, S), interpolation=cv2.INTER_LINEAR)
+            disp += ex["ident"]                                                # [S, S, 2]
+            frame = cv2.remap(avatar.crop, disp, None, cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REPLICATE)
+        self._mouth(frame, vd, ex)
+        self._lids(frame, vd, ex, avatar.crop)
+        return frame
+
+    def _jacobian(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(J [g, g, 4] = dDx/dx, dDy/dx, dDx/dy, dDy/dy;  det(I + J) [g, g]) of a grid field."""
+        inv = 1.0 / self.grid_step
+        jac = np.empty(d.shape[:2] + (4,), np.float32)
+        jx, jy = jac[..., :2], jac[..., 2:]
+        jx[:, 1:-1] = (d[:, 2:] - d[:, :-2]) * (0.5 * inv)
+        jx[:, 0], jx[:, -1] = (d[:, 1] - d[:, 0]) * inv, (d[:, -1] - d[:, -2]) * inv
+        jy[1:-1] = (d[2:] - d[:-2]) * (0.5 * inv)
+        jy[0], jy[-1] = (d[1] - d[0]) * inv, (d[-1] - d[-2]) * inv
+        det = (1 + jac[..., 0]) * (1 + jac[..., 3]) - jac[..., 1] * jac[..., 2]
+        return jac, det
+
+    def _unfold(self, d: np.ndarray, det: np.ndarray, rounds: int = 4) -> np.ndarray:
+        """Relax the forward field where it (nearly) folds over itself (det(I + J) < 0.35).
+
+        Strong head turns push the far cheek over the face outline; a fold has no inverse and
+        shows as a torn edge.  Blending towards a blurred field only where the Jacobian is bad
+        keeps the mouth and eyes sharp elsewhere.
+        """
+        for _ in range(rounds):
+            if det.min() >= 0.35:
+                break
+            bad = np.clip((0.6 - det) / 0.3, 0.0, 1.0).astype(np.float32)
+            bad = cv2.GaussianBlur(cv2.dilate(bad, np.ones((3, 3), np.float32)), (0, 0), 1.5)
+            soft = cv2.GaussianBlur(d, (0, 0), 2.0)
+            w = np.clip(bad * 1.5, 0.0, 1.0)[..., None]
+            d = d * (1 - w) + soft * w
+            det = self._jacobian(d)[1]
+        return d
+
+    def _invert(self, d: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Solve q + D(q) = p on the grid (D sampled bilinearly); returns q [g, g, 2] pixels."""
+        st = self.grid_step
+        off = (st - 1) / 2.0
+        jac, det = self._jacobian(d)
+        if det.min() < 0.35:
+            d = self._unfold(d, det)
+            jac, det = self._jacobian(d)
+        field = np.concatenate([d, jac], -1)                                   # [g, g, 6]
+        q = p - d
+        for _ in range(self.newton_steps):
+            u = (q - off) * (1.0 / st)                                         # grid coords
+            f = cv2.remap(field, u, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            r = q + f[..., :2] - p                                             # residual
+            # I + J = [[a b], [c e]]  (rows: x, y output; cols: d/dx, d/dy)
+            a, c, b, e = 1 + f[..., 2], f[..., 3], f[..., 4], 1 + f[..., 5]
+            det_q = np.maximum(a * e - b * c, 0.15)                            # fold guard
+            q[..., 0] -= (e * r[..., 0] - b * r[..., 1]) / det_q
+            q[..., 1] -= (a * r[..., 1] - c * r[..., 0]) / det_q
+        return q
+
+    # ---------------------------------------------------------------------------------- overlays
+
+    def _mouth(self, frame: np.ndarray, vd: np.ndarray, ex: dict) -> None:
+        """Paint a mouth cavity where the lips are parted more than in the portrait."""
+        gap = self._gap(vd, 13, 14)
+        rest_gap = max(ex["mouth_gap_px"], 0.0)
+        extra = gap - rest_gap
+        if extra < -0.75 and rest_gap > 1.5:
+            self._seam(frame, vd, 1.0 - max(gap, 0.0) / rest_gap)
+            return
+        if gap < 1.5 or extra < 0.75:
+            return
+        # share of the opening the portrait never showed: the warp stretches the portrait's own
+        # mouth interior (teeth, if it smiled) over the upper part, the cavity fills the rest
+        ext_frac = extra / gap
+        upper, lower = vd[list(INNER_LIP_UPPER)], vd[list(INNER_LIP_LOWER)]
+        poly = np.concatenate([upper, lower[::-1][1:-1]])
+        x0, y0 = np.floor(poly.min(0)).astype(int) - 1
+        x1, y1 = np.ceil(poly.max(0)).astype(int) + 2
+        S = self.size
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return
+        h, w = y1 - y0, x1 - x0
+        mask = np.zeros((h, w), np.uint8)
+        shift = 3
+        pts = np.round((poly - [x0, y0]) * (1 << shift)).astype(np.int32)
+        cv2.fillPoly(mask, [pts], 255, lineType=cv2.LINE_AA, shift=shift)
+        # vertical position inside the opening: 0 at the upper lip, 1 at the lower lip
+        xs = np.arange(x0, x1, dtype=np.float32) + 0.0
+        ou = np.argsort(upper[:, 0])
+        ol = np.argsort(lower[:, 0])
+        top = np.interp(xs, upper[ou, 0], upper[ou, 1])
+        bot = np.interp(xs, lower[ol, 0], lower[ol, 1])
+        ys = np.arange(y0, y1, dtype=np.float32)[:, None]
+        v = np.clip((ys - top[None]) / np.maximum(bot - top, 1.0)[None], 0.0, 1.0)   # [h, w]
+        width = max(float(np.ptp(upper[:, 0])), 1.0)
+        cx = float(upper[:, 0].mean())
+        ux = np.clip(np.abs(xs - cx) / (width / 2), 0.0, 1.0)[None]               # 0 centre
+        depth = np.clip(np.minimum(v, 1 - v) * 2, 0, 1) * (1 - ux)                # darker inside
+        col = CAVITY_RGB[0] + (CAVITY_RGB[1] - CAVITY_RGB[0]) * depth[..., None]
+        # a band of upper teeth just under the upper lip, shaded towards the corners, with
+        # faint gaps between teeth
+        band_px = min(0.35 * gap, 0.11 * width)
+        band = np.clip((top[None] + band_px - ys) / max(band_px * 0.25, 0.75), 0.0, 1.0)
+        band = band * (ys >= top[None] - 1)
+        tooth_w = width / 9.0
+        gaps = 1 - 0.25 * np.cos(np.pi * (xs - cx) / tooth_w) ** 16
+        shade = (1 - 0.7 * ux ** 2) * gaps[None]
+        band = band * float(np.clip(2.0 * ext_frac - 1.0, 0.0, 1.0))   # only if none showed
+        teeth = TEETH_RGB * ex["tone"]
+        col = col * (1 - band[..., None]) + (teeth * shade[..., None]) * band[..., None]
+        a_v = np.clip((v - (1.0 - ext_frac)) / 0.25 + 0.5, 0.0, 1.0)             # [h, w]
+        a = (mask.astype(np.float32) * (1.0 / 255.0) * a_v)[:, :, None]
+        roi = frame[y0:y1, x0:x1].astype(np.float32)
+        frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + col * a + 0.5, 0, 255).astype(np.uint8)
+
+    def _seam(self, frame: np.ndarray, vd: np.ndarray, strength: float) -> None:
+        """Lips closed more than in the portrait: the squeezed mouth interior (teeth) becomes a
+        thin line; draw it as the dark seam between closed lips instead."""
+        upper, lower = vd[list(INNER_LIP_UPPER)], vd[list(INNER_LIP_LOWER)]
+        line = (upper + lower) / 2
+        x0, y0 = np.floor(line.min(0)).astype(int) - 3
+        x1, y1 = np.ceil(line.max(0)).astype(int) + 4
+        S = self.size
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return
+        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        shift = 3
+        pts = np.round((line - [x0, y0]) * (1 << shift)).astype(np.int32)
+        thick = max(1, round(S / 256))
+        cv2.polylines(mask, [pts], False, 255, thickness=thick, lineType=cv2.LINE_AA, shift=shift)
+        mask = cv2.GaussianBlur(mask, (3, 3), 0)
+        a = mask.astype(np.float32)[:, :, None] * (0.85 * float(np.clip(strength, 0, 1)) / 255.0)
+        roi = frame[y0:y1, x0:x1].astype(np.float32)
+        frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + CAVITY_RGB[0] * 0.8 * a + 0.5, 0,
+                                      255).astype(np.uint8)
+
+    def _lids(self, frame: np.ndarray, vd: np.ndarray, ex: dict, crop: np.ndarray) -> None:
+        """Lids closing over the eye where they closed beyond the portrait's own opening.
+
+        The warp alone squeezes the whole eye into the shrinking aperture.  Instead the
+        aperture shows the portrait's eye *unsqueezed*, moving with the lower lid, so the
+        descending upper lid occludes it as a real lid does; near full closure lid skin (from
+        just above the lid, blurred) covers the last sliver (the squeezed upper-lid margin
+        left by the warp reads as the closed eye's lash line).
+        """
+        S = self.size
+        src = ex["mesh_px"][:, :2]
+        for (up, lo), eye, rest_gap in zip(((159, 145), (386, 374)), (EYE_L, EYE_R),
+                                           ex["eye_gap_px"]):
+            if rest_gap <= 0.5:
+                continue
+            closure = 1.0 - self._gap(vd, up, lo) / rest_gap
+            if closure < 0.05:
+                continue
+            poly = vd[list(eye)]
+            pad = 2 + S // 128
+            x0, y0 = np.floor(poly.min(0)).astype(int) - pad
+            x1, y1 = np.ceil(poly.max(0)).astype(int) + pad + 1
+            x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+            if x1 - x0 < 2 or y1 - y0 < 2:
+                continue
+            mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            shift = 3
+            pts = np.round((poly - [x0, y0]) * (1 << shift)).astype(np.int32)
+            cv2.fillPoly(mask, [pts], 255, lineType=cv2.LINE_AA, shift=shift)
+            m = (cv2.GaussianBlur(mask, (0, 0), 0.4 + S / 1024).astype(np.float32)
+                 * (1.0 / 255.0))[:, :, None]
+            # the eye itself, translated with the lower lid
+            lower = list(eye[8:]) + [eye[0]]
+            shift_lo = (vd[lower] - src[lower]).mean(0)
+            gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32) - shift_lo[0],
+                                 np.arange(y0, y1, dtype=np.float32) - shift_lo[1])
+            eye_px = cv2.remap(crop, gx, gy, cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+            roi = frame[y0:y1, x0:x1].astype(np.float32)
+            out = roi * (1 - m) + eye_px * m
+            # the last sliver: lid skin from just above the lid margin, shifted down
+            a_skin = float(np.clip((closure - 0.6) / 0.35, 0.0, 1.0))
+            if a_skin > 0:
+                lift = int(round(1.2 * rest_gap))
+                sy0, sy1 = max(0, y0 - lift), max(1, y1 - lift)
+                skin = frame[sy0:sy1, x0:x1].astype(np.float32)
+                if skin.shape[0] < y1 - y0:
+                    skin = cv2.copyMakeBorder(skin, y1 - y0 - skin.shape[0], 0, 0, 0,
+                                              cv2.BORDER_REPLICATE)
+                skin = cv2.GaussianBlur(skin, (0, 0), 1.0 + S / 256)
+                col = 0.5 * skin + 0.5 * self._lid_colour(frame, vd, eye)[None, None]
+                ms = cv2.dilate(mask, np.ones((3, 3), np.uint8))
+                ms = cv2.GaussianBlur(ms, (0, 0), 0.6 + S / 1024).astype(np.float32)
+                a = ms[:, :, None] * (a_skin / 255.0)
+                out = out * (1 - a) + col * a
+            frame[y0:y1, x0:x1] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    @staticmethod
+    def _lid_colour(frame: np.ndarray, vd: np.ndarray, eye: tuple[int, ...]) -> np.ndarray:
+        """Lid skin colour of this frame: median over points just above the driven upper lid."""
+        upper = vd[list(eye[1:8])]                                            # upper-lid arc
+        width = float(np.ptp(vd[list(eye), 0]))
+        down = vd[152] - vd[168]
+        down = down / (np.linalg.norm(down) + 1e-9)
+        S = frame.shape[0]
+        samples = []
+        for lift in (0.18, 0.26, 0.34):
+            p = np.clip(np.round(upper - down * lift * width).astype(int), 0, S - 1)
+            samples.append(frame[p[:, 1], p[:, 0]])
+        return np.median(np.concatenate(samples).astype(np.float32), axis=0)
