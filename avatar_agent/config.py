@@ -55,6 +55,8 @@ class AudioConfig:
     """auto = microphone if one exists, else typed text on stdin spoken by TTS."""
     device: str = ""
     """Microphone: a device name substring or index; empty = the system default input."""
+    wait_for_device: bool = False
+    """Microphone: if the device is missing at start, wait for it (with backoff) instead of failing."""
     file: str = ""
     """Audio file for source = "file" (anything PyAV decodes)."""
     realtime: bool = True

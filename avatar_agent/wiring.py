@@ -39,7 +39,8 @@ def make_source(cfg: Config, clock: Clock, *, realtime: bool | None = None) -> A
     if kind == "mic":
         from .audio.mic import MicSource
 
-        return MicSource(device=_device(a.device), clock=clock)
+        return MicSource(device=_device(a.device), clock=clock,
+                         fail_if_missing=not a.wait_for_device)
     if kind == "file":
         from .audio.file import FileSource
 
