@@ -147,7 +147,8 @@ class Agent:
         img = image
         avatar = await self._infer(self.renderer.prepare, img)
         await self._infer(self.motion.prepare, avatar)
-        rest = avatar.rest_motion.astype(np.float32)
+        # The generator's own rest (e.g. the portrait's pose with the mouth closed) if it has one.
+        rest = np.asarray(getattr(self.motion, "rest_pose", avatar.rest_motion), np.float32)
         frame = (await self._infer(self.renderer.render, avatar, rest[None]))[0]
         swapped = self.avatar is not None
         self.avatar = avatar

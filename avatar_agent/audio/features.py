@@ -1,0 +1,228 @@
+"""Audio features that need no download: log-mel and per-video-frame speech cues.
+
+Everything here is computed from one short-time Fourier transform (25 ms Hann window, 10 ms hop,
+512-point FFT at 16 kHz) whose frames sit at *absolute* sample positions of the audio given:
+STFT frame j of a video frame is centred on sample ``k·spf + hop/2 + j·hop`` (spf = samples per
+video frame), and samples outside the array count as zeros.  That makes the features
+streaming-consistent: a chunk analysed with ``left`` samples of left context (≥ n_fft/2 = 256) and,
+for its last frame, 256 samples of lookahead (or the true end of the stream) gives exactly the
+values of the offline analysis of the whole stream.
+
+Per video frame (``fps`` frames per second, 640 samples at 25 fps) the STFT frames whose centres
+fall inside the video frame are averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from avatar_agent.types import SAMPLE_RATE
+
+N_FFT = 512
+WIN = 400
+HOP = 160
+SPEECH_BAND = (300.0, 3400.0)
+LOW_BAND = (250.0, 1000.0)
+HIGH_BAND = (1500.0, 4000.0)
+FRICATIVE_BAND = (4000.0, 8000.0)
+EPS_DB_POWER = 1e-10  # −100 dB floor so digital silence gives a finite level
+
+
+class AudioInputError(ValueError):
+    """The audio handed to a feature function is unusable (wrong shape, NaN/inf, bad fps)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrameFeatures:
+    """Speech cues per video frame (all float32 [T]).
+
+    Attributes:
+        energy: RMS of the speech band (300–3400 Hz), linear full-scale units.
+        energy_db: the same in dBFS (20·log10), floored at −100 dB.
+        centroid: spectral centroid of 100–8000 Hz in Hz (0 where the frame is silent).
+        low_high_db: level of 250–1000 Hz minus level of 1500–4000 Hz in dB (high: rounded /
+            back vowels, low: spread / front vowels and fricatives).
+        fricative_db: level of 4–8 kHz minus speech-band level in dB (high for s, ʃ, f).
+    """
+
+    energy: np.ndarray
+    energy_db: np.ndarray
+    centroid: np.ndarray
+    low_high_db: np.ndarray
+    fricative_db: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.energy.shape[0])
+
+
+def check_audio(audio: np.ndarray, name: str = "audio") -> np.ndarray:
+    """Validate 16 kHz mono float audio; returns it as contiguous float32 [N].
+
+    Raises:
+        AudioInputError: not 1-D, or holds NaN/inf.
+    """
+    a = np.asarray(audio)
+    if a.ndim != 1:
+        raise AudioInputError(f"{name} must be 1-D mono samples, got shape {a.shape}; "
+                              "mix down to mono first")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise AudioInputError(f"{name} must be float in [-1, 1], got dtype {a.dtype}; "
+                              "convert int16 with x / 32768")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.all(np.isfinite(a)):
+        raise AudioInputError(f"{name} holds NaN or inf samples; clean the source audio")
+    return a
+
+
+def samples_per_frame(fps: int, sr: int = SAMPLE_RATE) -> int:
+    """Samples per video frame; fps must divide the sample rate and give whole STFT hops."""
+    if fps <= 0 or sr % fps or (sr // fps) % HOP:
+        raise AudioInputError(f"fps={fps} must divide {sr} into a whole number of {HOP}-sample "
+                              "hops (e.g. 25, 50, 20)")
+    return sr // fps
+
+
+def hz_to_mel_slaney(f: np.ndarray | float) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    lin = f / f_sp
+    log = min_log_mel + np.log(np.maximum(f, 1e-12) / min_log_hz) / logstep
+    return np.where(f >= min_log_hz, log, lin)
+
+
+def mel_to_hz_slaney(m: np.ndarray | float) -> np.ndarray:
+    """Inverse of :func:`hz_to_mel_slaney`."""
+    m = np.asarray(m, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+@lru_cache(maxsize=8)
+def slaney_mel_filterbank(n_mels: int = 80, n_fft: int = N_FFT, sr: int = SAMPLE_RATE,
+                          fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+    """Triangular mel filters on the Slaney scale, area-normalised; float32 [n_mels, n_fft/2+1].
+
+    Each filter spans three consecutive mel-spaced edge frequencies and is scaled by
+    2 / (bandwidth in Hz) so every filter has the same area (constant energy per band for white
+    noise), the usual "slaney" normalisation.
+    """
+    fmax = sr / 2.0 if fmax is None else fmax
+    if not 0 <= fmin < fmax <= sr / 2:
+        raise ValueError(f"mel band [{fmin}, {fmax}] Hz must lie within [0, {sr / 2}]")
+    fft_hz = np.linspace(0.0, sr / 2.0, n_fft // 2 + 1)
+    mels = np.linspace(hz_to_mel_slaney(fmin), hz_to_mel_slaney(fmax), n_mels + 2)
+    edges = mel_to_hz_slaney(mels)                                               # [n_mels + 2]
+    lower = (fft_hz[None, :] - edges[:-2, None]) / (edges[1:-1, None] - edges[:-2, None])
+    upper = (edges[2:, None] - fft_hz[None, :]) / (edges[2:, None] - edges[1:-1, None])
+    fb = np.maximum(0.0, np.minimum(lower, upper))                              # [n_mels, F]
+    fb *= (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[:, None]
+    return fb.astype(np.float32)
+
+
+def _power_frames(audio: np.ndarray, fps: int, left: int) -> tuple[np.ndarray, int]:
+    """|STFT|² of the sub-frames of each video frame after ``left``: float32 [T, S, F], T."""
+    a = check_audio(audio)
+    if left < 0 or left > a.shape[0]:
+        raise AudioInputError(f"left={left} must be within [0, len(audio)={a.shape[0]}]")
+    spf = samples_per_frame(fps)
+    n_frames = (a.shape[0] - left) // spf
+    sub = spf // HOP
+    if n_frames == 0:
+        return np.zeros((0, sub, N_FFT // 2 + 1), np.float32), 0
+    # Padded coordinates: sample i of `a` sits at i + N_FFT/2, so the STFT frame centred on sample c
+    # starts at padded index c.  First centre: left + HOP/2.
+    padded = np.zeros(a.shape[0] + N_FFT, np.float32)
+    padded[N_FFT // 2 : N_FFT // 2 + a.shape[0]] = a
+    start = left + HOP // 2
+    n_stft = n_frames * sub
+    need = start + (n_stft - 1) * HOP + N_FFT
+    if need > padded.shape[0]:
+        padded = np.pad(padded, (0, need - padded.shape[0]))
+    seg = torch.from_numpy(padded[start:need])
+    window = _hann()
+    spec = torch.stft(seg, N_FFT, HOP, win_length=WIN, window=window, center=False,
+                      return_complex=True)                                      # [F, n_stft]
+    power = (spec.real ** 2 + spec.imag ** 2).T.numpy()[:n_stft]               # [n_stft, F]
+    return power.reshape(n_frames, sub, -1).astype(np.float32), n_frames
+
+
+@lru_cache(maxsize=1)
+def _hann() -> torch.Tensor:
+    return torch.hann_window(WIN, periodic=True)
+
+
+@lru_cache(maxsize=16)
+def _band_mask(lo: float, hi: float) -> np.ndarray:
+    hz = np.fft.rfftfreq(N_FFT, 1.0 / SAMPLE_RATE)
+    return (hz >= lo) & (hz < hi)
+
+
+_WIN_ENERGY = float(np.sum(np.hanning(WIN + 1)[:-1] ** 2))  # Σ w² of the periodic Hann window
+
+
+def _band_power(power: np.ndarray, band: tuple[float, float]) -> np.ndarray:
+    """Mean-square amplitude of the time signal within ``band`` (Parseval), per sub-frame."""
+    sel = _band_mask(*band)
+    return 2.0 * power[..., sel].sum(-1) / (N_FFT * _WIN_ENERGY)
+
+
+def mel_frames(audio: np.ndarray, fps: int = 25, n_mels: int = 80, *, left: int = 0) -> np.ndarray:
+    """Log-mel features per video frame: float32 [T, n_mels], T = (len(audio) − left) // spf.
+
+    ln(mel power + 1e-6) of a Slaney filterbank (0–8 kHz), averaged over the STFT frames of each
+    video frame (4 per frame at 25 fps).
+
+    Args:
+        audio: float32 16 kHz mono; its first ``left`` samples are context, not returned.
+        fps: video frame rate (25 → 640 samples per frame).
+        n_mels: number of mel bands.
+        left: samples of left context; ≥ 256 makes the values equal to an offline analysis.
+    """
+    power, n = _power_frames(audio, fps, left)
+    if n == 0:
+        return np.zeros((0, n_mels), np.float32)
+    fb = slaney_mel_filterbank(n_mels)
+    mel = np.log(power @ fb.T + 1e-6)                                          # [T, S, n_mels]
+    return mel.mean(1).astype(np.float32)
+
+
+def frame_features(audio: np.ndarray, fps: int = 25, *, left: int = 0) -> FrameFeatures:
+    """Speech-band energy envelope and spectral cues per video frame (see :class:`FrameFeatures`).
+
+    Same framing and streaming rules as :func:`mel_frames`.
+    """
+    power, n = _power_frames(audio, fps, left)
+    if n == 0:
+        z = np.zeros(0, np.float32)
+        return FrameFeatures(z, z, z, z, z)
+    ms_speech = _band_power(power, SPEECH_BAND).mean(1)                        # [T]
+    ms_low = _band_power(power, LOW_BAND).mean(1)
+    ms_high = _band_power(power, HIGH_BAND).mean(1)
+    ms_fric = _band_power(power, FRICATIVE_BAND).mean(1)
+    hz = np.fft.rfftfreq(N_FFT, 1.0 / SAMPLE_RATE)
+    sel = (hz >= 100.0) & (hz <= 8000.0)
+    p = power[..., sel].mean(1)                                                 # [T, F']
+    tot = p.sum(-1)
+    centroid = np.where(tot > 1e-8, (p * hz[sel]).sum(-1) / np.maximum(tot, 1e-12), 0.0)
+
+    def db(x: np.ndarray) -> np.ndarray:
+        return 10.0 * np.log10(x + EPS_DB_POWER)
+
+    return FrameFeatures(
+        energy=np.sqrt(ms_speech).astype(np.float32),
+        energy_db=db(ms_speech).astype(np.float32),
+        centroid=centroid.astype(np.float32),
+        low_high_db=(db(ms_low) - db(ms_high)).astype(np.float32),
+        fricative_db=(db(ms_fric) - db(ms_speech)).astype(np.float32),
+    )
