@@ -80,8 +80,15 @@ class Agent:
         self.spf = SAMPLE_RATE // self.fps
         self.timeline = AudioTimeline(self.clock)
         self.chunker = Chunker(chunker_params(cfg), offline=offline)
-        self.player = Player(self.fps, self.clock, self.timeline, cfg.player.latency_ms / 1000,
-                             self.sinks, capacity=cfg.player.queue_frames, on_tick=self._on_tick)
+        latency = cfg.player.latency_ms / 1000
+        capacity = cfg.player.queue_frames
+        if offline:
+            # Offline chunks are a whole window long, so frames are due a window later; the fake
+            # clock makes the wait free.  A/V sync does not depend on the latency.
+            latency = max(latency, (self.chunker.latency_ms + cfg.chunker.window_ms) / 1000)
+            capacity = max(capacity, int(latency * self.fps) + 2 * self.fps)
+        self.player = Player(self.fps, self.clock, self.timeline, latency, self.sinks,
+                             capacity=capacity, on_tick=self._on_tick)
         self.emotion = emotion_label(cfg.avatar.emotion)
         self.intensity = cfg.avatar.intensity
         self.avatar: Avatar | None = None
