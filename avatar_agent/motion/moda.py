@@ -1,0 +1,372 @@
+"""MoDA motion generation: audio features → DiT sampler → 70-d motion.
+
+Two entry points:
+
+* :func:`generate_long` / :class:`OfflineMoDA` — the release's offline path (specs/moda.md §5.3-5.4):
+  80-frame segments with stride 64, 16-frame linear crossfade, 3-frame pose smoothing (dims 63-69),
+  silence tail + lip modulation, denormalisation with ``mean.pt`` statistics (``std + 1e-5``) and
+  the source's rescale ratio.
+* :class:`MoDAMotion` — the streaming :class:`~avatar_agent.types.MotionGenerator`: per hop it samples
+  a window of W frames starting at the first new frame (the audio after it is lookahead), conditioned
+  on the last emitted frame (first-frame continuity, as the release chains its segments), and emits
+  the new frames.  Features come from any callable ``audio(float32 16 kHz) -> [T, blocks, dim]``
+  (HuBERT for the official profile, mel features for the embedded one).
+
+Normalised ("model") space vs raw space: raw motion is what renderers consume
+(``MotionClip.motion``); model space divides scale and t by the source's rescale ratio
+``rr = (s_src + 1e-5)/(mean_scale + 1e-5)`` and normalises with ``(x − mean)/(std + 1e-5)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from avatar_agent.motion import space
+from avatar_agent.nn.hubert import HOP
+from avatar_agent.nn.moda import MoDADiT
+from avatar_agent.nn.sampling import Conditions, Guidance, sample
+from avatar_agent.types import EMOTION_NONE, Avatar, Profile, SpeechChunk
+
+SEGMENT = 80
+STRIDE = 64
+OVERLAP = 16
+SMOOTH_DIMS = slice(63, 70)
+LIP_KEYPOINTS = (6, 12, 14, 17, 19, 20)
+"""LivePortrait implicit keypoints modulated by the release's lip post-processing."""
+
+Features = Callable[[np.ndarray], "torch.Tensor | np.ndarray"]
+SegmentSampler = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Motion-space helpers (numpy, raw ↔ model space)
+# --------------------------------------------------------------------------------------------
+
+
+def check_emotion(emotion: int, n_classes: int = 8) -> int:
+    """Validate an emotion label 0..n_classes (n_classes = none)."""
+    if not isinstance(emotion, (int, np.integer)) or not 0 <= int(emotion) <= n_classes:
+        raise ValueError(f"emotion label must be an int in 0..{n_classes} (0 anger … 7 surprise, "
+                         f"{n_classes} none), got {emotion!r}")
+    return int(emotion)
+
+
+def headpose_degrees(logits: np.ndarray) -> np.ndarray:
+    """LivePortrait's 66-bin head-pose logits → degrees: ``Σ softmax·i·3 − 97.5``."""
+    z = np.asarray(logits, dtype=np.float32)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    return (p * (np.arange(z.shape[-1], dtype=np.float32) * 3)).sum(-1) - 97.5
+
+
+def rescale_ratio(source_scale: float, mean: np.ndarray) -> float:
+    """``rr = (s_src + 1e-5)/(mean[63] + 1e-5)``: maps model-space scale/t to this source."""
+    return float((np.float32(source_scale) + np.float32(1e-5)) / (mean[space.SCALE] + np.float32(1e-5)))
+
+
+def source_motion(exp: np.ndarray, scale: float, t: np.ndarray, pitch: float, yaw: float,
+                  roll: float) -> np.ndarray:
+    """Raw 70-d motion of a source image (tz zeroed, as the release does)."""
+    m = np.zeros(space.DIM, np.float32)
+    m[space.EXP] = np.asarray(exp, np.float32).reshape(63)
+    m[space.SCALE] = scale
+    m[64:66] = np.asarray(t, np.float32).reshape(-1)[:2]
+    m[space.POSE] = (pitch, yaw, roll)
+    return m
+
+
+def to_model_space(raw: np.ndarray, mean: np.ndarray, std: np.ndarray, rr: float) -> np.ndarray:
+    """Raw motion [..., 70] → normalised model space (scale and t divided by rr first)."""
+    m = np.array(raw, dtype=np.float32, copy=True)
+    m[..., 63:67] = m[..., 63:67] / np.float32(rr)
+    return space.normalise(m, mean, std).astype(np.float32)
+
+
+def from_model_space(norm: np.ndarray, mean: np.ndarray, std: np.ndarray, rr: float) -> np.ndarray:
+    """Inverse of :func:`to_model_space`."""
+    m = space.denormalise(np.asarray(norm, np.float32), mean, std).astype(np.float32)
+    m[..., 63:67] = m[..., 63:67] * np.float32(rr)
+    return m
+
+
+def smooth_pose(motion: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """Centred moving mean over frames of dims 63..69 (scale, t, pose); ends use a truncated window.
+
+    motion [..., T, 70]; the mean is computed from an unsmoothed copy; exp is untouched.
+    """
+    half = window // 2
+    src = motion[..., SMOOTH_DIMS].clone()                                       # [..., T, 7]
+    out = motion.clone()
+    n = motion.shape[-2]
+    for i in range(n):
+        lo, hi = max(0, i - half), min(n, i + half + 1)
+        out[..., i, SMOOTH_DIMS] = src[..., lo:hi, :].mean(dim=-2)
+    return out
+
+
+def modulate_lip(motion: np.ndarray, ref: np.ndarray, alpha: float = 5.0) -> np.ndarray:
+    """The release's lip emphasis in model space: push lip keypoints away from a reference frame.
+
+    ``δ = exp_L − ref_L``; ``d = Σ δ²`` per frame; ``w = (sigmoid(α·d) − 0.5)/(0.1·max d + 0.05)``;
+    ``exp_L ← ref_L + δ·(1 + w)`` for L = keypoints 6, 12, 14, 17, 19, 20.
+    """
+    m = np.array(motion, dtype=np.float32, copy=True)                            # [T, 70]
+    idx = np.array([3 * k + a for k in LIP_KEYPOINTS for a in range(3)])         # [18]
+    ref_l = np.asarray(ref, np.float32)[idx]                                     # [18]
+    delta = m[:, idx] - ref_l                                                    # [T, 18]
+    d = (delta ** 2).sum(-1)                                                     # [T]
+    w = (1.0 / (1.0 + np.exp(-alpha * d)) - 0.5) / (0.1 * d.max() + 0.05)       # [T]
+    m[:, idx] = ref_l + delta * (1.0 + w[:, None])
+    return m.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Offline long-audio generation (release path)
+# --------------------------------------------------------------------------------------------
+
+
+def segment_plan(n_frames: int, seg: int = SEGMENT, stride: int = STRIDE) -> tuple[int, int]:
+    """(number of segments, zero-padded frames at the end) for a clip of n_frames."""
+    if n_frames < 1:
+        raise ValueError(f"need at least one frame of audio features, got {n_frames}")
+    n_seg = 1 if n_frames <= seg else math.ceil((n_frames - seg) / stride) + 1
+    return n_seg, seg + stride * (n_seg - 1) - n_frames
+
+
+def make_segment_sampler(model: MoDADiT, identity: torch.Tensor, emotion: int,
+                         null_audio: torch.Tensor, guidance: Guidance, steps: int = 10,
+                         noise: Callable[[int], torch.Tensor] | None = None,
+                         generator: torch.Generator | None = None) -> SegmentSampler:
+    """``(segment index, prev [1,1,70], audio [1,N,U,L,D]) -> x0 [1,N,70]`` with the DiT sampler.
+
+    ``noise(i)`` gives segment i's initial latents; otherwise ``randn`` from ``generator``.
+    """
+    p = model.params
+    dev = next(model.parameters()).device
+    emo = torch.tensor([check_emotion(emotion, p.n_emotions)], device=dev)
+
+    def run(i: int, prev: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        n = audio.shape[1]
+        x = noise(i) if noise is not None else torch.randn((1, n, p.motion_dim), generator=generator)
+        cond = Conditions(prev=prev.to(dev), audio=audio.to(dev), emotion=emo,
+                          identity=identity.reshape(1, -1).to(dev), null_audio=null_audio.to(dev))
+        return sample(model, cond, x.to(dev), guidance, steps).cpu()
+
+    return run
+
+
+def generate_long(audio: torch.Tensor, prev: torch.Tensor, sampler: SegmentSampler,
+                  seg: int = SEGMENT, stride: int = STRIDE,
+                  trace: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """The release's chunked generation over a whole clip, in model space.
+
+    Args:
+        audio: [T, U, L, D] per-frame features.
+        prev: [1, 1, 70] normalised motion of the frame before the clip (source motion).
+        sampler: see :func:`make_segment_sampler`.
+        trace: optional; gets ``prev`` (fed per segment) and ``raw`` (per-segment x0 before smoothing).
+
+    Returns:
+        [T, 70] normalised motion.
+    """
+    n = audio.shape[0]
+    overlap = min(OVERLAP, seg - OVERLAP)
+    n_seg, pad = segment_plan(n, seg, stride)
+    if pad:
+        audio = torch.cat([audio, audio.new_zeros((pad,) + tuple(audio.shape[1:]))])   # zero audio
+    alpha = (torch.arange(overlap, dtype=torch.float32) / overlap)[:, None]     # [16, 1]
+    out: torch.Tensor | None = None
+    for i in range(n_seg):
+        a = audio[i * stride : i * stride + seg][None]                          # [1, N, U, L, D]
+        x = sampler(i, prev, a)                                                  # [1, N, 70]
+        if trace is not None:
+            trace.setdefault("prev", []).append(prev.clone())
+            trace.setdefault("raw", []).append(x.clone())
+        x = smooth_pose(x)
+        prev = x[:, stride - 1 : stride]                                         # frame before next start
+        x = x[0]                                                                 # [N, 70]
+        if i == n_seg - 1 and pad > 0:
+            x = x[: seg - pad]
+        if out is None:
+            out = x
+        else:
+            out[-overlap:] = out[-overlap:] * (1 - alpha) + x[:overlap] * alpha
+            out = torch.cat([out, x[overlap:]])
+    assert out is not None
+    return smooth_pose(out)
+
+
+class OfflineMoDA:
+    """The release CLI's audio → motion path for one source image (official profile).
+
+    Args:
+        model: the release DiT with weights.
+        features: HuBERT feature extractor (``nn.hubert.HubertFeatures``).
+        mean, std: motion statistics (``nn.weights.load_mean_std``).
+        null_audio: CFG null audio feature [1,1,1,1,768] (the release draws it at random).
+        cfg_scale: release CFG scale (CLI default 1.2).
+    """
+
+    def __init__(self, model: MoDADiT, features: Features, mean: np.ndarray, std: np.ndarray,
+                 null_audio: torch.Tensor, cfg_scale: float = 1.2, steps: int = 10) -> None:
+        self.model, self.features, self.mean, self.std = model, features, mean, std
+        self.null_audio, self.guidance, self.steps = null_audio, Guidance.release(cfg_scale), steps
+
+    def generate(self, audio: np.ndarray, source: np.ndarray, kp_canonical: np.ndarray,
+                 emotion: int = EMOTION_NONE, generator: torch.Generator | None = None) -> np.ndarray:
+        """Raw motion [T, 70] for 16 kHz audio; ``source`` = raw source motion [70] (tz ignored)."""
+        from avatar_agent.nn.hubert import check_audio, release_driving_audio
+
+        wav, add = release_driving_audio(check_audio(audio))
+        feats = torch.as_tensor(self.features(wav)).float()                      # [T, L, D]
+        feats = feats[:, None]                                                   # [T, 1, L, D]
+        src = np.array(source, np.float32, copy=True)
+        src[66] = 0.0
+        rr = rescale_ratio(src[space.SCALE], self.mean)
+        prev = torch.from_numpy(to_model_space(src, self.mean, self.std, rr)).reshape(1, 1, -1)
+        sampler = make_segment_sampler(self.model, torch.as_tensor(kp_canonical).float(), emotion,
+                                       self.null_audio, self.guidance, self.steps, generator=generator)
+        norm = generate_long(feats, prev, sampler).numpy()
+        return release_postprocess(norm, add, self.mean, self.std, rr)
+
+
+def release_postprocess(norm: np.ndarray, add_frames: int, mean: np.ndarray, std: np.ndarray,
+                        rr: float) -> np.ndarray:
+    """Lip modulation against a frame inside the silence tail, drop the tail, back to raw space."""
+    ref = norm[-max(add_frames * 3 // 4, 1)]
+    m = modulate_lip(norm, ref)
+    if add_frames:
+        m = m[:-add_frames]
+    return from_model_space(m, mean, std, rr)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming generator
+# --------------------------------------------------------------------------------------------
+
+
+class MoDAMotion:
+    """Streaming :class:`~avatar_agent.types.MotionGenerator` around a MoDA DiT.
+
+    Per :meth:`generate` call the chunk's whole audio (left context + new + lookahead) goes through
+    ``features``; then windows of W frames starting at the first not-yet-emitted frame are sampled
+    (audio beyond the chunk is zero, as the release pads its last segment), each conditioned on the
+    previous emitted frame, and at most ``hop`` frames of each window are emitted.
+
+    Args:
+        model: the DiT (any preset).
+        features: ``audio(float32 16 kHz [S]) -> [S // 640, blocks, dim]``.
+        mean, std: motion statistics of the model's training data.
+        profile: "official" or "embedded".
+        null_audio: CFG null audio feature broadcastable to [1, W, U, L, D] (default zeros).
+        guidance: CFG scales (default: the release's single scale 1.2).
+        window: W frames per sampled window (default ``params.seq_len``).
+        hop: max frames emitted per window (default W − 16, the release's stride for W = 80).
+        steps: Euler steps.
+        idle: optional ``(n, prev [70], t0) -> [n, 70]`` idle-motion callable; without it idle
+            frames hold ``prev``.
+        device: torch device for the DiT.
+        seed: seed of the noise generator (reproducible sessions).
+    """
+
+    fps = 25
+
+    def __init__(self, model: MoDADiT, features: Features, mean: np.ndarray, std: np.ndarray, *,
+                 profile: Profile = "official", null_audio: torch.Tensor | None = None,
+                 guidance: Guidance = Guidance.release(1.2), window: int | None = None,
+                 hop: int | None = None, steps: int = 10,
+                 idle: Callable[[int, np.ndarray, float], np.ndarray] | None = None,
+                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+        p = model.params
+        self.model, self.features, self.profile = model.eval().to(device), features, profile
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        if self.mean.shape != (p.motion_dim,) or self.std.shape != (p.motion_dim,):
+            raise ValueError(f"mean/std must be [{p.motion_dim}], got {self.mean.shape}/{self.std.shape}")
+        self.window = window or p.seq_len
+        self.hop = hop or max(1, self.window - OVERLAP)
+        if not 1 <= self.hop <= self.window:
+            raise ValueError(f"hop must be in 1..window={self.window}, got {self.hop}")
+        self.null_audio = (null_audio if null_audio is not None
+                           else torch.zeros(1, 1, 1, 1, p.audio_dim)).float()
+        self.guidance, self.steps, self.idle_fn = guidance, steps, idle
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.identity: torch.Tensor | None = None
+        self.rest: np.ndarray | None = None
+        self.rr = 1.0
+
+    def prepare(self, avatar: Avatar) -> None:
+        """Bind to an avatar: identity = canonical keypoints, rr from the rest pose's scale."""
+        if avatar.profile != self.profile:
+            raise ValueError(f"avatar profile {avatar.profile!r} does not match the motion "
+                             f"generator's {self.profile!r}")
+        kp = np.asarray(avatar.kp_canonical, np.float32).reshape(-1)
+        if kp.size != self.model.params.id_dim:
+            raise ValueError(f"avatar.kp_canonical has {kp.size} values, the model needs "
+                             f"{self.model.params.id_dim}")
+        self.identity = torch.from_numpy(kp)
+        self.rest = np.asarray(avatar.rest_motion, np.float32).reshape(space.DIM)
+        self.rr = rescale_ratio(self.rest[space.SCALE], self.mean)
+
+    def _features(self, audio: np.ndarray) -> torch.Tensor:
+        p = self.model.params
+        f = torch.as_tensor(self.features(audio)).float()                        # [T, L, D]
+        if f.dim() == 3:
+            f = f[:, None]                                                       # [T, 1, L, D]
+        if tuple(f.shape[1:]) != (p.audio_unit_len, p.audio_blocks, p.audio_dim):
+            raise ValueError(f"features gave {tuple(f.shape)}, the model needs "
+                             f"[T, {p.audio_blocks}, {p.audio_dim}]")
+        return f
+
+    @torch.no_grad()
+    def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
+                 intensity: float = 1.0) -> np.ndarray:
+        """Raw motion [n_new / 640, 70] for the chunk's new audio, continuing from ``prev`` [70].
+
+        ``intensity`` scales the expression's deviation from the avatar's rest expression.
+        """
+        if self.identity is None or self.rest is None:
+            raise RuntimeError("MoDAMotion.generate called before prepare(avatar)")
+        p = self.model.params
+        emotion = check_emotion(emotion, p.n_emotions)
+        n_new = chunk.n_new // HOP
+        if n_new < 1:
+            raise ValueError(f"chunk has {chunk.n_new} new samples, less than one frame ({HOP})")
+        if chunk.audio.size < chunk.left + chunk.n_new:
+            raise ValueError("chunk.audio is shorter than left + n_new")
+        # Drop the partial frame at the start so video frames align with the first new sample.
+        feats = self._features(chunk.audio[chunk.left % HOP :])                  # [F, U, L, D]
+        first = chunk.left // HOP
+        if feats.shape[0] < first + n_new:
+            raise ValueError(f"features gave {feats.shape[0]} frames for a chunk needing "
+                             f"{first + n_new} (left context + new audio); the feature callable "
+                             "must return one frame per 640 samples")
+        prev_n = torch.from_numpy(to_model_space(prev, self.mean, self.std, self.rr)).reshape(1, 1, -1)
+        sampler = make_segment_sampler(self.model, self.identity, emotion, self.null_audio,
+                                       self.guidance, self.steps, generator=self.generator)
+        out: list[torch.Tensor] = []
+        done = 0
+        while done < n_new:
+            a = feats[first + done : first + done + self.window]                 # [≤W, U, L, D]
+            if a.shape[0] < self.window:
+                a = torch.cat([a, a.new_zeros((self.window - a.shape[0],) + tuple(a.shape[1:]))])
+            x = smooth_pose(sampler(len(out), prev_n, a[None]))                  # [1, W, 70]
+            take = min(self.hop, n_new - done)
+            out.append(x[0, :take])
+            prev_n = x[:, take - 1 : take]
+            done += take
+        raw = from_model_space(torch.cat(out).numpy(), self.mean, self.std, self.rr)  # [n_new, 70]
+        if intensity != 1.0:
+            rest = self.rest[space.EXP]
+            raw[:, space.EXP] = rest + np.float32(intensity) * (raw[:, space.EXP] - rest)
+        return raw
+
+    def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray:
+        """Idle frames from the injected idle callable, else ``prev`` held."""
+        if self.idle_fn is not None:
+            return np.asarray(self.idle_fn(n, prev, t0), np.float32)
+        return np.repeat(np.asarray(prev, np.float32).reshape(1, space.DIM), n, axis=0)
