@@ -113,6 +113,11 @@ class Agent:
         self._muted_utterance = 0
         self._utterance = 0                            # id of the latest utterance started
         self._motion_log: dict[int, np.ndarray] = {}   # frame index → motion, recent frames only
+        # Speech events: a speech-queue source knows utterance boundaries exactly; otherwise
+        # the VAD's decisions are the speech events.
+        self._source_events = hasattr(source, "subscribe")
+        if self._source_events:
+            source.subscribe(lambda kind, data: self._emit(kind, **data))
 
     # -------------------------------------------------------------------------------------------
     # Lifecycle
@@ -219,11 +224,14 @@ class Agent:
         elif isinstance(item, SpeechStarted):
             self.metrics.speaking.set(1)
             self._utterance = item.utterance
-            self._emit("speech_started", utterance=item.utterance, onset=item.onset)
+            kind = "voice_started" if self._source_events else "speech_started"
+            self._emit(kind, utterance=item.utterance, sample=item.onset,
+                       frame=item.onset // self.spf)
         elif isinstance(item, SpeechEnded):
             self.metrics.speaking.set(0)
-            self._emit("speech_ended", utterance=item.utterance, offset=item.offset,
-                       reason=item.reason)
+            kind = "voice_ended" if self._source_events else "speech_finished"
+            self._emit(kind, utterance=item.utterance, sample=item.offset,
+                       frame=item.offset // self.spf, interrupted=False, reason=item.reason)
 
     # -------------------------------------------------------------------------------------------
     # ANIMATE: chunk → motion (continuing from _prev) → frames → player buffer
@@ -360,7 +368,7 @@ class Agent:
         if not hasattr(self.source, "push"):
             raise ValueError("push_audio() needs a speech-queue source: start with "
                              "audio.source = \"tts\"")
-        return self.source.push(samples, final=final)
+        return self.source.push(samples, SAMPLE_RATE, 1, final=final)
 
     def interrupt(self) -> dict[str, Any]:
         """Drop queued speech and return to idle smoothly, effective from the next frame.
@@ -389,9 +397,12 @@ class Agent:
         else:
             self._prev = prev
         self.metrics.speaking.set(0)
-        self._emit("speech_finished", interrupted=True, frame=nxt,
-                   utterance=src[0] if isinstance(src, tuple) else None)
-        return {"frame": nxt, "dropped_frames": dropped_frames, "dropped_chunks": dropped_chunks}
+        if not self._source_events:
+            self._emit("speech_finished", interrupted=True, frame=nxt, utterance=self._utterance,
+                       sample=nxt * self.spf)
+        return {"interrupted": src[0] if isinstance(src, tuple) else None,
+                "sample": src[1] if isinstance(src, tuple) else nxt * self.spf,
+                "frame": nxt, "dropped_frames": dropped_frames, "dropped_chunks": dropped_chunks}
 
     async def _refill(self, first: int, n: int, prev: np.ndarray, epoch: int) -> None:
         motion = await self._infer(self.motion.idle, n, prev, first / self.fps)

@@ -161,7 +161,18 @@ async def cmd_start(cfg: Config, config_path: str | None, overrides: list[str]) 
     if webrtc is not None:
         from .server.app import make_app, serve
 
+        from .server.control import ControlSettings, mount, security_settings
+
         app = make_app(webrtc, extra_routes=_extra_routes(agent))
+        sc = cfg.server
+        dirs = tuple(str(cfg.resolve(d)) for d in cfg.avatar.directories)
+        mount(app, agent, ControlSettings(avatar_dirs=dirs,
+                                          max_upload_bytes=int(sc.max_upload_mb * 1024 * 1024)),
+              security_settings(host=sc.host, token=sc.token, cors_origins=tuple(sc.cors_origins),
+                                max_body_kb=sc.max_body_kb, max_upload_mb=sc.max_upload_mb,
+                                request_timeout_s=sc.request_timeout_s,
+                                rate_say_per_min=sc.rate_say_per_min,
+                                rate_push_per_min=sc.rate_push_per_min, avatar_dirs=dirs))
         runner = await serve(app, cfg.server.host, cfg.server.port)   # prints the page's URL
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.stop)

@@ -65,6 +65,8 @@ class AudioConfig:
     """espeak-ng voice for the TTS source."""
     tts_rate: int = 175
     """TTS speaking rate in words per minute."""
+    max_queued_s: float = 120.0
+    """TTS/push source: most seconds of speech waiting to be played (more is refused)."""
     pipe_path: str = "-"
     """Pipe source: "-" = stdin, else the path of a Unix socket to listen on."""
     pipe_rate: int = 16000
@@ -158,11 +160,17 @@ class SinksConfig:
     """Where frames go (several at once)."""
 
     enabled: list[str] = field(default_factory=lambda: ["auto"])
-    """Any of virtualcam, webrtc, file; "auto" = virtualcam when a device exists + webrtc."""
+    """Any of virtualcam, webrtc, file, vmic; "auto" = virtualcam when a device exists + webrtc."""
     virtualcam_device: str = ""
     """v4l2loopback device (e.g. /dev/video10); empty = the first loopback device."""
     file: str = "avatar.mp4"
     """mp4 path for the file sink."""
+    vmic_source: str = "avatar_agent_mic"
+    """Virtual microphone: the PulseAudio/PipeWire source name meeting apps select."""
+    vmic_description: str = "avatar-agent microphone"
+    """Virtual microphone: the name shown in device lists."""
+    vmic_latency_ms: int = 10
+    """Virtual microphone: target buffering after each frame is sent (lower = tighter A/V sync)."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +182,19 @@ class ServerConfig:
     port: int = 8080
     """TCP port (0 = any free port)."""
     token: str = ""
-    """Bearer token for the API; required for a non-loopback bind."""
+    """Bearer token for the API (≥ 16 characters); required for a non-loopback bind."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Origins (scheme://host[:port]) whose pages may call the API; empty = none."""
+    max_body_kb: int = 64
+    """Largest JSON request body."""
+    max_upload_mb: float = 32.0
+    """Largest audio upload (POST /api/audio)."""
+    request_timeout_s: float = 30.0
+    """Longest time a request may take (event streams excepted)."""
+    rate_say_per_min: float = 60.0
+    """say requests per minute per client."""
+    rate_push_per_min: float = 120.0
+    """Audio uploads / stream openings per minute per client."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +256,7 @@ class Config:
             raise ConfigError(f"avatar.intensity = {self.avatar.intensity}: must be 0..1")
         if self.render.size < 64 or self.render.size % 16:
             raise ConfigError(f"render.size = {self.render.size}: must be ≥ 64 and a multiple of 16")
-        known_sinks = {"auto", "virtualcam", "webrtc", "file"}
+        known_sinks = {"auto", "virtualcam", "webrtc", "file", "vmic"}
         bad = [s for s in self.sinks.enabled if s not in known_sinks]
         if bad:
             raise ConfigError(f"sinks.enabled: unknown sink(s) {bad}; choose from {sorted(known_sinks)}")
@@ -244,6 +264,9 @@ class Config:
         if self.avatar.emotion not in EMOTIONS + ("none",):
             raise ConfigError(f"avatar.emotion = {self.avatar.emotion!r}: choose one of "
                               f"{', '.join(EMOTIONS + ('none',))}")
+        if self.server.token and len(self.server.token) < 16:
+            raise ConfigError("server.token is too short: use at least 16 random characters "
+                              "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(24))')")
         loopback = self.server.host in ("127.0.0.1", "localhost", "::1")
         if not loopback and not self.server.token:
             raise ConfigError(f"server.host = {self.server.host!r} is not loopback: set server.token "

@@ -54,10 +54,11 @@ def make_source(cfg: Config, clock: Clock, *, realtime: bool | None = None) -> A
         return PipeSource(rate=a.pipe_rate, channels=a.pipe_channels,
                           path=None if a.pipe_path == "-" else a.pipe_path, clock=clock)
     if kind in ("tts", "none"):
-        from .audio.tts import TtsSource
+        from .audio.queue import SpeechQueueSource
 
-        return TtsSource(voice=a.voice, rate_wpm=a.tts_rate, clock=clock,
-                         realtime=True if realtime is None else realtime, idle_silence=True)
+        # A continuous timeline of silence that say() / push() fill with speech.
+        return SpeechQueueSource(clock, voice=a.voice, rate_wpm=a.tts_rate,
+                                 max_queued_s=a.max_queued_s)
     raise ConfigError(f"audio.source = {kind!r}: unknown")
 
 
@@ -152,6 +153,12 @@ def make_sinks(cfg: Config, *, file: str | None = None) -> tuple[list[Sink], Any
 
             webrtc = WebRtcSink()
             sinks.append(webrtc)
+        elif name == "vmic":
+            from .sinks.vmic import VirtualMicSink
+
+            sinks.append(VirtualMicSink(source_name=cfg.sinks.vmic_source,
+                                        description=cfg.sinks.vmic_description,
+                                        latency_ms=cfg.sinks.vmic_latency_ms))
         elif name == "file":
             from .sinks.file import Mp4Sink
 

@@ -1,0 +1,802 @@
+"""The control API a chatbot uses: speak, push audio, interrupt, steer the face, watch events.
+
+All routes live under ``/api/`` and speak JSON (errors: ``{"error": "..."}`` with a 4xx status):
+
+    POST /api/say          {"text", "voice"?, "emotion"?}          → {"utterance": id}
+    POST /api/audio        WAV, or raw PCM with ?rate=&channels=&format=  → {"utterance": id, ...}
+    GET  /api/audio/ws     WebSocket: first a JSON text {"rate", "channels", "format"}, then binary
+                           PCM messages; a text {"final": true} (or closing) ends the utterance
+    POST /api/interrupt    drop queued speech now                   → the controller's result
+    POST /api/emotion      {"name", "intensity"?}
+    POST /api/scales       {"expression"?, "head"?}
+    POST /api/gaze         {"x", "y"}
+    POST /api/avatar       {"path", "wait"?}   prepared in the background; 202, then an event
+    GET  /api/status       the controller's statistics
+    GET  /api/events       server-sent events (``?types=a,b`` filters)
+    GET  /api/events/ws    the same events over a WebSocket
+    GET  /api/openapi.json this API as an OpenAPI 3.1 document
+
+The agent implements :class:`Controller`; :func:`control_routes` turns one into aiohttp routes
+(mountable through ``make_app(extra_routes=...)``) and :func:`mount` also installs the security
+middlewares (:mod:`avatar_agent.server.security`).  Request bodies are validated against the same
+JSON schemas the OpenAPI document publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from ..audio.queue import QueueFullError, StreamError, pcm_to_array
+from ..audio.resample import AudioFormatError, StreamResampler, to_pipeline
+from ..types import EMOTIONS, SAMPLE_RATE
+from .openapi import Endpoint, document
+from .security import (PathNotAllowedError, RateLimit, SecuritySettings, check_avatar_path,
+                       install, json_error, read_body)
+
+log = logging.getLogger(__name__)
+
+
+class Controller(Protocol):
+    """What the API drives (the agent implements it)."""
+
+    def say(self, text: str, voice: str | None = None, emotion: str | None = None) -> int: ...
+    def push_audio(self, samples: np.ndarray, final: bool = False) -> int: ...   # 16 kHz mono float32
+    def interrupt(self) -> dict: ...
+    def set_emotion(self, name: str, intensity: float | None = None) -> None: ...
+    def set_scales(self, expression: float | None = None, head: float | None = None) -> None: ...
+    def set_gaze(self, x: float, y: float) -> None: ...
+    async def swap_avatar(self, path: str) -> None: ...
+    def stats(self) -> dict: ...
+    def subscribe(self, callback: Callable[[str, dict], None]) -> Callable[[], None]: ...  # returns unsubscribe
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """Limits of the control routes (the lead maps config keys onto them)."""
+
+    avatar_dirs: tuple[str, ...] = ()
+    """Directories POST /api/avatar may load from (empty: the route refuses every path)."""
+    max_upload_bytes: int = 32 * 1024 * 1024
+    """Largest audio upload (POST /api/audio)."""
+    max_ws_message_bytes: int = 1024 * 1024
+    """Largest single WebSocket message on /api/audio/ws."""
+    event_queue: int = 256
+    """Events buffered per slow subscriber (overflow: drop oldest, the client gets a notice)."""
+    heartbeat_s: float = 15.0
+    """SSE comment / WebSocket ping interval (keeps proxies from closing idle streams)."""
+    stats_interval_s: float = 1.0
+    """Period of ``frame_stats`` events while anyone listens (0 = never)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The endpoint table (drives routes, validation and the OpenAPI document)
+# ------------------------------------------------------------------------------------------------
+
+_VOICE = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[A-Za-z0-9_+\-.]+$"}
+_EMOTION = {"type": "string", "enum": [*EMOTIONS, "none"]}
+_UTT = {"type": "object", "properties": {"utterance": {"type": "integer"}}}
+
+ENDPOINTS: list[Endpoint] = [
+    Endpoint("POST", "/api/say", "Speak text with the TTS voice", kind="json",
+             body={"type": "object", "additionalProperties": False, "required": ["text"],
+                   "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 10000},
+                                  "voice": _VOICE, "emotion": _EMOTION}},
+             responses={200: "queued", 400: "invalid body", 413: "body too large",
+                        429: "rate limited", 503: "speech queue full"}, result=_UTT),
+    Endpoint("POST", "/api/audio", "Upload speech audio (WAV, or raw PCM with ?rate=)",
+             kind="audio",
+             query={"rate": ({"type": "integer", "minimum": 1000, "maximum": 384000},
+                             "sample rate of raw PCM (ignored for WAV)"),
+                    "channels": ({"type": "integer", "minimum": 1, "maximum": 16},
+                                 "channels of raw PCM (interleaved)"),
+                    "format": ({"type": "string", "enum": ["s16le", "s32le", "f32le", "u8"]},
+                               "sample format of raw PCM (default s16le)")},
+             responses={200: "queued", 400: "not audio", 409: "a WebSocket stream is active",
+                        413: "too large", 429: "rate limited", 503: "speech queue full"},
+             result={"type": "object", "properties": {"utterance": {"type": "integer"},
+                                                      "duration_s": {"type": "number"}}}),
+    Endpoint("GET", "/api/audio/ws", "Stream PCM speech over a WebSocket", kind="websocket",
+             description='First message: JSON text {"rate": 48000, "channels": 1, "format": '
+                         '"s16le"}; then binary PCM. Text {"final": true} or closing ends the '
+                         'utterance. The server answers {"type": "accepted", "utterance": id} and '
+                         '{"type": "error", "error": "..."} messages.',
+             responses={101: "upgraded", 409: "another stream is active", 429: "rate limited"}),
+    Endpoint("POST", "/api/interrupt", "Drop queued speech and return to idle", kind="none",
+             responses={200: "interrupted"}),
+    Endpoint("POST", "/api/emotion", "Set the emotion (8 classes or none) and its intensity",
+             kind="json",
+             body={"type": "object", "additionalProperties": False, "required": ["name"],
+                   "properties": {"name": _EMOTION,
+                                  "intensity": {"type": "number", "minimum": 0, "maximum": 1}}},
+             responses={200: "set", 400: "invalid body"}),
+    Endpoint("POST", "/api/scales", "Scale expression and head motion", kind="json",
+             body={"type": "object", "additionalProperties": False, "minProperties": 1,
+                   "properties": {"expression": {"type": "number", "minimum": 0, "maximum": 3},
+                                  "head": {"type": "number", "minimum": 0, "maximum": 3}}},
+             responses={200: "set", 400: "invalid body"}),
+    Endpoint("POST", "/api/gaze", "Set the gaze direction (-1..1 each axis)", kind="json",
+             body={"type": "object", "additionalProperties": False, "required": ["x", "y"],
+                   "properties": {"x": {"type": "number", "minimum": -1, "maximum": 1},
+                                  "y": {"type": "number", "minimum": -1, "maximum": 1}}},
+             responses={200: "set", 400: "invalid body"}),
+    Endpoint("POST", "/api/avatar", "Swap the avatar (prepared in the background)", kind="json",
+             body={"type": "object", "additionalProperties": False, "required": ["path"],
+                   "properties": {"path": {"type": "string", "minLength": 1, "maxLength": 4096},
+                                  "wait": {"type": "boolean"}}},
+             responses={202: "preparing; an avatar_ready or avatar_failed event follows",
+                        200: "swapped (wait: true)", 400: "invalid body",
+                        403: "path outside the allowed directories", 404: "no such file",
+                        409: "a swap is already in progress", 422: "the image has no usable face"},
+             result={"type": "object", "properties": {"path": {"type": "string"}}}),
+    Endpoint("GET", "/api/status", "Agent statistics", kind="none", responses={200: "statistics"}),
+    Endpoint("GET", "/api/events", "Events as server-sent events", kind="sse",
+             query={"types": ({"type": "string"}, "comma-separated event kinds to receive")},
+             description="Events: speech_started {utterance, sample}, speech_finished "
+                         "{utterance, sample, interrupted, started}, frame_stats {...}, "
+                         "avatar_ready/avatar_failed {path}, events_dropped {count}.",
+             responses={200: "text/event-stream"}),
+    Endpoint("GET", "/api/events/ws", "Events over a WebSocket (JSON text messages)",
+             kind="websocket",
+             query={"types": ({"type": "string"}, "comma-separated event kinds to receive")},
+             responses={101: "upgraded"}),
+    Endpoint("GET", "/api/openapi.json", "This document", kind="none",
+             responses={200: "OpenAPI 3.1 document"}),
+]
+
+LONG_LIVED_PATHS = ("/api/events", "/api/events/ws", "/api/audio/ws")
+"""Routes exempt from the per-request time limit."""
+
+
+def security_settings(*, host: str = "127.0.0.1", token: str = "",
+                      cors_origins: tuple[str, ...] | list[str] = (), max_body_kb: int = 64,
+                      max_upload_mb: float = 32.0, request_timeout_s: float = 30.0,
+                      rate_say_per_min: float = 60.0, rate_push_per_min: float = 120.0,
+                      avatar_dirs: tuple[str, ...] | list[str] = (),
+                      public_paths: tuple[str, ...] = ("/", "/static/*", "/healthz")
+                      ) -> SecuritySettings:
+    """:class:`SecuritySettings` for this API from plain config values.
+
+    ``public_paths`` default: the viewer page and its assets (no secrets; the page then sends
+    the token it was opened with, ``/?token=...``, on its own API calls) and the health check.
+
+    The say bucket covers POST /api/say; the push bucket covers uploads and WebSocket stream
+    openings.  Raises InsecureBindError for a non-loopback host without a token.
+    """
+    return SecuritySettings(
+        host=host, token=token, cors_origins=tuple(cors_origins),
+        max_body_bytes=int(max_body_kb * 1024),
+        body_limits={"/api/audio": int(max_upload_mb * 1024 * 1024)},
+        request_timeout_s=request_timeout_s,
+        rate_limits={"say": RateLimit(rate_say_per_min), "push": RateLimit(rate_push_per_min)},
+        rate_limited_paths={"/api/say": "say", "/api/audio": "push", "/api/audio/ws": "push"},
+        public_paths=public_paths, long_lived_paths=LONG_LIVED_PATHS,
+        avatar_dirs=tuple(avatar_dirs))
+
+
+# ------------------------------------------------------------------------------------------------
+# Body validation against the endpoint schemas
+# ------------------------------------------------------------------------------------------------
+
+class BadRequest(ValueError):
+    """The request body does not match the endpoint's schema (message names the field)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, bounded nesting (hostile input → BadRequest)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("body is not UTF-8 text") from None
+    if not text.strip():
+        raise BadRequest("body is empty; send a JSON object")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest("JSON nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"body is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def validate(value: Any, schema: dict[str, Any], where: str = "body") -> Any:
+    """Check ``value`` against the small JSON-schema subset the endpoint table uses."""
+    t = schema.get("type")
+    if t == "object":
+        if not isinstance(value, dict):
+            raise BadRequest(f"{where} must be a JSON object, got {_json_type(value)}")
+        props = schema.get("properties", {})
+        if schema.get("additionalProperties") is False:
+            extra = sorted(set(value) - set(props))
+            if extra:
+                raise BadRequest(f"{where}: unknown field(s) {', '.join(map(repr, extra[:5]))}; "
+                                 f"allowed: {', '.join(props)}")
+        for k in schema.get("required", []):
+            if k not in value:
+                raise BadRequest(f"{where}: missing required field {k!r}")
+        if len(value) < schema.get("minProperties", 0):
+            raise BadRequest(f"{where}: give at least one of {', '.join(props)}")
+        for k, v in value.items():
+            if k in props:
+                validate(v, props[k], f"{where}.{k}")
+        return value
+    if t == "string":
+        if not isinstance(value, str):
+            raise BadRequest(f"{where} must be a string, got {_json_type(value)}")
+        if len(value) < schema.get("minLength", 0) or (schema.get("minLength") and not value.strip()):
+            raise BadRequest(f"{where} must not be empty")
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            raise BadRequest(f"{where} is longer than {schema['maxLength']} characters")
+        if "pattern" in schema and not re.fullmatch(schema["pattern"].strip("^$"), value):
+            raise BadRequest(f"{where} {value[:40]!r} has characters outside "
+                             f"{schema['pattern']}")
+    elif t in ("number", "integer"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                t == "integer" and not isinstance(value, int)):
+            raise BadRequest(f"{where} must be a {t}, got {_json_type(value)}")
+        if not math.isfinite(value):
+            raise BadRequest(f"{where} must be finite")
+        if "minimum" in schema and value < schema["minimum"]:
+            raise BadRequest(f"{where} = {value} is below the minimum {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise BadRequest(f"{where} = {value} is above the maximum {schema['maximum']}")
+    elif t == "boolean":
+        if not isinstance(value, bool):
+            raise BadRequest(f"{where} must be true or false, got {_json_type(value)}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise BadRequest(f"{where} = {str(value)[:40]!r} is not one of "
+                         f"{', '.join(map(str, schema['enum']))}")
+    return value
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# Events: one hub per route set, fed by the controller (any thread), fanned out to subscribers
+# ------------------------------------------------------------------------------------------------
+
+class _Subscriber:
+    def __init__(self, size: int, types: frozenset[str] | None) -> None:
+        # None = the server is shutting down
+        self.queue: asyncio.Queue[tuple[int, str, dict[str, Any]] | None] = asyncio.Queue(size)
+        self.types = types
+        self.dropped = 0
+
+
+class EventHub:
+    """Fans controller events out to SSE/WebSocket subscribers.
+
+    Subscribes to the controller while at least one client listens; also publishes
+    ``frame_stats`` (the controller's stats) every ``stats_interval_s``.  A slow client's queue
+    drops its oldest events and the client is told how many (``events_dropped``).
+    """
+
+    def __init__(self, ctl: Controller, settings: ControlSettings) -> None:
+        self.ctl = ctl
+        self.settings = settings
+        self._subs: set[_Subscriber] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
+        self._seq = 0
+        self.closing = False
+
+    @property
+    def listeners(self) -> int:
+        """Connected event clients."""
+        return len(self._subs)
+
+    def open(self, types: frozenset[str] | None) -> _Subscriber:
+        """Register a client (on the loop thread)."""
+        sub = _Subscriber(self.settings.event_queue, types)
+        self._subs.add(sub)
+        if self._unsubscribe is None:
+            self._loop = asyncio.get_running_loop()
+            self._unsubscribe = self.ctl.subscribe(self._from_any_thread)
+            if self.settings.stats_interval_s > 0:
+                self._stats_task = self._loop.create_task(self._stats_loop())
+        return sub
+
+    def close(self, sub: _Subscriber) -> None:
+        """Unregister a client; the last one unsubscribes from the controller."""
+        self._subs.discard(sub)
+        if not self._subs and self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+            if self._stats_task is not None:
+                self._stats_task.cancel()
+                self._stats_task = None
+
+    def shutdown(self) -> None:
+        """End every event stream (server shutdown): clients see the stream close."""
+        self.closing = True
+        for sub in list(self._subs):
+            if sub.queue.full():
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(None)
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        """Deliver an event (loop thread only; see :meth:`_from_any_thread`)."""
+        self._seq += 1
+        for sub in list(self._subs):
+            if sub.types is not None and kind not in sub.types:
+                continue
+            if self.closing:
+                continue
+            if sub.queue.full():
+                sub.queue.get_nowait()
+                sub.dropped += 1
+            sub.queue.put_nowait((self._seq, kind, data))
+
+    def _from_any_thread(self, kind: str, data: dict[str, Any]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        payload = dict(data)
+        try:
+            loop.call_soon_threadsafe(self.publish, kind, payload)
+        except RuntimeError:          # loop shutting down
+            pass
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval_s)
+            try:
+                stats = self.ctl.stats()
+            except Exception:
+                log.exception("controller stats failed")
+                continue
+            self.publish("frame_stats", stats)
+
+
+def _types(request: web.Request) -> frozenset[str] | None:
+    raw = request.query.get("types")
+    if not raw:
+        return None
+    return frozenset(t.strip() for t in raw.split(",")[:32] if t.strip())
+
+
+def _to_json(data: Any) -> str:
+    return json.dumps(data, default=_json_default, allow_nan=False, separators=(",", ":"))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _clean(data: Any) -> Any:
+    """Replace non-finite floats (not representable in JSON) by None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {str(k): _clean(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_clean(v) for v in data]
+    return data
+
+
+# ------------------------------------------------------------------------------------------------
+# Routes
+# ------------------------------------------------------------------------------------------------
+
+def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
+                   hub: EventHub | None = None) -> list[web.RouteDef]:
+    """aiohttp routes of the control API for ``ctl`` (mount with ``app.add_routes``).
+
+    Event streams end when their client leaves; pass a ``hub`` and call ``hub.shutdown()`` from
+    ``app.on_shutdown`` to end them when the server stops (:func:`mount` does this).
+    """
+    s = settings or ControlSettings()
+    hub = hub or EventHub(ctl, s)
+    schemas = {ep.path: ep.body for ep in ENDPOINTS}
+    ws_busy = False
+    swap_busy = False
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def body_of(request: web.Request) -> dict[str, Any]:
+        ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+        if ctype not in ("application/json", ""):
+            raise BadRequest(f"Content-Type {ctype!r}: send application/json")
+        raw = await read_body(request)
+        schema = schemas[request.path]
+        assert schema is not None
+        return validate(parse_json(raw), schema)
+
+    def ok(data: dict[str, Any] | None = None, status: int = 200) -> web.Response:
+        return web.Response(text=_to_json(_clean(data if data is not None else {"ok": True})),
+                            status=status, content_type="application/json")
+
+    async def say(request: web.Request) -> web.Response:
+        b = await body_of(request)
+        try:
+            uid = ctl.say(b["text"], b.get("voice"), b.get("emotion"))
+        except QueueFullError as e:
+            return json_error(503, str(e), headers={"Retry-After": "1"})
+        except ValueError as e:
+            return json_error(400, str(e))
+        return ok({"utterance": uid})
+
+    async def audio_upload(request: web.Request) -> web.Response:
+        if ws_busy:
+            # push_audio continues the open stream's utterance: an upload now would end it.
+            return json_error(409, "an audio stream is active on /api/audio/ws; upload after it")
+        raw = await read_body(request)
+        if not raw:
+            return json_error(400, "empty body: send a WAV file or raw PCM")
+        try:
+            samples, rate, channels = _decode_upload(raw, request)
+            x = to_pipeline(samples, rate, channels) if samples.size else np.zeros(0, np.float32)
+        except (BadRequest, StreamError, AudioFormatError) as e:
+            return json_error(400, str(e))
+        if not x.size:
+            return json_error(400, "the upload holds no audio samples")
+        try:
+            uid = ctl.push_audio(x, final=True)
+        except QueueFullError as e:
+            return json_error(503, str(e), headers={"Retry-After": "1"})
+        except ValueError as e:
+            return json_error(400, str(e))
+        return ok({"utterance": uid, "duration_s": round(x.size / SAMPLE_RATE, 4),
+                   "samples": int(x.size)})
+
+    async def audio_ws(request: web.Request) -> web.StreamResponse:
+        nonlocal ws_busy
+        if ws_busy:
+            return json_error(409, "another audio stream is active; one stream at a time")
+        ws = web.WebSocketResponse(max_msg_size=s.max_ws_message_bytes,
+                                   heartbeat=s.heartbeat_s)
+        await ws.prepare(request)
+        ws_busy = True
+        try:
+            await _audio_stream(ws, ctl)
+        finally:
+            ws_busy = False
+        return ws
+
+    async def interrupt(request: web.Request) -> web.Response:
+        await read_body(request)                      # a body, if any, must respect the limit
+        return ok(dict(ctl.interrupt()))
+
+    async def emotion(request: web.Request) -> web.Response:
+        b = await body_of(request)
+        ctl.set_emotion(b["name"], b.get("intensity"))
+        return ok()
+
+    async def scales(request: web.Request) -> web.Response:
+        b = await body_of(request)
+        ctl.set_scales(b.get("expression"), b.get("head"))
+        return ok()
+
+    async def gaze(request: web.Request) -> web.Response:
+        b = await body_of(request)
+        ctl.set_gaze(float(b["x"]), float(b["y"]))
+        return ok()
+
+    async def avatar(request: web.Request) -> web.Response:
+        nonlocal swap_busy
+        b = await body_of(request)
+        try:
+            path = check_avatar_path(b["path"], s.avatar_dirs)
+        except PathNotAllowedError as e:
+            return json_error(403, str(e))
+        except FileNotFoundError as e:
+            return json_error(404, str(e))
+        if swap_busy:
+            return json_error(409, "an avatar swap is already in progress")
+        swap_busy = True
+
+        async def run() -> None:
+            nonlocal swap_busy
+            try:
+                await ctl.swap_avatar(str(path))
+            except Exception as e:
+                hub.publish("avatar_failed", {"path": str(path), "error": str(e)})
+                raise
+            else:
+                hub.publish("avatar_ready", {"path": str(path)})
+            finally:
+                swap_busy = False
+
+        task = asyncio.get_running_loop().create_task(run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        if b.get("wait"):
+            try:
+                await asyncio.shield(task)
+            except Exception as e:
+                return json_error(422, f"avatar {path.name!r} could not be prepared: {e}")
+            return ok({"path": str(path), "ready": True})
+        task.add_done_callback(_log_failure)
+        return ok({"path": str(path), "ready": False}, status=202)
+
+    async def status(request: web.Request) -> web.Response:
+        st = dict(ctl.stats())
+        st.setdefault("event_listeners", hub.listeners)
+        return ok(st)
+
+    async def events_sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        sub = hub.open(_types(request))
+        try:
+            await resp.write(b"retry: 2000\n: connected\n\n")
+            while True:
+                try:
+                    item = await asyncio.wait_for(sub.queue.get(), s.heartbeat_s)
+                except TimeoutError:
+                    await resp.write(b": ping\n\n")
+                    continue
+                if item is None:
+                    break
+                seq, kind, data = item
+                if sub.dropped:
+                    n, sub.dropped = sub.dropped, 0
+                    await resp.write(_sse(seq, "events_dropped", {"count": n}))
+                await resp.write(_sse(seq, kind, data))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            hub.close(sub)
+        return resp
+
+    async def events_ws(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, max_msg_size=4096)
+        await ws.prepare(request)
+        sub = hub.open(_types(request))
+
+        async def drain_incoming() -> None:
+            async for _ in ws:                        # clients do not talk; just notice close
+                pass
+
+        reader = asyncio.get_running_loop().create_task(drain_incoming())
+        try:
+            while not reader.done():
+                getter = asyncio.ensure_future(sub.queue.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                item = getter.result()
+                if item is None:
+                    break
+                seq, kind, data = item
+                if sub.dropped:
+                    n, sub.dropped = sub.dropped, 0
+                    await ws.send_str(_to_json({"id": seq, "type": "events_dropped",
+                                                "data": {"count": n}}))
+                await ws.send_str(_to_json({"id": seq, "type": kind, "data": _clean(data)}))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            hub.close(sub)
+            reader.cancel()
+            with contextlib.suppress(Exception):
+                await ws.close()
+        return ws
+
+    doc = document(ENDPOINTS)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(doc)
+
+    handlers: dict[tuple[str, str], Callable[[web.Request], Any]] = {
+        ("POST", "/api/say"): say, ("POST", "/api/audio"): audio_upload,
+        ("GET", "/api/audio/ws"): audio_ws, ("POST", "/api/interrupt"): interrupt,
+        ("POST", "/api/emotion"): emotion, ("POST", "/api/scales"): scales,
+        ("POST", "/api/gaze"): gaze, ("POST", "/api/avatar"): avatar,
+        ("GET", "/api/status"): status, ("GET", "/api/events"): events_sse,
+        ("GET", "/api/events/ws"): events_ws, ("GET", "/api/openapi.json"): openapi,
+    }
+    assert set(handlers) == {(ep.method, ep.path) for ep in ENDPOINTS}
+
+    def wrap(fn: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                return await fn(request)
+            except BadRequest as e:
+                return json_error(400, str(e))
+        handler.__name__ = fn.__name__
+        handler.__doc__ = fn.__doc__
+        return handler
+
+    return [web.route(m, p, wrap(h)) for (m, p), h in handlers.items()]
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("avatar swap failed: %s", task.exception())
+
+
+def _sse(seq: int, kind: str, data: dict[str, Any]) -> bytes:
+    # json.dumps never emits raw newlines, so one data: line per event is always well-formed.
+    return f"id: {seq}\nevent: {kind}\ndata: {_to_json(_clean(data))}\n\n".encode()
+
+
+def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise BadRequest(f"?{name}={raw[:20]!r} must be an integer") from None
+    if not lo <= v <= hi:
+        raise BadRequest(f"?{name}={v} must be within {lo}..{hi}")
+    return v
+
+
+def _decode_upload(raw: bytes, request: web.Request) -> tuple[np.ndarray, float, int]:
+    """WAV (detected by its RIFF header) or raw PCM described by the query string."""
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WAVE":
+        import soundfile as sf
+
+        try:
+            data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+        except Exception as e:  # libsndfile raises its own types on malformed files
+            raise BadRequest(f"WAV could not be decoded: {e}") from None
+        if not 1000 <= rate <= 384000 or data.shape[1] > 16:
+            raise BadRequest(f"WAV with {rate} Hz, {data.shape[1]} channels is not supported")
+        return data, float(rate), int(data.shape[1])
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+    if ctype.startswith("audio/") and ctype not in ("audio/l16", "audio/pcm", "audio/raw"):
+        raise BadRequest(f"Content-Type {ctype}: send WAV or raw PCM "
+                         "(application/octet-stream with ?rate=&channels=&format=)")
+    rate = _query_int(request, "rate", SAMPLE_RATE, 1000, 384000)
+    channels = _query_int(request, "channels", 1, 1, 16)
+    fmt = request.query.get("format", "s16le")
+    if fmt not in ("s16le", "s32le", "f32le", "u8"):
+        raise BadRequest(f"?format={fmt[:20]!r}: use s16le, s32le, f32le or u8")
+    x = pcm_to_array(raw, fmt)
+    if x.size % channels:
+        raise BadRequest(f"{x.size} samples is not a whole number of {channels}-channel frames")
+    if x.dtype.kind == "f":
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return x, float(rate), channels
+
+
+async def _audio_stream(ws: web.WebSocketResponse, ctl: Controller) -> None:
+    """Run one WebSocket PCM stream: header, binary blocks, end."""
+
+    async def error(msg: str, close: bool = True) -> None:
+        with contextlib.suppress(Exception):
+            await ws.send_json({"type": "error", "error": msg})
+            if close:
+                await ws.close(code=1008, message=msg[:100].encode())
+
+    try:
+        first = await ws.receive(timeout=30)
+    except TimeoutError:
+        await error("no header within 30 s")
+        return
+    if first.type != WSMsgType.TEXT:
+        await error('first message must be JSON text {"rate": 48000, "channels": 1, '
+                    '"format": "s16le"}')
+        return
+    try:
+        hdr = validate(parse_json(first.data.encode()), {
+            "type": "object", "additionalProperties": False, "required": ["rate"],
+            "properties": {"rate": {"type": "integer", "minimum": 1000, "maximum": 384000},
+                           "channels": {"type": "integer", "minimum": 1, "maximum": 16},
+                           "format": {"type": "string",
+                                      "enum": ["s16le", "s32le", "f32le", "u8"]}}}, "header")
+    except BadRequest as e:
+        await error(str(e))
+        return
+    rate, channels, fmt = hdr["rate"], hdr.get("channels", 1), hdr.get("format", "s16le")
+    width = {"s16le": 2, "s32le": 4, "f32le": 4, "u8": 1}[fmt] * channels
+    rs = StreamResampler(rate, channels, name="ws-push")
+    await ws.send_json({"type": "ready"})
+    uid: int | None = None
+    total = 0
+
+    finalized = False
+
+    async def push(y: np.ndarray, final: bool) -> bool:
+        nonlocal uid, total, finalized
+        try:
+            got = ctl.push_audio(y, final=final)
+            finalized = final
+        except QueueFullError as e:
+            await error(f"{e}", close=False)        # this block is lost; the client is told
+            return True
+        except ValueError as e:
+            await error(str(e))
+            return False
+        total += int(y.size)
+        if uid is None:
+            uid = got
+            await ws.send_json({"type": "accepted", "utterance": uid})
+        return True
+
+    try:
+        ended = await _pump(ws, rs, fmt, width, push, error)
+        # Closing the socket ends the utterance as well: what was sent plays out.
+        tail = rs.flush()
+        if uid is not None or tail.size:
+            await push(tail, final=True)
+    finally:
+        if uid is not None and not finalized:
+            # Whatever went wrong, never leave the controller's stream open.
+            with contextlib.suppress(Exception):
+                ctl.push_audio(np.zeros(0, np.float32), final=True)
+    if ended and not ws.closed:
+        with contextlib.suppress(Exception):
+            await ws.send_json({"type": "finished", "utterance": uid,
+                                "duration_s": round(total / SAMPLE_RATE, 4)})
+            await ws.close()
+
+
+async def _pump(ws: web.WebSocketResponse, rs: StreamResampler, fmt: str, width: int,
+                push: Callable[[np.ndarray, bool], Any], error: Callable[[str], Any]) -> bool:
+    """Feed binary PCM messages to ``push`` until the client ends; True on {"final": true}."""
+    pending = b""
+    async for msg in ws:
+        if msg.type == WSMsgType.BINARY:
+            data = pending + msg.data
+            cut = len(data) - len(data) % width
+            pending = data[cut:]
+            if not cut:
+                continue
+            x = pcm_to_array(data[:cut], fmt)
+            if x.dtype.kind == "f":
+                x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            y = rs.process(x)
+            if y.size and not await push(y, False):
+                return False
+        elif msg.type == WSMsgType.TEXT:
+            try:
+                cmd = validate(parse_json(msg.data.encode()), {
+                    "type": "object", "additionalProperties": False, "required": ["final"],
+                    "properties": {"final": {"type": "boolean"}}}, "message")
+            except BadRequest as e:
+                await error(str(e))
+                return False
+            if cmd["final"]:
+                return True
+        else:
+            break
+    return False
+
+
+def mount(app: web.Application, ctl: Controller, settings: ControlSettings | None = None,
+          security: SecuritySettings | None = None) -> None:
+    """Add the control routes and the security middlewares to ``app`` (before it starts).
+
+    ``security`` defaults to :func:`security_settings` (loopback, no token).
+    """
+    s = settings or ControlSettings()
+    sec = security or security_settings(avatar_dirs=s.avatar_dirs)
+    hub = EventHub(ctl, s)
+    app.add_routes(control_routes(ctl, s, hub=hub))
+    install(app, sec)
+
+    async def end_streams(app: web.Application) -> None:
+        hub.shutdown()
+
+    app.on_shutdown.append(end_streams)
+
+
+__all__ = ["Controller", "ControlSettings", "control_routes", "mount", "security_settings",
+           "ENDPOINTS", "EventHub", "BadRequest", "parse_json", "validate", "LONG_LIVED_PATHS"]
