@@ -153,9 +153,9 @@ def _check_models(r: Report, cfg: Config) -> None:
 
     d = models_dir(cfg)
     try:
-        from .models import missing_files
+        from .models import list_models
 
-        missing = missing_files(d)
+        missing = [st.file.name for st in list_models(d) if st.state == "missing"]
     except Exception as e:
         missing = [f"(cannot list: {e})"]
     if missing:

@@ -281,12 +281,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     from . import models
 
     dest = Path(args.dir) if args.dir else models.models_dir()
-    if args.action == "fetch":
-        models.fetch(args.name, dest)
-        return 0
-    if args.action == "list":
-        return models.list_models(dest)
-    return 0 if models.verify(dest, args.name) else 1
+    try:
+        if args.action == "fetch":
+            models.fetch(args.name, dest)
+            return 0
+        rows = models.list_models(dest) if args.action == "list" else models.verify(dest, args.name)
+    except models.ModelsError as e:
+        print(f"avatar-agent: {e}", file=sys.stderr)
+        return 1
+    print(f"models directory: {dest}")
+    for st in rows:
+        print(f"  {st.state:<11} {st.file.name}")
+    bad = [st for st in rows if st.state in ("missing", "mismatch")]
+    if bad and args.action == "verify":
+        print(f"{len(bad)} file(s) missing or corrupt: avatar-agent models fetch {args.name}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

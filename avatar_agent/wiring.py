@@ -100,11 +100,41 @@ def make_motion(cfg: Config) -> MotionGenerator:
             return gen
         raise ConfigError("motion.generator = \"moda\" with avatar.profile = \"embedded\" needs the "
                           "tiny MoDA model, which is not trained yet; use \"procedural\"")
-    from .motion.moda import official_generator
+    return official_motion(cfg)
 
-    return official_generator(models_dir(cfg), fps=cfg.player.fps, steps=cfg.motion.steps,
-                              cfg_audio=cfg.motion.cfg_audio, cfg_emotion=cfg.motion.cfg_emotion,
-                              seed=cfg.motion.seed)
+
+def require_official_files(cfg: Config, prefixes: tuple[str, ...]) -> Path:
+    """The models directory, after checking the official files under ``prefixes`` exist."""
+    from .models import list_models
+
+    d = models_dir(cfg)
+    missing = [st.file.name for st in list_models(d)
+               if st.state == "missing" and st.file.name.startswith(prefixes)]
+    if missing:
+        raise ConfigError(f"avatar.profile = \"official\" needs these files in {d}: "
+                          f"{', '.join(missing)}. Get them with: avatar-agent models fetch official "
+                          "(or set motion.models_dir)")
+    return d
+
+
+def official_motion(cfg: Config) -> MotionGenerator:
+    """MoDA release DiT + chinese-hubert-base features (CUDA when available)."""
+    import torch
+
+    from .motion.moda import MoDAMotion
+    from .nn.hubert import HubertFeatures
+    from .nn.sampling import Guidance
+    from .nn.weights import load_hubert, load_mean_std, load_moda_release
+
+    d = require_official_files(cfg, ("moda/", "audio/"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, null_audio = load_moda_release(d / "moda" / "net-200.pth", device)
+    mean, std = load_mean_std(d / "moda" / "mean.pt")
+    features = HubertFeatures(load_hubert(d / "audio" / "chinese-hubert-base", device), device)
+    guidance = Guidance(audio=cfg.motion.cfg_audio, emotion=cfg.motion.cfg_emotion)
+    return MoDAMotion(model, features, mean, std, profile="official", null_audio=null_audio,
+                      guidance=guidance, steps=cfg.motion.steps, device=device,
+                      seed=cfg.motion.seed)
 
 
 def models_dir(cfg: Config) -> Path:
