@@ -333,6 +333,8 @@ class Agent:
         m.clock_lateness.set(lateness)
         m.av_offset.set(self.clock.now() - self.timeline.time_of(frame.index * self.spf))
         self.notifier.watchdog(self.clock.now())
+        if frame.index and frame.index % (60 * self.fps) == 0:   # a status line every minute
+            log.info("status: %s", self.status_line())
 
     # -------------------------------------------------------------------------------------------
     # Control (from the API or signals), and helpers
@@ -430,6 +432,18 @@ class Agent:
         s.update(chunks_dropped=self.chunks_dropped, frames_buffered=self.player.buffered(),
                  chunks_queued=self._chunks.qsize(), timeline_drift_s=self.timeline.drift_s)
         return s
+
+    def status_line(self) -> str:
+        """The figures `check` prints for a running agent, in one log line."""
+        from .metrics import rss_bytes
+
+        st = self.player.stats
+        total = max(1, st.delivered)
+        dropped = st.underruns + st.late_dropped + st.overflow_dropped
+        return (f"frames {st.delivered} (speech {st.speech}, idle {st.idle}), dropped {dropped} "
+                f"({100 * dropped / total:.2f} %), A/V offset {self.player.latency_s * 1000:.0f} ms, "
+                f"clock lateness max {st.lateness_max_s * 1000:.1f} ms, buffered {self.player.buffered()}, "
+                f"RSS {rss_bytes() / 1e6:.0f} MB")
 
     def _emit(self, kind: str, **data: Any) -> None:
         ev = Event(kind, data)

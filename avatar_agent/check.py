@@ -66,6 +66,11 @@ def run_check(cfg: Config, out: Callable[[str], None] = print) -> int:
                   f"raise player.latency_ms to ≥ {lat['total'] + 80:.0f} or lower chunker.hop_ms / "
                   "chunker.lookahead_ms")
         out(r.lines[-1])
+    running = _running_agent(cfg)
+    if running:
+        out(f"\nrunning agent at {running[0]}:")
+        for k, v in running[1].items():
+            out(f"  {k:<24} {v}")
     out("\neffective config:")
     out(to_toml(cfg))
     if r.problems:
@@ -177,3 +182,19 @@ def _check_avatar(r: Report, cfg: Config) -> None:
         r.ok(f"avatar {path.name}: face found" + (f" ({'; '.join(lm.warnings)})" if lm.warnings else ""))
     except Exception as e:
         r.problem(f"avatar {path}: {e}", "use a frontal portrait with one clearly visible face")
+
+
+def _running_agent(cfg: Config) -> tuple[str, dict] | None:
+    """Figures of an agent already running with this config (GET /status), if any."""
+    import json
+    import urllib.request
+
+    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::") else cfg.server.host
+    url = f"http://{host}:{cfg.server.port}/status"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {cfg.server.token}"}
+                                 if cfg.server.token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=0.5) as r:
+            return url, json.loads(r.read())
+    except Exception:
+        return None
