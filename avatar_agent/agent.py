@@ -159,6 +159,8 @@ class Agent:
         img = image
         avatar = await self._infer(self.renderer.prepare, img)
         await self._infer(self.motion.prepare, avatar)
+        if hasattr(self.motion, "set_emotion"):
+            self.motion.set_emotion(self.emotion, self.intensity)
         # The generator's own rest (e.g. the portrait's pose with the mouth closed) if it has one.
         rest = np.asarray(getattr(self.motion, "rest_pose", avatar.rest_motion), np.float32)
         frame = (await self._infer(self.renderer.render, avatar, rest[None]))[0]
@@ -345,6 +347,8 @@ class Agent:
         self.emotion = emotion_label(name)
         if intensity is not None:
             self.intensity = float(np.clip(intensity, 0.0, 1.0))
+        if hasattr(self.motion, "set_emotion"):      # idle frames show the emotion too
+            self.motion.set_emotion(self.emotion, self.intensity)
 
     def set_scales(self, expression: float | None = None, head: float | None = None) -> None:
         """Multipliers on expression and head motion around the rest pose (0 = still)."""
