@@ -1,0 +1,308 @@
+"""The official-profile renderer: LivePortrait driven by MoDA's 70-d motion.
+
+Per avatar (:meth:`LivePortraitRenderer.prepare`, once): face crop (512², LivePortrait geometry)
+→ 256² network input → appearance features f_s (F) and source motion (M) → source keypoints x_s.
+
+Per batch of motion frames (:meth:`LivePortraitRenderer.render`): MoDA's absolute drive
+(specs/moda.md §5.5) → driving keypoints x_d → stitching → W + G → uint8 512² crops, optionally
+pasted back into the portrait with LivePortrait's feathered mask.
+
+On CUDA, F, M, W and G run under fp16 autocast as the release does; on CPU everything is float32
+(that path is the one proven equal to the release by tests/fixtures/liveportrait).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Literal
+
+import cv2
+import numpy as np
+import torch
+
+from avatar_agent.motion import space
+from avatar_agent.nn.liveportrait import keypoints as K
+from avatar_agent.nn.liveportrait.weights import LivePortraitModules, WeightsError, load_modules
+from avatar_agent.types import Avatar, Profile
+
+CROP_SIZE = 512
+"""Side of the aligned face crop and of the generator's output."""
+NET_SIZE = 256
+"""Side of the F / M network input."""
+
+CropFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""image uint8 [H, W, 3] → (crop uint8 [512, 512, 3], crop_to_image float64 [3, 3])."""
+
+
+class RenderInputError(ValueError):
+    """Bad image, avatar or motion given to the renderer."""
+
+
+def feather_mask(size: int = CROP_SIZE, feather: int | None = None) -> np.ndarray:
+    """uint8 [size, size] paste-back template: 255 inside, linear ramp to 0 over the outer edge.
+
+    The release ships this as ``mask_template.png`` (255 inside [16, 496]², 16 px feather at
+    512); it is generated here with the ramp measured from pixel centres, ``feather`` defaulting
+    to size / 32 (16 at 512).
+    """
+    f = max(1, size // 32) if feather is None else feather
+    c = np.arange(size, dtype=np.float64) + 0.5
+    ramp = np.clip(np.minimum(c, size - c) / f, 0.0, 1.0)            # [size]
+    return np.round(255 * np.minimum(ramp[:, None], ramp[None, :])).astype(np.uint8)
+
+
+def paste_back(frame: np.ndarray, image: np.ndarray, crop_to_image: np.ndarray,
+               mask: np.ndarray | None = None) -> np.ndarray:
+    """The release's paste-back: warp crop and mask into the image, blend, truncate to uint8.
+
+    Args:
+        frame: uint8 [S, S, 3] rendered crop.
+        image: uint8 [H, W, 3] original portrait.
+        crop_to_image: [3, 3] affine crop pixel → image pixel.
+        mask: uint8 [S, S] template (default :func:`feather_mask` of size S).
+    Returns: uint8 [H, W, 3].
+    """
+    s = frame.shape[0]
+    if frame.shape != (s, s, 3) or frame.dtype != np.uint8:
+        raise RenderInputError(f"frame must be uint8 [S, S, 3], got {frame.dtype} {frame.shape}")
+    mask = feather_mask(s) if mask is None else mask
+    h, w = image.shape[:2]
+    m = np.asarray(crop_to_image, dtype=np.float64)[:2]
+    alpha = cv2.warpAffine(mask, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                           borderValue=0).astype(np.float32)[..., None] / 255
+    warped = cv2.warpAffine(frame, m, (w, h), flags=cv2.INTER_LINEAR).astype(np.float32)
+    out = alpha * warped + (1 - alpha) * image.astype(np.float32)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def default_crop(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FaceMesh landmarks → LivePortrait crop (avatar_agent.face), black border as the release."""
+    from avatar_agent.face.crop import crop_transform, warp_crop
+    from avatar_agent.face.landmarks import detect_landmarks
+
+    tf = crop_transform(detect_landmarks(image).points, size=CROP_SIZE)
+    return warp_crop(image, tf, border="constant"), tf.c2o
+
+
+def letterbox(image: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a centred square (black) and resize to size × size (INTER_AREA when shrinking)."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    sq = np.zeros((side, side, 3), dtype=np.uint8)
+    y0, x0 = (side - h) // 2, (side - w) // 2
+    sq[y0:y0 + h, x0:x0 + w] = image
+    if side == size:
+        return sq
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(sq, (size, size), interpolation=interp)
+
+
+class LivePortraitRenderer:
+    """Renderer protocol implementation for the ``official`` profile.
+
+    Args:
+        weights: directory with the release's checkpoints (see
+            :func:`avatar_agent.nn.liveportrait.weights.find_weight_files`) or already-built
+            :class:`LivePortraitModules` (e.g. tests with synthetic weights).
+        device: torch device; default CUDA when available, else CPU.
+        half: fp16 autocast for F/M/W/G; default on for CUDA (as the release), always off on CPU.
+        crop: image → (512² crop, crop→image matrix); default FaceMesh + LivePortrait geometry.
+        drive: "moda" = MoDA's absolute drive (source scale, masked exp copy, eyeball bias);
+            "plain" = x = s·(x_c·R + exp) + t with every motion field as given.
+        stitching: apply the stitching MLP (MoDA: on).
+        eyeball_bias: MoDA's fixed gaze offset (only with drive="moda").
+        output: "crop" = the 512² face crop (resized to ``size``); "image" = pasted back into
+            the portrait, letterboxed to ``size`` × ``size``.
+        size: output frame side in pixels.
+        max_batch: frames per W+G forward (bounds memory; MoDA renders 25 at a time).
+    """
+
+    profile: Profile = "official"
+
+    def __init__(self, weights: str | Path | LivePortraitModules, *,
+                 device: str | torch.device | None = None, half: bool | None = None,
+                 crop: CropFn | None = None, drive: Literal["moda", "plain"] = "moda",
+                 stitching: bool = True, eyeball_bias: bool = True,
+                 output: Literal["crop", "image"] = "crop", size: int = CROP_SIZE,
+                 max_batch: int = 25) -> None:
+        if drive not in ("moda", "plain"):
+            raise ValueError(f"drive must be 'moda' or 'plain', got {drive!r}")
+        if output not in ("crop", "image"):
+            raise ValueError(f"output must be 'crop' or 'image', got {output!r}")
+        if size < 16 or max_batch < 1:
+            raise ValueError(f"size must be ≥ 16 and max_batch ≥ 1 (got {size}, {max_batch})")
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(weights, LivePortraitModules):
+            self.nets = weights.to(self.device)
+        else:
+            path = Path(weights)
+            if not path.is_dir():
+                raise WeightsError(f"LivePortrait weights directory {path} does not exist; fetch "
+                                   f"the weights with `avatar-agent models fetch official`")
+            self.nets = load_modules(path, self.device)
+        self.half = (self.device.type == "cuda") if half is None else bool(half)
+        if self.device.type != "cuda":
+            self.half = False                                        # fp16 on CPU: slow, untested
+        self.crop_fn: CropFn = crop or default_crop
+        self.drive = drive
+        self.stitching = stitching
+        self.eyeball_bias = eyeball_bias
+        self.output = output
+        self.size = int(size)
+        self.max_batch = int(max_batch)
+        self._mask = feather_mask(CROP_SIZE)
+
+    @classmethod
+    def from_dir(cls, models_dir: str | Path, **kwargs) -> "LivePortraitRenderer":
+        """Renderer with the official weights found below ``models_dir``."""
+        return cls(Path(models_dir), **kwargs)
+
+    # ----------------------------------------------------------------------------------------
+    # Avatar preparation
+    # ----------------------------------------------------------------------------------------
+
+    def prepare(self, image: np.ndarray) -> Avatar:
+        """Crop the portrait's face and run F and M on it once."""
+        image = _check_rgb(image, "image")
+        crop, c2o = self.crop_fn(image)
+        return self.prepare_crop(crop, image=image, crop_to_image=c2o)
+
+    def prepare_crop(self, crop: np.ndarray, image: np.ndarray | None = None,
+                     crop_to_image: np.ndarray | None = None) -> Avatar:
+        """Prepare from an already aligned square crop (any size; 256² is used as is).
+
+        Without ``image``, the crop itself (resized to 512²) is the portrait.
+        """
+        crop = _check_rgb(crop, "crop")
+        if crop.shape[0] != crop.shape[1]:
+            raise RenderInputError(f"crop must be square, got {crop.shape[:2]}")
+        net_in = crop if crop.shape[0] == NET_SIZE else cv2.resize(
+            crop, (NET_SIZE, NET_SIZE), interpolation=cv2.INTER_AREA)
+        crop512 = crop if crop.shape[0] == CROP_SIZE else cv2.resize(
+            crop, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LINEAR)
+        if image is None:
+            image, crop_to_image = crop512, np.eye(3)
+        elif crop_to_image is None:
+            raise RenderInputError("prepare_crop: crop_to_image is required when image is given")
+        elif crop.shape[0] != CROP_SIZE:
+            # crop_to_image refers to the given crop's pixels; rescale it to the 512² crop's.
+            k = crop.shape[0] / CROP_SIZE
+            crop_to_image = np.asarray(crop_to_image, dtype=np.float64) @ np.diag([k, k, 1.0])
+
+        x = torch.from_numpy(np.ascontiguousarray(net_in)).permute(2, 0, 1)[None]
+        x = (x.float() / 255).clamp(0, 1).to(self.device)            # 1×3×256×256
+        with torch.no_grad(), self._autocast():
+            f_s = self.nets.appearance(x).float()                    # 1×32×16×64×64
+            raw = self.nets.motion(x)
+        info = K.refine_motion_output(raw)
+        x_s = K.source_keypoints(info)                               # 1×21×3
+        extra = {"f_s": f_s, "x_s": x_s, "kp": info["kp"], "exp": info["exp"],
+                 "scale": info["scale"], "info": info}
+        return Avatar(profile="official", image=np.ascontiguousarray(image), crop=crop512,
+                      crop_to_image=np.asarray(crop_to_image, dtype=np.float64),
+                      kp_canonical=info["kp"][0].cpu().numpy().astype(np.float32),
+                      rest_motion=K.info_to_motion(info)[0], extra=extra)
+
+    # ----------------------------------------------------------------------------------------
+    # Rendering
+    # ----------------------------------------------------------------------------------------
+
+    def driving_keypoints(self, avatar: Avatar, motion: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Stitched driving keypoints [B, 21, 3] for raw motion [B, 70]."""
+        ex = self._extra(avatar)
+        m = torch.as_tensor(np.asarray(motion, dtype=np.float32) if not isinstance(motion, torch.Tensor)
+                            else motion, dtype=torch.float32, device=self.device)
+        if self.drive == "moda":
+            x_d = K.moda_driving_keypoints(ex["kp"], ex["exp"], ex["scale"], m, self.eyeball_bias)
+        else:
+            x_d = K.plain_driving_keypoints(ex["kp"], m)
+        if self.stitching:
+            with torch.no_grad():
+                x_d = self.nets.stitching.stitch(ex["x_s"].expand(m.shape[0], -1, -1), x_d)
+        return x_d
+
+    def warp_decode(self, avatar: Avatar, x_d: torch.Tensor) -> dict[str, torch.Tensor]:
+        """W + G for driving keypoints [B, 21, 3]: ``{"image" B×3×512×512 in [0,1], "occlusion_map",
+        "deformation"}`` (float32)."""
+        ex = self._extra(avatar)
+        b = x_d.shape[0]
+        with torch.no_grad(), self._autocast():
+            w = self.nets.warping(ex["f_s"].expand(b, -1, -1, -1, -1), kp_driving=x_d,
+                                  kp_source=ex["x_s"].expand(b, -1, -1))
+            img = self.nets.spade(w["out"])                          # B×3×512×512
+        return {"image": img.float(), "occlusion_map": w["occlusion_map"].float(),
+                "deformation": w["deformation"].float()}
+
+    def render_detailed(self, avatar: Avatar, motion: np.ndarray) -> dict:
+        """One forward for raw motion [B, 70] (no chunking): the uint8 crops and the internals.
+
+        Returns ``{"frames" uint8 [B, 512, 512, 3], "x_d" [B, 21, 3], "image" [B, 3, 512, 512],
+        "occlusion_map", "deformation"}`` (tensors float32 on the renderer's device).
+        """
+        motion = _check_motion(motion)
+        x_d = self.driving_keypoints(avatar, motion)
+        out = self.warp_decode(avatar, x_d)
+        # The release's parse_output: clip, ×255, truncating cast (no rounding).
+        u8 = (np.clip(out["image"].permute(0, 2, 3, 1).cpu().numpy(), 0, 1) * 255).astype(np.uint8)
+        return {"frames": u8, "x_d": x_d, **out}
+
+    def render(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
+        """uint8 [B, size, size, 3] frames for raw motion [B, 70] (in chunks of ``max_batch``)."""
+        motion = _check_motion(motion)
+        frames = []
+        for i in range(0, motion.shape[0], self.max_batch):
+            crops = self.render_detailed(avatar, motion[i:i + self.max_batch])["frames"]
+            frames.extend(self._finish(avatar, f) for f in crops)
+        if not frames:
+            return np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
+        return np.stack(frames)
+
+    def paste_back(self, avatar: Avatar, frame: np.ndarray) -> np.ndarray:
+        """One crop frame pasted into the avatar's portrait (uint8 [H, W, 3]).
+
+        ``avatar.crop_to_image`` refers to 512² crop pixels; smaller frames are scaled to it.
+        """
+        s = frame.shape[0]
+        mask = self._mask if s == CROP_SIZE else feather_mask(s)
+        k = CROP_SIZE / s
+        c2o = np.asarray(avatar.crop_to_image, dtype=np.float64) @ np.diag([k, k, 1.0])
+        return paste_back(frame, avatar.image, c2o, mask)
+
+    def _finish(self, avatar: Avatar, frame: np.ndarray) -> np.ndarray:
+        if self.output == "image":
+            return letterbox(self.paste_back(avatar, frame), self.size)
+        if frame.shape[0] != self.size:
+            interp = cv2.INTER_AREA if self.size < frame.shape[0] else cv2.INTER_LINEAR
+            return cv2.resize(frame, (self.size, self.size), interpolation=interp)
+        return frame
+
+    def _extra(self, avatar: Avatar) -> dict:
+        if avatar.profile != "official" or "f_s" not in avatar.extra:
+            raise RenderInputError("avatar was not prepared by LivePortraitRenderer.prepare "
+                                   f"(profile {avatar.profile!r})")
+        return avatar.extra
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.half and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+
+def _check_motion(motion: np.ndarray) -> np.ndarray:
+    m = np.asarray(motion, dtype=np.float32)
+    if m.ndim != 2 or m.shape[1] != space.DIM:
+        raise RenderInputError(f"motion must be [B, {space.DIM}], got {m.shape}")
+    if not np.isfinite(m).all():
+        raise RenderInputError("motion contains NaN or inf")
+    return m
+
+
+def _check_rgb(image: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise RenderInputError(f"{name} must be uint8 RGB [H, W, 3], got {a.dtype} {a.shape}")
+    if min(a.shape[:2]) < 16:
+        raise RenderInputError(f"{name} is too small: {a.shape[:2]}")
+    return a
