@@ -208,15 +208,29 @@ async def cmd_start(cfg: Config, config_path: str | None, overrides: list[str]) 
 
 
 async def _read_stdin(source: Any) -> None:
-    """Each line typed on stdin is spoken by the TTS source."""
+    """Each line typed on stdin is spoken by the TTS source.
+
+    A daemon thread reads stdin: a blocked readline() must never hold up shutdown (the default
+    executor would wait for it forever).
+    """
+    import threading
+
     loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def reader() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        loop.call_soon_threadsafe(lines.put_nowait, None)
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
     print("avatar-agent: type text and press Enter to make the avatar speak it", flush=True)
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            return
+    while (line := await lines.get()) is not None:
         if line.strip():
-            source.say(line.strip())
+            try:
+                source.say(line.strip())
+            except Exception as e:  # a bad line must not end the reader
+                log.error("cannot speak %r: %s", line.strip()[:40], e)
 
 
 def _extra_routes(agent: Any) -> list[Any]:
