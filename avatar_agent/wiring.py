@@ -83,7 +83,9 @@ def make_renderer(cfg: Config) -> Renderer:
         return WarpRenderer(size=cfg.render.size, output=cfg.render.output)
     from .render.liveportrait import LivePortraitRenderer
 
-    return LivePortraitRenderer.from_dir(models_dir(cfg))
+    d = require_official_files(cfg, ("liveportrait/",))
+    return LivePortraitRenderer.from_dir(d, size=cfg.render.size, output=cfg.render.output,
+                                         max_batch=max(cfg.render.batch, 1))
 
 
 def make_motion(cfg: Config) -> MotionGenerator:
