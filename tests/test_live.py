@@ -82,8 +82,18 @@ async def test_start_serves_webrtc_to_an_aiortc_peer_with_speech_audio():
                 proc.stdin.write("Hello from the test. Can you hear me speaking?\n")
                 proc.stdin.flush()
                 await asyncio.sleep(4.0)
+                metrics, status = await _get(url + "metrics"), await _get(url + "status")
             finally:
                 await viewer.close()
+    # Observability: Prometheus text and the JSON status report the same live counters.
+    m = re.search(r'avatar_frames_total\{outcome="delivered"\} (\d+)', metrics)
+    assert m and int(m.group(1)) >= 100, metrics[:500]
+    assert 'avatar_stage_seconds_count{stage="render"}' in metrics
+    assert "avatar_rss_bytes" in metrics and "avatar_av_offset_seconds" in metrics
+    import json
+
+    st = json.loads(status)
+    assert st["delivered"] >= 100 and st["speech"] > 0
     assert viewer.sizes == {(256, 256)}
     assert viewer.frames >= 50
     audio = np.concatenate(viewer.audio)
@@ -91,6 +101,14 @@ async def test_start_serves_webrtc_to_an_aiortc_peer_with_speech_audio():
     rms = np.sqrt(np.mean(audio.reshape(-1, 960)[:, :] ** 2, axis=1))
     assert rms.max() > 0.02, "no speech reached the viewer"      # the spoken sentence
     assert np.median(rms[:10]) < 0.01                               # silence before it
+
+
+async def _get(url: str) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200, url
+        return await r.text()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs the chromium browser (apt install chromium)")
