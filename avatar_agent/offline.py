@@ -55,7 +55,7 @@ async def render_to_file(cfg: Config, image: Path, output: Path | None, *, audio
         from .sinks.file import Mp4Sink
 
         output.parent.mkdir(parents=True, exist_ok=True)
-        sinks.append(Mp4Sink(output))
+        sinks.append(Mp4Sink(output, offline=True))   # offline: wait for the encoder, drop nothing
     cfg = dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, drain_s=0.0))
     agent = Agent(cfg, source=source, vad=make_vad(cfg), motion=make_motion(cfg),
                   renderer=make_renderer(cfg), sinks=sinks, clock=clock,
