@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="models directory (default $AVATAR_AGENT_MODELS or "
                                  "~/.local/share/avatar-agent/models)")
 
+    for name, what in (("train", "train a MoDA model on dataset shards (tiny on CPU, release on GPU)"),
+                       ("data-prep", "turn utterances (TTS text) into training shards")):
+        p = sub.add_parser(name, help=what, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER, help="see avatar-agent %s --help" % name)
+
     p = sub.add_parser("config", help="print the sample config or the effective config")
     _common(p)
     p.add_argument("--sample", action="store_true", help="print the documented defaults")
@@ -96,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "data-prep"):   # their own parsers take every argument
+        from .train.cli import prep_main, train_main
+
+        return (train_main if argv[0] == "train" else prep_main)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "devices":
@@ -163,7 +173,9 @@ async def cmd_start(cfg: Config, config_path: str | None, overrides: list[str]) 
 
         from .server.control import ControlSettings, mount, security_settings
 
-        app = make_app(webrtc, extra_routes=_extra_routes(agent))
+        # A WebRTC peer's uplink audio is spoken like pushed PCM (speech-queue sources only).
+        app = make_app(webrtc, extra_routes=_extra_routes(agent),
+                       on_uplink_audio=agent.push_audio if hasattr(source, "push") else None)
         sc = cfg.server
         dirs = tuple(str(cfg.resolve(d)) for d in cfg.avatar.directories)
         mount(app, agent, ControlSettings(avatar_dirs=dirs,
