@@ -155,9 +155,10 @@ async def bench_realtime(cfg: Config, seconds: float) -> dict[str, float]:
     first_voiced = int(np.argmax(env > 0.05 * env.max()))
     kp = motion._kp
     assert kp is not None
-    opens = motion.open
-    closed_level = np.median([v for i, v in opens.items() if not rec.speech[i]]) \
-        if any(not s for s in rec.speech[: max(opens) + 1]) else 0.0
+    n_sent = len(rec.speech)
+    opens = {i: v for i, v in motion.open.items() if i < n_sent}   # frames that went out
+    silent = [v for i, v in opens.items() if not rec.speech[i]]
+    closed_level = float(np.median(silent)) if silent else 0.0
     thresh = closed_level + 0.25 * (max(opens.values()) - closed_level)
     lat = []
     for p in range(int(len(rec.times) * spf // plen) + 1):
