@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from tests.sinks.conftest import child_env, loopback_ice
+from tests.sinks.conftest import FifoCamera, child_env, fakev4l2_so, loopback_ice  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -168,24 +168,8 @@ def test_start_feeds_the_virtual_camera_code_path(fakev4l2_so, tmp_path):
     os.mkfifo(dev)
     size = 256
     frame_bytes = size * size * 3 // 2
-    frames: list[bytes] = []
-    stamps: list[float] = []
-
-    def reader() -> None:
-        with open(dev, "rb", buffering=0) as f:
-            buf = b""
-            while len(frames) < 75:
-                chunk = f.read(frame_bytes - len(buf))
-                if not chunk:
-                    return
-                buf += chunk
-                if len(buf) == frame_bytes:
-                    frames.append(buf)
-                    stamps.append(time.monotonic())
-                    buf = b""
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
+    cam = FifoCamera(dev, frame_bytes, limit=75)
+    frames, stamps, t = cam.frames, cam.stamps, cam.thread
     with agent_process("sinks.enabled=[\"virtualcam\"]", f"sinks.virtualcam_device=\"{dev}\"",
                        env_extra={"LD_PRELOAD": str(fakev4l2_so), "FAKE_V4L2_PREFIX": prefix}):
         t.join(90)
@@ -194,17 +178,6 @@ def test_start_feeds_the_virtual_camera_code_path(fakev4l2_so, tmp_path):
     assert 60 < y.mean() < 200 and y.std() > 20          # a face, not a flat or black frame
     intervals = np.diff(stamps[5:])
     assert 0.035 < float(np.mean(intervals)) < 0.045, intervals   # 25 fps from the player clock
-
-
-@pytest.fixture
-def fakev4l2_so(tmp_path_factory):
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the fake v4l2 shim")
-    out = tmp_path_factory.mktemp("fakev4l2") / "fakev4l2.so"
-    subprocess.run([gcc, "-shared", "-fPIC", "-O1", "-o", str(out),
-                    str(ROOT / "tests" / "sinks" / "fakev4l2.c"), "-ldl"], check=True)
-    return out
 
 
 async def test_microphone_speech_drives_speech_frames_and_mouth(pulse_server):

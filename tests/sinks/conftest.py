@@ -31,6 +31,34 @@ def fakev4l2_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+class FifoCamera:
+    """The webcam consumer of a fake v4l2 FIFO: a thread reading whole frames as they arrive,
+    with their arrival times (up to ``limit`` frames, or until the writer closes)."""
+
+    def __init__(self, path: str, frame_bytes: int, limit: int | None = None) -> None:
+        import threading
+        import time
+
+        self.frames: list[bytes] = []
+        self.stamps: list[float] = []
+
+        def run() -> None:
+            with open(path, "rb", buffering=0) as f:
+                buf = b""
+                while limit is None or len(self.frames) < limit:
+                    chunk = f.read(frame_bytes - len(buf))
+                    if not chunk:
+                        return
+                    buf += chunk
+                    if len(buf) == frame_bytes:
+                        self.frames.append(buf)
+                        self.stamps.append(time.monotonic())
+                        buf = b""
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for a Python child that imports avatar_agent from this checkout."""
     env = dict(os.environ)

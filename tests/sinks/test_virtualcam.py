@@ -22,7 +22,7 @@ from avatar_agent.sinks.virtualcam import (
     MODPROBE_LINE, VirtualCamError, VirtualCamSink, available_devices, rgb_to_yuyv,
 )
 from avatar_agent.types import VideoFrame
-from tests.sinks.conftest import PY, child_env
+from tests.sinks.conftest import PY, FifoCamera, child_env
 
 W, H = 64, 48
 
@@ -64,24 +64,8 @@ def test_i420_fifo_bytes_colour_and_pacing(fakev4l2_so: Path, tmp_path: Path) ->
     os.mkfifo(dev)
     log = tmp_path / "sfmt.log"
     n, frame_bytes = 30, W * H * 3 // 2
-    frames: list[bytes] = []
-    stamps: list[float] = []
-
-    def reader() -> None:  # the webcam consumer: reads whole frames as they arrive
-        with open(dev, "rb", buffering=0) as f:
-            buf = b""
-            while True:
-                chunk = f.read(frame_bytes - len(buf))
-                if not chunk:
-                    return
-                buf += chunk
-                if len(buf) == frame_bytes:
-                    frames.append(buf)
-                    stamps.append(time.monotonic())
-                    buf = b""
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
+    cam = FifoCamera(dev, frame_bytes)     # the webcam consumer
+    frames, stamps, t = cam.frames, cam.stamps, cam.thread
     proc = run_child(fakev4l2_so, prefix, dev, "I420", n, log=str(log))
     out, err = proc.communicate(timeout=60)
     t.join(10)
