@@ -1,10 +1,20 @@
 """The local web server: a page that plays the live avatar, and the WebRTC offer/answer endpoint.
 
 Routes:
-    GET  /          the viewer page (static/index.html + static/app.js)
-    GET  /static/*  the page's assets
-    POST /offer     {"sdp": ..., "type": "offer"} → {"sdp": ..., "type": "answer"}
-    GET  /healthz   {"ok": true, "viewers": n}
+    GET    /              the viewer page (static/index.html + static/app.js)
+    GET    /static/*      the page's assets
+    POST   /offer         {"sdp": ..., "type": "offer"} → {"sdp": ..., "type": "answer",
+                          "session": id} and ``Location: /session/<id>``; or, WHIP/WHEP style, a
+                          raw SDP body with ``Content-Type: application/sdp`` → 201 with the raw
+                          SDP answer and the same Location header
+    DELETE /session/<id>  end that session (204; unknown id: 404); the agent and the other
+                          peers go on
+    GET    /healthz       {"ok": true, "viewers": n}
+
+Offer statuses: 400 unusable offer, 409 the offer sends audio while another peer already does
+(only one uplink speaker at a time; offer audio as recvonly to watch), 503 stream not started or
+full.  A chatbot sends its TTS audio as the offer's audio track (sendrecv); see
+:mod:`avatar_agent.sinks.webrtc` and ``make_app(on_uplink_audio=...)``.
 
 The lead mounts more (``/metrics``, the control API, auth middleware) through ``extra_routes`` or by
 adding routes to the returned application before it starts.  The server binds 127.0.0.1 by default:
@@ -20,7 +30,8 @@ from typing import Iterable
 
 from aiohttp import web
 
-from avatar_agent.sinks.webrtc import OfferError, WebRtcError, WebRtcSink
+from avatar_agent.sinks.webrtc import (OfferError, UplinkBusyError, UplinkCallback, WebRtcError,
+                                       WebRtcSink)
 
 log = logging.getLogger(__name__)
 
@@ -45,34 +56,61 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _offer(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
         return _error(413, f"offer larger than {MAX_OFFER_BYTES} bytes")
-    try:
-        body = json.loads(await request.text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return _error(400, f'body must be JSON {{"sdp": "...", "type": "offer"}}: {e}')
-    if not isinstance(body, dict) or not isinstance(body.get("sdp"), str) or not isinstance(body.get("type"), str):
+    raw_sdp = request.content_type == "application/sdp"  # WHIP/WHEP clients post bare SDP
+    if raw_sdp:
+        try:
+            body = {"sdp": await request.text(), "type": "offer"}
+        except UnicodeDecodeError as e:
+            return _error(400, f"the SDP body must be UTF-8 text: {e}")
+    else:
+        try:
+            body = json.loads(await request.text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return _error(400, f'body must be JSON {{"sdp": "...", "type": "offer"}}: {e}')
+    if (not isinstance(body, dict) or not isinstance(body.get("sdp"), str)
+            or not isinstance(body.get("type"), str)):
         return _error(400, 'body must be a JSON object with string fields "sdp" and "type"')
     try:
-        sdp, type_ = await request.app[SINK_KEY].accept(body["sdp"], body["type"])
+        answer = await request.app[SINK_KEY].accept(body["sdp"], body["type"])
     except OfferError as e:
         return _error(400, str(e))
+    except UplinkBusyError as e:
+        return _error(409, str(e))
     except WebRtcError as e:  # not started yet, or full: the client may retry later
         return _error(503, str(e))
-    return web.json_response({"sdp": sdp, "type": type_})
+    headers = {"Location": f"/session/{answer.session}"}
+    if raw_sdp:
+        return web.Response(status=201, text=answer.sdp, content_type="application/sdp",
+                            headers=headers)
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": answer.session},
+                             headers=headers)
 
 
-def make_app(webrtc_sink: WebRtcSink, extra_routes: Iterable[web.AbstractRouteDef] | None = None
-             ) -> web.Application:
+async def _delete_session(request: web.Request) -> web.Response:
+    if await request.app[SINK_KEY].close_session(request.match_info["session"]):
+        return web.Response(status=204)
+    return _error(404, "no such session (it ended already, or the id is wrong)")
+
+
+def make_app(webrtc_sink: WebRtcSink, extra_routes: Iterable[web.AbstractRouteDef] | None = None,
+             *, on_uplink_audio: UplinkCallback | None = None) -> web.Application:
     """Build the aiohttp application serving the viewer page and WebRTC signalling.
 
     Args:
         webrtc_sink: the sink whose stream viewers receive (started by the agent).
         extra_routes: more routes to mount, e.g. ``[web.get("/metrics", handler)]``.
+        on_uplink_audio: ``callback(samples16k_float32, final)`` for the audio a speaking peer
+            sends (the agent passes ``agent.push_audio``); set on the sink.  None keeps the
+            sink's own setting.
     """
     app = web.Application(client_max_size=MAX_OFFER_BYTES)
     app[SINK_KEY] = webrtc_sink
+    if on_uplink_audio is not None:
+        webrtc_sink.on_uplink_audio = on_uplink_audio
     app.add_routes([
         web.get("/", _index),
         web.post("/offer", _offer),
+        web.delete("/session/{session}", _delete_session),
         web.get("/healthz", _healthz),
         web.static("/static", STATIC_DIR),
     ])

@@ -66,10 +66,27 @@ async def test_routes_and_offer_errors() -> None:
         assert status == 400 and "v=0" in json.loads(text)["error"]
         status, text = await _request(url + "offer", "GET")
         assert status == 405
+        status, text = await _request(url + "offer", "POST", data=b"garbage",
+                                      headers={"Content-Type": "application/sdp"})
+        assert status == 400 and "v=0" in json.loads(text)["error"]   # WHIP-style body, same checks
+        status, text = await _request(url + "session/nope", "DELETE")
+        assert status == 404 and "no such session" in json.loads(text)["error"]
         assert sink.viewers == 0
     finally:
         await runner.cleanup()
         await sink.close()
+
+
+async def test_make_app_wires_the_uplink_callback() -> None:
+    def push(samples: Any, final: bool) -> None: ...
+
+    sink = WebRtcSink()
+    make_app(sink)
+    assert sink.on_uplink_audio is None
+    make_app(sink, on_uplink_audio=push)
+    assert sink.on_uplink_audio is push
+    make_app(sink)                      # None keeps what the sink has
+    assert sink.on_uplink_audio is push
 
 
 async def test_serve_reports_busy_port() -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import numpy as np

@@ -1,28 +1,85 @@
 """WebRtcSink + the real aiohttp app, watched by real aiortc client peers over 127.0.0.1.
 
 Every packet stays on loopback (aioice's host addresses are patched to 127.0.0.1), so the tests
-also pass in a network namespace with nothing but ``lo``.
+also pass in a network namespace with nothing but ``lo``.  Also: sessions (Location header,
+DELETE), and the uplink — a peer that *sends* audio, decoded and handed to ``on_uplink_audio``.
+
+``Viewer``, ``connect``, ``PcmTrack`` and ``wait_for`` are reused by tests/test_chatbot_webrtc.py
+and bench/bench_chatbot.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from avatar_agent.sinks.webrtc import OfferError, WebRtcError, WebRtcSink
+from avatar_agent.sinks.webrtc import OfferError, UplinkBusyError, WebRtcError, WebRtcSink
 from avatar_agent.types import VideoFrame
 from tests.sinks.conftest import live_stream, loopback_ice
 
 pytestmark = pytest.mark.timeout(60)
+
+
+class PcmTrack(MediaStreamTrack):
+    """A chatbot's TTS as an outgoing WebRTC audio track: queued 48 kHz PCM, then silence.
+
+    Paced in real time like a microphone (one 20 ms stereo s16 frame per 20 ms); ``play()``
+    queues more speech while the track is live; ``sent_at`` records when each queued clip's
+    first frame left.
+    """
+
+    kind = "audio"
+
+    def __init__(self, pcm48: np.ndarray | None = None) -> None:
+        super().__init__()
+        self._buf = np.zeros(0, np.int16)
+        self._t0: float | None = None
+        self._n = 0
+        self._marks: list[int] = []    # buffer offsets where a clip starts
+        self.sent_at: list[float] = []  # monotonic time each clip's first frame was handed out
+        if pcm48 is not None:
+            self.play(pcm48)
+
+    def play(self, pcm48: np.ndarray) -> None:
+        """Queue float32 [-1, 1] 48 kHz mono samples after what is still queued."""
+        x = np.clip(np.rint(np.asarray(pcm48, np.float32) * 32767), -32768, 32767).astype(np.int16)
+        self._marks.append(self._buf.size)
+        self._buf = np.concatenate([self._buf, x])
+
+    async def recv(self) -> Any:
+        import av
+
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        wait = self._t0 + self._n * 0.02 - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        chunk = np.zeros(960, np.int16)
+        take = self._buf[:960]
+        chunk[: take.size] = take
+        if self._marks and self._marks[0] < 960:
+            self.sent_at.append(time.monotonic())
+        self._marks = [m - 960 for m in self._marks if m >= 960] if self._marks else []
+        self._buf = self._buf[960:]
+        frame = av.AudioFrame(format="s16", layout="stereo", samples=960)
+        frame.planes[0].update(np.repeat(chunk, 2).tobytes())
+        frame.sample_rate = 48_000
+        frame.pts = self._n * 960
+        frame.time_base = Fraction(1, 48_000)
+        self._n += 1
+        return frame
 
 
 @dataclass
@@ -35,6 +92,12 @@ class Viewer:
     last_image: np.ndarray | None = None
     audio: list = field(default_factory=list)  # mono float32 chunks at 48 kHz
     tasks: list = field(default_factory=list)
+    session: str = ""                            # the server's session id (Location header)
+    location: str = ""
+    pts: list = field(default_factory=list)      # video pts (90 kHz) in arrival order
+    video_times: list = field(default_factory=list)  # monotonic arrival time of each video frame
+    audio_times: list = field(default_factory=list)  # monotonic arrival time of each audio chunk
+    on_video: Callable[[np.ndarray, int], None] | None = None  # (rgb image, pts) per frame
 
     async def close(self) -> None:
         await self.pc.close()
@@ -52,16 +115,26 @@ async def _consume(viewer: Viewer, track: Any) -> None:
                 viewer.frames += 1
                 viewer.sizes.add((frame.width, frame.height))
                 viewer.last_image = frame.to_ndarray(format="rgb24")
+                viewer.pts.append(frame.pts)
+                viewer.video_times.append(time.monotonic())
+                if viewer.on_video is not None:
+                    viewer.on_video(viewer.last_image, frame.pts)
             else:
                 pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
                 viewer.audio.append(pcm.astype(np.float32) / 32768.0)
+                viewer.audio_times.append(time.monotonic())
 
 
-async def connect(url: str, answer: bool = True) -> Viewer:
+async def connect(url: str, answer: bool = True, send: MediaStreamTrack | None = None,
+                  expect: int = 200) -> Viewer:
+    """Offer recvonly video + audio (sendrecv audio with ``send``); ``expect``: the POST status."""
     pc = RTCPeerConnection()
     viewer = Viewer(pc)
     pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
+    if send is None:
+        pc.addTransceiver("audio", direction="recvonly")
+    else:
+        pc.addTransceiver(send, direction="sendrecv")
 
     @pc.on("track")
     def _on_track(track: Any) -> None:
@@ -71,8 +144,14 @@ async def connect(url: str, answer: bool = True) -> Viewer:
     async with aiohttp.ClientSession() as s:
         async with s.post(url + "offer", json={"sdp": pc.localDescription.sdp,
                                                "type": pc.localDescription.type}) as r:
-            assert r.status == 200, await r.text()
+            assert r.status == expect, await r.text()
+            if expect != 200:
+                await pc.close()
+                viewer.location = await r.text()  # the error message
+                return viewer
             body = await r.json()
+            viewer.location = r.headers.get("Location", "")
+            viewer.session = body.get("session", "")
     if answer:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
     return viewer
@@ -181,3 +260,169 @@ async def test_audio_and_video_pts_share_the_frame_index() -> None:
     viewer.video.stop()
     with pytest.raises(MediaStreamError):
         await viewer.video.recv()
+
+
+# ---- sessions and the uplink ------------------------------------------------------------------
+
+class Collector:
+    """An ``on_uplink_audio`` callback that records what the sink hands over, per utterance."""
+
+    def __init__(self) -> None:
+        self.utterances: list[list[np.ndarray]] = []   # the last one is open unless finals match
+        self.finals = 0
+
+    def __call__(self, samples: np.ndarray, final: bool) -> int:
+        assert samples.dtype == np.float32 and samples.ndim == 1
+        if len(self.utterances) == self.finals:       # no utterance open: this block opens one
+            self.utterances.append([])
+        self.utterances[-1].append(samples)
+        self.finals += int(final)
+        return len(self.utterances)
+
+    def utterance(self, k: int) -> np.ndarray:
+        if k >= len(self.utterances):
+            return np.zeros(0, np.float32)
+        return np.concatenate(self.utterances[k])
+
+    @property
+    def audio(self) -> np.ndarray:
+        parts = [self.utterance(k) for k in range(len(self.utterances))]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def _tone48(seconds: float, freq: float, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(48_000 * seconds)) / 48_000
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+async def _http(method: str, url: str, **kw: Any) -> tuple[int, str, dict]:
+    async with aiohttp.ClientSession() as s, s.request(method, url, **kw) as r:
+        return r.status, await r.text(), dict(r.headers)
+
+
+async def test_uplink_audio_is_decoded_to_16k_mono_in_utterances_ended_by_silence_or_leaving() -> None:
+    got = Collector()
+    with loopback_ice():
+        async with live_stream(160, 120, freq=330.0) as live:
+            live.sink.on_uplink_audio = got
+            track = PcmTrack()
+            v = await connect(live.url, send=track)
+            assert live.sink.speaker == v.session
+            await wait_for(lambda: v.frames >= 10)
+            await asyncio.sleep(0.5)
+            assert got.utterances == []                 # silence alone opens nothing
+            track.play(_tone48(1.0, 700.0, 0.4))
+            await wait_for(lambda: got.finals == 1)     # ended by 0.4 s of silence, still connected
+            first = got.utterance(0)
+            await asyncio.sleep(0.5)
+            assert len(got.utterances) == 1             # the silence after it is not pushed
+            track.play(_tone48(3.0, 500.0, 0.3))
+            await wait_for(lambda: got.utterance(1).size >= 16_000)
+            assert got.finals == 1                      # open while the peer talks
+            await v.close()                             # ... and ended when it leaves mid-word
+            await wait_for(lambda: got.finals == 2 and live.sink.viewers == 0)
+            assert live.sink.speaker is None            # the slot is free again
+            assert live.player_error is None
+    # Utterance 1: the whole 1 s tone + 0.4 s hangover, no leading silence beyond the pre-roll.
+    assert 16_000 * 1.4 - 400 <= first.size <= 16_000 * 1.5, first.size
+    rms = np.sqrt(np.mean(first[: first.size // 320 * 320].reshape(-1, 320) ** 2, axis=1))
+    loud = np.flatnonzero(rms > 0.2)                             # 20 ms blocks of the tone
+    assert loud[0] <= 3 and loud.size >= 47, (loud[0], loud.size)
+    assert (rms[loud[-1] + 3 :] < 0.01).all() and rms.size - loud[-1] >= 18  # then the hangover
+    # 16 kHz: the 700 Hz tone sits at 700 Hz only if the rate conversion is right.
+    seg = first[loud[0] * 320 + 800 : loud[0] * 320 + 800 + 12_800]
+    spec = np.abs(np.fft.rfft(seg * np.hanning(seg.size)))
+    assert abs(np.argmax(spec) * 16_000 / seg.size - 700.0) < 3
+    assert abs(float(np.sqrt(np.mean(seg ** 2))) - 0.4 / np.sqrt(2)) < 0.05  # level kept (mono)
+    second = got.utterance(1)
+    spec = np.abs(np.fft.rfft(second[-8000:] * np.hanning(8000)))
+    assert abs(np.argmax(spec) * 2 - 500.0) < 5                 # cut while the tone still sounded
+
+
+async def test_one_speaker_at_a_time_viewers_always_welcome() -> None:
+    got = Collector()
+    with loopback_ice():
+        async with live_stream(160, 120) as live:
+            live.sink.on_uplink_audio = got
+            a = await connect(live.url, send=PcmTrack())
+            b = await connect(live.url, send=PcmTrack(), expect=409)   # second speaker refused
+            assert "already sending audio" in b.location
+            c = await connect(live.url)                                # a plain viewer is fine
+            await wait_for(lambda: a.frames >= 5 and c.frames >= 5)
+            assert live.sink.viewers == 2 and live.sink.speaker == a.session
+            await a.close()
+            await wait_for(lambda: live.sink.speaker is None)
+            d = await connect(live.url, send=PcmTrack(_tone48(0.5, 500.0)))  # now it may speak
+            assert live.sink.speaker == d.session
+            await wait_for(lambda: got.finals == 1)   # d's tone, ended by the silence after it
+            await d.close()
+            await c.close()
+            await wait_for(lambda: live.sink.viewers == 0)
+    assert got.finals == 1 and len(got.utterances) == 1   # a silent speaker pushes nothing
+    assert np.abs(got.utterance(0)).max() > 0.3
+
+
+async def test_sending_offer_without_callback_is_watch_only() -> None:
+    with loopback_ice():
+        async with live_stream(160, 120) as live:
+            assert live.sink.on_uplink_audio is None
+            v = await connect(live.url, send=PcmTrack(_tone48(1.0, 500.0)))
+            await wait_for(lambda: v.frames >= 10 and sum(a.size for a in v.audio) > 48_000)
+            audio_m = v.pc.remoteDescription.sdp.split("m=audio")[1]
+            assert "a=sendonly" in audio_m      # we declined their audio in the answer
+            assert live.sink.speaker is None
+            await v.close()
+
+
+async def test_sessions_location_delete_and_whip_style_sdp() -> None:
+    with loopback_ice():
+        async with live_stream(160, 120) as live:
+            a = await connect(live.url)
+            b = await connect(live.url)
+            assert a.location == f"/session/{a.session}" and len(a.session) >= 16
+            assert a.session != b.session and set(live.sink.sessions) == {a.session, b.session}
+            await wait_for(lambda: a.frames >= 5 and b.frames >= 5)
+            status, _, _ = await _http("DELETE", live.url + a.location.lstrip("/"))
+            assert status == 204 and live.sink.viewers == 1
+            status, text, _ = await _http("DELETE", live.url + a.location.lstrip("/"))
+            assert status == 404 and "no such session" in text
+            await wait_for(lambda: a.pc.connectionState in ("closed", "failed"), timeout=40)
+            n = b.frames
+            await wait_for(lambda: b.frames >= n + 25)   # B is untouched by A's end
+            # WHIP/WHEP: bare SDP in, 201 + bare SDP answer + Location out.
+            pc = RTCPeerConnection()
+            pc.addTransceiver("video", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            status, text, headers = await _http("POST", live.url + "offer", data=pc.localDescription.sdp,
+                                                headers={"Content-Type": "application/sdp"})
+            assert status == 201 and text.startswith("v=0") and "m=video" in text
+            assert headers["Content-Type"].startswith("application/sdp")
+            assert headers["Location"].startswith("/session/")
+            status, _, _ = await _http("DELETE", live.url + headers["Location"].lstrip("/"))
+            assert status == 204
+            await pc.close()
+            await a.close()
+            await b.close()
+            assert live.player_error is None
+
+
+async def test_uplink_busy_error_in_process() -> None:
+    """The sink itself: a second sending offer raises UplinkBusyError and leaves nothing behind."""
+    sink = WebRtcSink(on_uplink_audio=Collector())
+    await sink.start(160, 120, 25)
+    offers = []
+    for _ in range(2):
+        pc = RTCPeerConnection()
+        pc.addTransceiver(PcmTrack(), direction="sendrecv")
+        await pc.setLocalDescription(await pc.createOffer())
+        offers.append((pc, pc.localDescription.sdp))
+    first = await sink.accept(offers[0][1], "offer")
+    assert sink.speaker == first.session and first.type == "answer"
+    with pytest.raises(UplinkBusyError, match="already sending audio"):
+        await sink.accept(offers[1][1], "offer")
+    assert sink.viewers == 1
+    assert await sink.close_session(first.session) and sink.speaker is None
+    assert not await sink.close_session(first.session)
+    await sink.close()
+    for pc, _ in offers:
+        await pc.close()
