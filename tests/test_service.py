@@ -90,8 +90,10 @@ def test_real_start_process_ready_watchdog_reload_stopping(tmp_path):
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000", OMP_NUM_THREADS="1",
                HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "cfg"))
     env.pop("AVATAR_AGENT_CONFIG", None)
-    cmd = [sys.executable, "-m", "avatar_agent.cli", "start", "--set", "audio.source=tts",
-           "--set", "sinks.enabled=[\"webrtc\"]", "--set", "server.port=0",
+    # No audio source and no sinks configured: "auto" (no microphone here → typed text via TTS;
+    # no v4l2loopback → the web page only), as a user starting it bare would get.
+    env["PULSE_SERVER"] = "unix:/nonexistent"
+    cmd = [sys.executable, "-m", "avatar_agent.cli", "start", "--set", "server.port=0",
            "--set", "render.size=256"]
     p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
@@ -117,6 +119,8 @@ def test_real_start_process_ready_watchdog_reload_stopping(tmp_path):
         out = p.stdout.read() if p.stdout else ""
         assert rc == 0, out
         assert "open http://127.0.0.1:" in out
+        assert "no microphone found" in out and "type text" in out
+        assert "no v4l2loopback device" in out and "modprobe v4l2loopback" in out
     finally:
         if p.poll() is None:
             p.kill()

@@ -483,8 +483,9 @@ class WebRtcSink:
 
     async def close_session(self, session: str) -> bool:
         """End one session (WHEP DELETE); False when no such session is attached."""
+        key = session.encode("utf-8", "replace")  # compare_digest refuses non-ASCII str
         for viewer in list(self._viewers.values()):
-            if secrets.compare_digest(viewer.session, session):
+            if secrets.compare_digest(viewer.session.encode(), key):
                 await self._drop(viewer)
                 return True
         return False

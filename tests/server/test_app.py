@@ -69,8 +69,9 @@ async def test_routes_and_offer_errors() -> None:
         status, text = await _request(url + "offer", "POST", data=b"garbage",
                                       headers={"Content-Type": "application/sdp"})
         assert status == 400 and "v=0" in json.loads(text)["error"]   # WHIP-style body, same checks
-        status, text = await _request(url + "session/nope", "DELETE")
-        assert status == 404 and "no such session" in json.loads(text)["error"]
+        for bad in ("nope", "%C3%A9t%C3%A9"):   # unknown ids, ASCII or not
+            status, text = await _request(url + "session/" + bad, "DELETE")
+            assert status == 404 and "no such session" in json.loads(text)["error"]
         assert sink.viewers == 0
     finally:
         await runner.cleanup()

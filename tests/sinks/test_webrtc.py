@@ -421,8 +421,33 @@ async def test_uplink_busy_error_in_process() -> None:
     with pytest.raises(UplinkBusyError, match="already sending audio"):
         await sink.accept(offers[1][1], "offer")
     assert sink.viewers == 1
+    assert not await sink.close_session("été") and not await sink.close_session(first.session[:-1])
     assert await sink.close_session(first.session) and sink.speaker is None
     assert not await sink.close_session(first.session)
     await sink.close()
     for pc, _ in offers:
         await pc.close()
+
+
+async def test_whip_ingest_sendonly_audio_peer_is_the_speaker() -> None:
+    """A WHIP client: bare SDP, one sendonly audio track, nothing to receive; DELETE ends it."""
+    got = Collector()
+    with loopback_ice():
+        async with live_stream(160, 120) as live:
+            live.sink.on_uplink_audio = got
+            pc = RTCPeerConnection()
+            track = PcmTrack(_tone48(0.6, 600.0, 0.4))
+            pc.addTransceiver(track, direction="sendonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            status, sdp, headers = await _http("POST", live.url + "offer", data=pc.localDescription.sdp,
+                                               headers={"Content-Type": "application/sdp"})
+            assert status == 201 and "a=recvonly" in sdp.split("m=audio")[1]
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+            assert live.sink.speaker == headers["Location"].rsplit("/", 1)[1]
+            await wait_for(lambda: got.finals == 1)    # the tone, then the hangover
+            status, _, _ = await _http("DELETE", live.url + headers["Location"].lstrip("/"))
+            assert status == 204 and live.sink.speaker is None and live.sink.viewers == 0
+            await pc.close()
+    tone = got.utterance(0)
+    spec = np.abs(np.fft.rfft(tone[1600:9600] * np.hanning(8000)))
+    assert abs(np.argmax(spec) * 2 - 600.0) < 5
