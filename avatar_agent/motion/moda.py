@@ -20,7 +20,7 @@ Normalised ("model") space vs raw space: raw motion is what renderers consume
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -370,3 +370,42 @@ class MoDAMotion:
         if self.idle_fn is not None:
             return np.asarray(self.idle_fn(n, prev, t0), np.float32)
         return np.repeat(np.asarray(prev, np.float32).reshape(1, space.DIM), n, axis=0)
+
+
+class EmbeddedMoDA:
+    """The embedded profile's MoDA: a trained tiny DiT for speech, the procedural idle layer for
+    silence (blinks, sway, breathing, emotion) — one :class:`~avatar_agent.types.MotionGenerator`.
+
+    Args:
+        moda: a streaming MoDA generator (profile "embedded").
+        idle: a generator whose ``idle`` (and ``rest_pose``/``set_emotion``) serve silence.
+    """
+
+    profile: Profile = "embedded"
+    fps = 25
+
+    def __init__(self, moda: MoDAMotion, idle: Any) -> None:
+        self.moda, self.idle_gen = moda, idle
+
+    @property
+    def rest_pose(self) -> np.ndarray:
+        """Where silence relaxes to (the idle generator's rest: portrait pose, mouth closed)."""
+        return self.idle_gen.rest_pose
+
+    def prepare(self, avatar: Avatar) -> None:
+        """Bind both generators to the avatar."""
+        self.moda.prepare(avatar)
+        self.idle_gen.prepare(avatar)
+
+    def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
+        """Emotion of idle frames (speech gets it per chunk)."""
+        self.idle_gen.set_emotion(emotion, intensity)
+
+    def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
+                 intensity: float = 1.0) -> np.ndarray:
+        """Speech motion from the DiT, continuing from ``prev``."""
+        return self.moda.generate(chunk, prev, emotion, intensity)
+
+    def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray:
+        """Silence from the idle layer, relaxing from ``prev``."""
+        return self.idle_gen.idle(n, prev, t0)
