@@ -94,6 +94,9 @@ class _MotionTap:
         self._kp: np.ndarray | None = None
         self._next = 0
 
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)           # rest_pose, set_emotion, ... pass through
+
     def prepare(self, avatar: Avatar) -> None:
         self._kp = avatar.kp_canonical
         self.inner.prepare(avatar)

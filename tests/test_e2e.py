@@ -158,3 +158,39 @@ def test_render_needs_exactly_one_of_audio_or_text(tmp_path):
     r = subprocess.run([sys.executable, "-m", "avatar_agent.cli", "render", str(PORTRAIT), "-o",
                         str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "--text" in r.stderr
+
+
+async def test_speech_onset_to_first_mouth_open_frame_is_latency_within_one_frame():
+    """Real pipeline on the fake clock: the frame that first opens the mouth leaves latency_ms
+    after the speech onset was captured (one frame of tolerance)."""
+    from avatar_agent.agent import Agent
+    from avatar_agent.audio.frames import FramesSource
+    from avatar_agent.audio.tts import synthesize
+    from avatar_agent.bench import _MotionTap
+    from avatar_agent.face.landmarks import load_image
+    from avatar_agent.types import Phoneme
+    from avatar_agent.wiring import make_motion, make_renderer, make_vad
+
+    cfg = load_config(None, ["render.size=128"], use_default_path=False)
+    clock = FakeClock()
+    utt = synthesize("Ah, are you all okay?")          # vowel onset: the mouth opens at once
+    lead = 16000
+    audio = np.concatenate([np.zeros(lead, np.float32), utt.audio, np.zeros(8000, np.float32)])
+    ph = tuple(Phoneme(p.symbol, p.start + 1.0, p.end + 1.0) for p in utt.phonemes)
+    sent: dict[int, float] = {}
+
+    class Timed(TimedSink):
+        async def send(self, frame: VideoFrame) -> None:
+            sent[frame.index] = clock.now()
+
+    motion = _MotionTap(make_motion(cfg), FPS)
+    agent = Agent(cfg, source=FramesSource.from_audio(audio, clock, ph), vad=make_vad(cfg),
+                  motion=motion, renderer=make_renderer(cfg), sinks=[Timed()], clock=clock,
+                  image=load_image(PORTRAIT))
+    await agent.run()
+    env = np.abs(audio)
+    onset = int(np.argmax(env > 0.05 * env.max()))
+    opens = np.array([motion.open[i] for i in range(len(sent))])
+    k = int(np.argmax(opens > 0.15 * opens.max()))
+    delay = sent[k] - agent.timeline.time_of(onset)
+    assert abs(delay - cfg.player.latency_ms / 1000) <= 1 / FPS, (delay, k, onset / 640, opens.round(3).tolist())
