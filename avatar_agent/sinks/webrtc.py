@@ -446,8 +446,8 @@ class WebRtcSink:
                             t.direction = "sendonly"  # decline it: nothing is received or buffered
                         elif self._speaker is not None:
                             raise UplinkBusyError(
-                                f"{self.name}: another peer is already sending audio (session "
-                                f"{self._speaker.session[:4]}…); end it or offer audio as recvonly")
+                                f"{self.name}: another peer is already sending audio; end that "
+                                "session (DELETE its Location) or offer audio as recvonly")
                         else:
                             uplink_track = t.receiver.track
                             self._speaker = viewer  # reserved now: the awaits below yield
