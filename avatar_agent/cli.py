@@ -174,7 +174,7 @@ async def cmd_start(cfg: Config, config_path: str | None, overrides: list[str]) 
         from .server.control import ControlSettings, mount, security_settings
 
         # A WebRTC peer's uplink audio is spoken like pushed PCM (speech-queue sources only).
-        app = make_app(webrtc, extra_routes=_extra_routes(agent),
+        app = make_app(webrtc, extra_routes=_extra_routes(agent, webrtc),
                        on_uplink_audio=agent.push_audio if hasattr(source, "push") else None)
         sc = cfg.server
         dirs = tuple(str(cfg.resolve(d)) for d in cfg.avatar.directories)
@@ -245,7 +245,7 @@ async def _read_stdin(source: Any) -> None:
                 log.error("cannot speak %r: %s", line.strip()[:40], e)
 
 
-def _extra_routes(agent: Any) -> list[Any]:
+def _extra_routes(agent: Any, webrtc: Any = None) -> list[Any]:
     from aiohttp import web
 
     async def metrics(_: web.Request) -> web.Response:
@@ -253,7 +253,11 @@ def _extra_routes(agent: Any) -> list[Any]:
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def status(_: web.Request) -> web.Response:
-        return web.json_response(agent.stats())
+        st = agent.stats()
+        if webrtc is not None:
+            st["viewers"] = webrtc.viewers
+            st["uplink"] = webrtc.uplink_stats()
+        return web.json_response(st)
 
     return [web.get("/metrics", metrics), web.get("/status", status)]
 

@@ -278,7 +278,7 @@ def _same_origin(request: web.Request, origin: str) -> bool:
 
 def _cors_headers(origin: str) -> dict[str, str]:
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Expose-Headers": "Retry-After"}
+            "Access-Control-Expose-Headers": "Retry-After, Location"}
 
 
 def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.monotonic
@@ -331,7 +331,7 @@ def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.mono
                 return json_error(403, "origin not allowed")
             return web.Response(status=204, headers={
                 **_cors_headers(origin),
-                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                 "Access-Control-Allow-Headers": "Authorization, Content-Type",
                 "Access-Control-Max-Age": "600"})
         if not allowed and not _same_origin(request, origin):
