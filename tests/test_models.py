@@ -84,6 +84,7 @@ def test_hf_entries_probe_the_hf_endpoint(tmp_path: Path, monkeypatch: pytest.Mo
     man = write_manifest(tmp_path / "m.toml", [
         '[[file]]\nname = "n.pth"\nset = "official"\nsource = "hf"\nrepo = "o/r"\npath = "n.pth"\n'])
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)     # CI sets it for the whole suite
     with pytest.raises(models.ModelsError, match="cannot reach 127.0.0.1:9"):
         models.fetch("official", tmp_path / "d", manifest=man)
 
