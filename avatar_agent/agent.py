@@ -45,7 +45,11 @@ _CHUNK_QUEUE = 64
 
 def emotion_label(name: str) -> int:
     """Emotion name → MoDA class label (8 = none)."""
-    return EMOTION_NONE if name == "none" else EMOTIONS.index(name)
+    if name == "none":
+        return EMOTION_NONE
+    if name not in EMOTIONS:
+        raise ValueError(f"unknown emotion {name!r}: choose one of {', '.join(EMOTIONS)}, none")
+    return EMOTIONS.index(name)
 
 
 @dataclasses.dataclass
