@@ -92,6 +92,16 @@ def _track_classes() -> tuple[type, type]:
     import av
     from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+    async def _wait_live(track: Any, ready: Any) -> None:
+        """Wait until ``ready()`` holds; MediaStreamError once the track has ended."""
+        while not ready():
+            if track.readyState != "live":
+                raise MediaStreamError
+            track._ready.clear()
+            await track._ready.wait()
+        if track.readyState != "live":
+            raise MediaStreamError
+
     class MailboxVideoTrack(MediaStreamTrack):
         """Video track whose ``recv`` returns the newest frame pushed by the player."""
 
@@ -112,13 +122,7 @@ def _track_classes() -> tuple[type, type]:
             self._ready.set()
 
         async def recv(self) -> Any:
-            while self._slot is None:
-                if self.readyState != "live":
-                    raise MediaStreamError
-                self._ready.clear()
-                await self._ready.wait()
-            if self.readyState != "live":
-                raise MediaStreamError
+            await _wait_live(self, lambda: self._slot is not None)
             frame, self._slot = self._slot, None
             vf = av.VideoFrame.from_ndarray(frame.image, format="rgb24")
             vf.pts = (frame.index - self._viewer.first_index) * VIDEO_CLOCK // self._viewer.fps
@@ -150,13 +154,7 @@ def _track_classes() -> tuple[type, type]:
 
         async def recv(self) -> Any:
             self._started = True
-            while not self._queue:
-                if self.readyState != "live":
-                    raise MediaStreamError
-                self._ready.clear()
-                await self._ready.wait()
-            if self.readyState != "live":
-                raise MediaStreamError
+            await _wait_live(self, lambda: bool(self._queue))
             pts, pcm = self._queue.popleft()
             # Stereo on purpose: aiortc's Opus encoder wants stereo, and FFmpeg's mono→stereo
             # upmix treats mono as front-centre and lowers it by 3 dB.
