@@ -141,6 +141,10 @@ class RenderConfig:
     """Torch/OpenCV threads of the single inference thread."""
     batch: int = 4
     """Frames rendered per inference job."""
+    channels_last: bool = False
+    """Official profile: run the LivePortrait decoder in channels-last layout (GPU speed-up)."""
+    compile: bool = False
+    """Official profile: torch.compile the LivePortrait warp + decoder (GPU hosts; slow start)."""
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,9 @@ def make_renderer(cfg: Config) -> Renderer:
     from .render.liveportrait import LivePortraitRenderer
 
     d = require_official_files(cfg, ("liveportrait/",))
-    return LivePortraitRenderer.from_dir(d, size=cfg.render.size, output=cfg.render.output,
-                                         max_batch=max(cfg.render.batch, 1))
+    r = cfg.render
+    return LivePortraitRenderer.from_dir(d, size=r.size, output=r.output, max_batch=max(r.batch, 1),
+                                         channels_last=r.channels_last, compile=r.compile)
 
 
 def make_motion(cfg: Config) -> MotionGenerator:

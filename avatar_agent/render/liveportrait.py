@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import cv2
 import numpy as np
@@ -116,6 +116,10 @@ class LivePortraitRenderer:
             the portrait, letterboxed to ``size`` × ``size``.
         size: output frame side in pixels.
         max_batch: frames per W+G forward (bounds memory; MoDA renders 25 at a time).
+        channels_last: run G (the SPADE decoder) in channels-last layout (faster convolutions
+            with cuDNN / oneDNN; numerically equivalent).
+        compile: wrap W and G in ``torch.compile`` (GPU hosts; the first frames pay the
+            compilation).
     """
 
     profile: Profile = "official"
@@ -125,7 +129,8 @@ class LivePortraitRenderer:
                  crop: CropFn | None = None, drive: Literal["moda", "plain"] = "moda",
                  stitching: bool = True, eyeball_bias: bool = True,
                  output: Literal["crop", "image"] = "crop", size: int = CROP_SIZE,
-                 max_batch: int = 25) -> None:
+                 max_batch: int = 25, channels_last: bool = False,
+                 compile: bool = False) -> None:
         if drive not in ("moda", "plain"):
             raise ValueError(f"drive must be 'moda' or 'plain', got {drive!r}")
         if output not in ("crop", "image"):
@@ -153,6 +158,16 @@ class LivePortraitRenderer:
         self.size = int(size)
         self.max_batch = int(max_batch)
         self._mask = feather_mask(CROP_SIZE)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            # G only: its 2-D convolutions are the largest cost; W reshapes its features with
+            # view(), which needs the default layout.
+            self.nets.spade.to(memory_format=torch.channels_last)
+        self._warp: Any = self.nets.warping
+        self._decode: Any = self.nets.spade
+        if compile:
+            self._warp = torch.compile(self.nets.warping)
+            self._decode = torch.compile(self.nets.spade)
 
     @classmethod
     def from_dir(cls, models_dir: str | Path, **kwargs) -> "LivePortraitRenderer":
@@ -229,9 +244,12 @@ class LivePortraitRenderer:
         ex = self._extra(avatar)
         b = x_d.shape[0]
         with torch.no_grad(), self._autocast():
-            w = self.nets.warping(ex["f_s"].expand(b, -1, -1, -1, -1), kp_driving=x_d,
+            w = self._warp(ex["f_s"].expand(b, -1, -1, -1, -1), kp_driving=x_d,
                                   kp_source=ex["x_s"].expand(b, -1, -1))
-            img = self.nets.spade(w["out"])                          # B×3×512×512
+            feat = w["out"]
+            if self.channels_last:
+                feat = feat.contiguous(memory_format=torch.channels_last)
+            img = self._decode(feat)                                 # B×3×512×512
         return {"image": img.float(), "occlusion_map": w["occlusion_map"].float(),
                 "deformation": w["deformation"].float()}
 

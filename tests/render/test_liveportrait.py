@@ -244,3 +244,17 @@ def test_prepare_real_portrait_with_default_crop(tiny: LivePortraitRenderer) -> 
     cx, cy, _ = av.crop_to_image @ np.array([256.0, 256.0, 1.0])
     assert 0 < cx < img.shape[1] and 0 < cy < img.shape[0]
     assert av.crop.std() > 10
+
+
+def test_channels_last_option_renders_the_same_frames(tiny: LivePortraitRenderer) -> None:
+    torch.manual_seed(0)
+    cl = LivePortraitRenderer(build_modules("tiny"), device="cpu", max_batch=3, channels_last=True)
+    for a, b in zip(cl.nets.all(), tiny.nets.all()):
+        a.load_state_dict(b.state_dict())
+    av = tiny.prepare_crop(fixture("source")["source_rgb_u8"])
+    m = _motions(av, 3)
+    ref = tiny.render(av, m)
+    got = cl.render(cl.prepare_crop(fixture("source")["source_rgb_u8"]), m)
+    assert np.abs(got.astype(int) - ref).max() <= 1
+    conv4 = [p for p in cl.nets.spade.parameters() if p.dim() == 4]
+    assert conv4 and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv4)
