@@ -230,14 +230,9 @@ def test_prepare_rejects_bad_images(tiny: LivePortraitRenderer) -> None:
 
 def test_prepare_real_portrait_with_default_crop(tiny: LivePortraitRenderer) -> None:
     """The default crop (FaceMesh + LivePortrait geometry) on the shipped portrait."""
-    path = Path(__file__).resolve().parents[2] / "avatars" / "default.png"
-    if not path.exists():
-        pytest.skip("avatars/default.png not present")
-    try:
-        from avatar_agent.face.landmarks import load_image
-    except ImportError as e:  # face module not importable here (mediapipe missing)
-        pytest.skip(f"avatar_agent.face not importable: {e}")
-    img = load_image(path)
+    from avatar_agent.face.landmarks import load_image
+
+    img = load_image(Path(__file__).resolve().parents[2] / "avatars" / "default.png")
     av = tiny.prepare(img)
     assert av.crop.shape == (512, 512, 3)
     # crop centre maps inside the portrait, and the crop is not the whole image unchanged
