@@ -46,6 +46,15 @@ def _reinit_portaudio() -> None:
     sd._initialize()
 
 
+def missing(reason: str) -> None:
+    """A system component the tests need is absent: skip on a developer's machine, but fail in
+    CI ($CI set), where install.sh must have installed it — a skip there would hide a broken
+    install step."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI: install.sh should have installed it)")
+    pytest.skip(reason)
+
+
 class PulseServer:
     """A private PulseAudio daemon; ``stop()``/``start()`` let tests simulate a dying server."""
 
@@ -118,7 +127,7 @@ class PulseServer:
 def pulse_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[PulseServer]:
     """A running private PulseAudio daemon (see module docstring)."""
     if not (shutil.which("pulseaudio") and shutil.which("pactl")):
-        pytest.skip("needs apt packages pulseaudio pulseaudio-utils libasound2-plugins")
+        missing("needs apt packages pulseaudio pulseaudio-utils libasound2-plugins")
     root = Path(tempfile.mkdtemp(prefix="pulse-"))
     server = PulseServer(root)
     for k, v in server.env.items():
@@ -178,7 +187,7 @@ def speech_wav(tmp_path_factory: pytest.TempPathFactory
     ``lead_s``/``tail_s`` add exact digital silence before/after espeak-ng's output.
     """
     if not shutil.which("espeak-ng"):
-        pytest.skip("needs apt package espeak-ng")
+        missing("needs apt package espeak-ng")
     import soundfile as sf
 
     root = tmp_path_factory.mktemp("speech")

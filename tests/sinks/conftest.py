@@ -24,7 +24,9 @@ def fakev4l2_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build tests/sinks/fakev4l2.c into a shared object (LD_PRELOAD shim) once per session."""
     gcc = shutil.which("gcc")
     if gcc is None:
-        pytest.skip("gcc is needed to build the fake v4l2 shim")
+        from tests.conftest import missing
+
+        missing("gcc is needed to build the fake v4l2 shim")
     out = tmp_path_factory.mktemp("fakev4l2") / "fakev4l2.so"
     subprocess.run([gcc, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(out), str(HERE / "fakev4l2.c"), "-ldl"],
                    check=True, capture_output=True)

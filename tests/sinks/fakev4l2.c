@@ -54,24 +54,24 @@ int open64(const char *path, int flags, ...) {
     va_end(ap); return fd;
 }
 
-int openat(int dirfd, const char *path, int flags, ...) {
-    int (*real)(int, const char *, int, ...) = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, "openat");
-    va_list ap; va_start(ap, flags);
+static int openat_common(const char *name, int dirfd, const char *path, int flags, va_list ap) {
+    int (*real)(int, const char *, int, ...) = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, name);
     mode_t mode = (flags & (O_CREAT | O_TMPFILE)) ? (mode_t)va_arg(ap, int) : 0;
-    va_end(ap);
     int fd = real(dirfd, path, flags, mode);
     mark(fd, path);
     return fd;
 }
 
-int openat64(int dirfd, const char *path, int flags, ...) {
-    int (*real)(int, const char *, int, ...) = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, "openat64");
+int openat(int dirfd, const char *path, int flags, ...) {
     va_list ap; va_start(ap, flags);
-    mode_t mode = (flags & (O_CREAT | O_TMPFILE)) ? (mode_t)va_arg(ap, int) : 0;
-    va_end(ap);
-    int fd = real(dirfd, path, flags, mode);
-    mark(fd, path);
-    return fd;
+    int fd = openat_common("openat", dirfd, path, flags, ap);
+    va_end(ap); return fd;
+}
+
+int openat64(int dirfd, const char *path, int flags, ...) {
+    va_list ap; va_start(ap, flags);
+    int fd = openat_common("openat64", dirfd, path, flags, ap);
+    va_end(ap); return fd;
 }
 
 int close(int fd) {
