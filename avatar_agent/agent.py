@@ -83,7 +83,9 @@ class Agent:
         self.fps = cfg.player.fps
         self.spf = SAMPLE_RATE // self.fps
         self.timeline = AudioTimeline(self.clock)
-        self.chunker = Chunker(chunker_params(cfg), offline=offline)
+        # A generator may need longer hops than configured (the tiny MoDA: one DiT window each).
+        self.chunker = Chunker(chunker_params(cfg, getattr(motion, "min_hop_ms", 0)),
+                               offline=offline)
         latency = cfg.player.latency_ms / 1000
         capacity = cfg.player.queue_frames
         if offline:

@@ -35,8 +35,9 @@ def implied_latency_ms(cfg: Config) -> dict[str, float]:
     """The delay the settings add between speech and its frame, before any compute."""
     from .chunker import Chunker
     from .config import chunker_params
+    from .wiring import motion_min_hop_ms
 
-    c = Chunker(chunker_params(cfg))
+    c = Chunker(chunker_params(cfg, motion_min_hop_ms(cfg)))
     parts = {"chunker (hop + hold for lookahead/pre-roll + grid)": float(c.latency_ms),
              "audio capture block (20 ms)": 20.0}
     parts["total"] = sum(parts.values())

@@ -10,6 +10,7 @@ documents every key and equals these defaults (a test loads it).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -115,10 +116,10 @@ class MotionConfig:
     """auto = the profile's default (embedded: procedural; official: MoDA release)."""
     seed: int = 0
     """Seed of idle motion and sampling noise."""
-    steps: int = 10
-    """Rectified-flow Euler steps (MoDA)."""
-    cfg_audio: float = 0.2
-    """MoDA classifier-free guidance weight for audio (eq. 8 λ; release CLI 1.2 = λ 0.2)."""
+    steps: int = 0
+    """Rectified-flow Euler steps (MoDA); 0 = the model's own (release 10; tiny MoDA: its file's)."""
+    cfg_audio: float = -1.0
+    """MoDA guidance weight for audio (eq. 8 λ); negative = the model's own (release CLI 1.2 = λ 0.2)."""
     cfg_emotion: float = 0.0
     """MoDA guidance weight for the emotion condition."""
     expression_scale: float = 1.0
@@ -505,12 +506,20 @@ def sample_toml() -> str:
     return "\n".join(out)
 
 
-def chunker_params(cfg: Config) -> "ChunkerParams":
-    """The chunker's settings from the [chunker] and [vad] sections."""
+def chunker_params(cfg: Config, min_hop_ms: int = 0) -> "ChunkerParams":
+    """The chunker's settings from the [chunker] and [vad] sections.
+
+    ``min_hop_ms``: the motion generator's shortest useful hop (the tiny MoDA samples one DiT
+    window per hop); ``chunker.hop_ms`` is raised to it, rounded up to whole video frames.
+    """
     from .chunker import ChunkerParams
 
     c, v = cfg.chunker, cfg.vad
-    return ChunkerParams(fps=cfg.player.fps, hop_ms=c.hop_ms, window_ms=c.window_ms,
+    frame_ms = 1000 / cfg.player.fps
+    hop = c.hop_ms
+    if min_hop_ms > hop:
+        hop = int(math.ceil(min_hop_ms / frame_ms - 1e-9) * frame_ms)
+    return ChunkerParams(fps=cfg.player.fps, hop_ms=hop, window_ms=max(c.window_ms, hop),
                          left_context_ms=c.left_context_ms, lookahead_ms=c.lookahead_ms,
                          min_speech_ms=v.min_speech_ms, pre_roll_ms=v.pre_roll_ms,
                          hangover_ms=v.hangover_ms, max_utterance_s=c.max_utterance_s)

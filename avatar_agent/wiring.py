@@ -91,7 +91,6 @@ def make_renderer(cfg: Config) -> Renderer:
 
 def make_motion(cfg: Config) -> MotionGenerator:
     """The profile's motion generator."""
-    choice = cfg.motion.generator
     if cfg.avatar.profile == "embedded":
         from .motion.procedural import ProceduralMotion
 
@@ -99,7 +98,7 @@ def make_motion(cfg: Config) -> MotionGenerator:
         if procedural.fps != cfg.player.fps:
             raise ConfigError(f"player.fps = {cfg.player.fps}: the embedded generators run at "
                               f"{procedural.fps} fps")
-        if choice == "moda" or (choice == "auto" and EMBEDDED_MODA_DEFAULT):
+        if uses_embedded_moda(cfg):
             return embedded_moda(cfg, procedural)
         return procedural
     return official_motion(cfg)
@@ -119,6 +118,12 @@ def require_official_files(cfg: Config, prefixes: tuple[str, ...]) -> Path:
     return d
 
 
+RELEASE_STEPS = 10
+"""Euler steps of the release sampler (its CLI)."""
+RELEASE_CFG_AUDIO = 0.2
+"""The release CLI's CFG scale 1.2 as an eq. 8 weight."""
+
+
 def official_motion(cfg: Config) -> MotionGenerator:
     """MoDA release DiT + chinese-hubert-base features (CUDA when available)."""
     import torch
@@ -133,9 +138,11 @@ def official_motion(cfg: Config) -> MotionGenerator:
     model, null_audio = load_moda_release(d / "moda" / "net-200.pth", device)
     mean, std = load_mean_std(d / "moda" / "mean.pt")
     features = HubertFeatures(load_hubert(d / "audio" / "chinese-hubert-base", device), device)
-    guidance = Guidance(audio=cfg.motion.cfg_audio, emotion=cfg.motion.cfg_emotion)
+    m = cfg.motion
+    guidance = Guidance(audio=m.cfg_audio if m.cfg_audio >= 0 else RELEASE_CFG_AUDIO,
+                        emotion=m.cfg_emotion)
     return MoDAMotion(model, features, mean, std, profile="official", null_audio=null_audio,
-                      guidance=guidance, steps=cfg.motion.steps, device=device,
+                      guidance=guidance, steps=m.steps or RELEASE_STEPS, device=device,
                       seed=cfg.motion.seed)
 
 
@@ -153,13 +160,32 @@ def embedded_moda(cfg: Config, procedural: Any) -> MotionGenerator:
         raise ConfigError(f"motion.generator = \"moda\" needs {EMBEDDED_MODA} (train it with "
                           "bench/train_tiny.sh), or use motion.generator = \"procedural\"")
     from .motion.moda import EmbeddedMoDA
-    from .nn.sampling import Guidance
     from .train.loop import build_motion
 
-    moda = build_motion(EMBEDDED_MODA, guidance=Guidance(audio=cfg.motion.cfg_audio,
-                                                         emotion=cfg.motion.cfg_emotion),
-                        steps=cfg.motion.steps, seed=cfg.motion.seed)
+    m = cfg.motion
+    moda = build_motion(EMBEDDED_MODA, steps=m.steps or None,
+                        cfg_audio=m.cfg_audio if m.cfg_audio >= 0 else None,
+                        cfg_emotion=m.cfg_emotion, seed=m.seed)
     return EmbeddedMoDA(moda, procedural)
+
+
+def uses_embedded_moda(cfg: Config) -> bool:
+    """Whether the config's embedded profile animates speech with the tiny MoDA."""
+    choice = cfg.motion.generator
+    return cfg.avatar.profile == "embedded" and (
+        choice == "moda" or (choice == "auto" and EMBEDDED_MODA_DEFAULT))
+
+
+def motion_min_hop_ms(cfg: Config) -> int:
+    """The chunk hop the configured motion generator needs at least (0 = any)."""
+    if not uses_embedded_moda(cfg) or not EMBEDDED_MODA.is_file():
+        return 0
+    import json
+
+    from .train.loop import inference_settings
+
+    meta = json.loads(EMBEDDED_MODA.with_suffix(".json").read_text(encoding="utf-8"))
+    return int(inference_settings(meta)["min_hop_ms"])
 
 
 def models_dir(cfg: Config) -> Path:

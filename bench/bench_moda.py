@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from avatar_agent.motion.moda import MoDAMotion
 from avatar_agent.nn.hubert import HubertFeatures, build_hubert
 from avatar_agent.nn.moda import PRESETS, MoDADiT
 from avatar_agent.nn.sampling import Conditions, Guidance, sample
-from avatar_agent.types import Avatar, SpeechChunk
+from avatar_agent.types import SpeechChunk
+from avatar_agent.wiring import EMBEDDED_MODA
 
 
 def timed(fn, repeat: int, warmup: bool = True) -> float:  # noqa: ANN001
@@ -67,33 +68,49 @@ def bench_hubert(seconds: float, repeat: int) -> None:
     print(f"HuBERT-base features: {ms / seconds:8.0f} ms per second of audio ({seconds:.0f} s clip)")
 
 
-def bench_tiny(seconds: float, hop_frames: int) -> None:
-    p = PRESETS["tiny"]
-    torch.manual_seed(0)
-    model = MoDADiT(p).eval()
+def bench_tiny(seconds: float, model_path: Path) -> None:
+    """Motion RTF of the embedded tiny MoDA through the deployed ``MoDAMotion``, features included.
 
-    def features(audio: np.ndarray) -> np.ndarray:
-        return np.zeros((audio.size // 640, 1, p.audio_dim), np.float32)       # stand-in mel shape
+    Live: 160 ms chunks (4 new frames, 400 ms left context, 40 ms lookahead; the model's own
+    steps/CFG), eager and traced.  Offline: the whole clip as one chunk (``avatar-agent render``).
+    """
+    from avatar_agent.motion.template import template_avatar
+    from avatar_agent.train.loop import build_motion
 
-    mean, std = np.zeros(70, np.float32), np.ones(70, np.float32)
-    gen = MoDAMotion(model, features, mean, std, profile="embedded", hop=hop_frames)
-    rest = np.zeros(70, np.float32)
-    rest[63] = 1.0
-    gen.prepare(Avatar(profile="embedded", image=np.zeros((4, 4, 3), np.uint8),
-                       crop=np.zeros((4, 4, 3), np.uint8), crop_to_image=np.eye(3),
-                       kp_canonical=np.zeros((21, 3), np.float32), rest_motion=rest))
-    n_hops = int(seconds * 25 / hop_frames)
-    prev = rest
-    gen.generate(SpeechChunk(np.zeros(640 * hop_frames, np.float32), 0, 640 * hop_frames, 0, 0, True), prev)
-    t0 = time.perf_counter()
-    for _ in range(n_hops):
-        c = SpeechChunk(np.zeros(640 * (hop_frames + 5), np.float32), 0, 640 * hop_frames, 0, 640 * 5, True)
-        prev = gen.generate(c, prev)[-1]
-    dt = time.perf_counter() - t0
-    audio_s = n_hops * hop_frames / 25
-    print(f"tiny preset ({sum(q.numel() for q in model.parameters()) / 1e6:.2f} M params, window "
-          f"{p.seq_len}, hop {hop_frames}, 10 steps, CFG): RTF {dt / audio_s:.3f} "
-          f"({1000 * dt / n_hops:.0f} ms per {hop_frames}-frame hop)")
+    if not model_path.with_suffix(".json").is_file():
+        print(f"tiny MoDA: no exported model at {model_path} (bench/train_tiny.sh); skipped")
+        return
+    avatar = template_avatar()
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
+    n = audio.size // 640
+    for trace in (False, True):
+        gen = build_motion(model_path, trace=trace)
+        gen.prepare(avatar)
+        hop, left, look = gen.min_hop_ms // 40, 10, 1
+        padded = np.concatenate([np.zeros(640 * left, np.float32), audio, np.zeros(640 * (hop + look), np.float32)])
+
+        def live() -> None:
+            prev = avatar.rest_motion
+            for f0 in range(0, n - hop + 1, hop):
+                a = padded[f0 * 640 : (f0 + left + hop + look) * 640]
+                prev = gen.generate(SpeechChunk(a, f0 * 640, hop * 640, left * 640, look * 640, True), prev)[-1]
+
+        def offline() -> None:
+            gen.generate(SpeechChunk(audio, 0, n * 640, 0, 0, True), avatar.rest_motion)
+
+        live()                                                                   # warm-up / traces
+        offline()
+        for name, fn in (("live", live), ("offline", offline)):
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            what = f"{hop * 40} ms chunks" if name == "live" else "one chunk"
+            print(f"tiny MoDA {name:7s} ({'traced' if trace else 'eager '}, {what}, {gen.steps} steps, "
+                  f"CFG audio {gen.guidance.audio:g}, window {gen.window}, features incl.): "
+                  f"RTF {dt / seconds:.4f}")
+    n_par = sum(q.numel() for q in gen.model.parameters())
+    print(f"tiny MoDA: {n_par / 1e6:.2f} M parameters")
 
 
 def main() -> None:
@@ -102,7 +119,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-release", action="store_true")
     ap.add_argument("--skip-hubert", action="store_true")
-    ap.add_argument("--hop", type=int, default=24, help="tiny streaming hop in frames (window 40)")
+    ap.add_argument("--tiny", type=Path, default=EMBEDDED_MODA, help="exported tiny MoDA")
     ap.add_argument("--no-segment", action="store_true", help="skip the 10-step segment timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,7 +128,7 @@ def main() -> None:
         bench_release(args.repeat, not args.no_segment)
     if not args.skip_hubert:
         bench_hubert(5.0, args.repeat)
-    bench_tiny(8.0, args.hop)
+    bench_tiny(20.0, args.tiny)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ Compared generators (all on a template avatar, 25 fps):
 
 * ``teacher``     ProceduralMotion with TTS phonemes (the training target; synthetic speech only);
 * ``procedural``  ProceduralMotion from audio alone (what the embedded profile does without a model);
-* ``moda-stream`` the same model through the streaming ``MoDAMotion`` (12-frame hops, 320 ms
-                  lookahead, conditioned on the last emitted frame), as the live pipeline runs it;
-* ``moda``        the trained DiT (offline, whole-utterance: segments of N frames, 16-frame
-                  crossfade, release sampler; audio CFG λ = ``--cfg-audio``, default 1), only with ``--model``.
+* ``moda``        the trained model through the deployed ``MoDAMotion`` with the whole clip as one
+                  chunk (as ``avatar-agent render`` feeds it), only with ``--model``;
+* ``moda-stream`` the same with live chunks: 160 ms hops, 40 ms lookahead, 400 ms left context,
+                  each conditioned on the last emitted frame, as ``avatar-agent start`` runs it.
 
 Material: held-out synthetic utterances (corpus seed ``--seed``, never used for training with the
 default training seed 0) and real recorded speech shipped by Debian's alsa-utils
@@ -145,65 +145,38 @@ def procedural(audio: np.ndarray, avatar, seed: int, phonemes=None, emotion: int
     return g.generate_utterance(audio, phonemes, seed=seed, emotion=emotion, intensity=intensity)
 
 
-def moda_generator(model_path: str | Path, cfg_audio: float = 0.0, steps: int = 10) -> Generator:
-    """``(audio, avatar, seed) -> raw motion [T, 70]`` with the trained model, offline."""
-    import torch
+def moda_generator(model_path: str | Path, cfg_audio: float | None = None, steps: int | None = None,
+                   hop_frames: int | None = None, lookahead_frames: int = 1,
+                   left_frames: int = 10) -> Generator:
+    """``(audio, avatar, seed) -> raw motion [T, 70]`` through the deployed :class:`MoDAMotion`.
 
-    from avatar_agent.motion.moda import (from_model_space, generate_long, make_segment_sampler,
-                                          rescale_ratio, to_model_space)
+    ``hop_frames`` None = the whole clip as one chunk (``avatar-agent render``'s long chunks);
+    else chunks of that many new frames with ``lookahead_frames`` of lookahead and
+    ``left_frames`` of left context, as the live chunker cuts them (defaults: 4 = the model's
+    160 ms hop, 40 ms lookahead, 400 ms context).  Steps and audio CFG default to the model's.
+    """
     from avatar_agent.motion.procedural import ProceduralMotion
-    from avatar_agent.nn.sampling import Guidance
-    from avatar_agent.train.loop import load_trained
-
-    model, meta = load_trained(model_path)
-    mean, std = meta["mean"], meta["std"]
-    seg = model.params.seq_len
-    stride = seg - 16 if seg > 32 else max(1, seg // 2)
-
-    def run(audio: np.ndarray, avatar, seed: int, emotion: int = 8) -> np.ndarray:
-        pm = ProceduralMotion()
-        pm.prepare(avatar)
-        rest = pm.rest_pose                                     # mouth-closed rest = training prev
-        rr = rescale_ratio(float(rest[63]), mean)
-        feats = torch.as_tensor(meta["features"](audio)).float()[:, None]      # [T, 1, L, D]
-        prev = torch.from_numpy(to_model_space(rest, mean, std, rr)).reshape(1, 1, -1)
-        ident = torch.as_tensor(np.asarray(avatar.kp_canonical, np.float32).reshape(-1))
-        sampler = make_segment_sampler(model, ident, emotion, meta["null_audio"],
-                                       Guidance(audio=cfg_audio), steps,
-                                       generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            norm = generate_long(feats, prev, sampler, seg, stride).numpy()
-        return from_model_space(norm, mean, std, rr)
-
-    return run
-
-
-def moda_stream_generator(model_path: str | Path, cfg_audio: float = 1.0, steps: int = 10,
-                          hop_frames: int = 12, lookahead_frames: int = 8,
-                          left_frames: int = 12) -> Generator:
-    """The deployed path: :class:`MoDAMotion` fed chunk by chunk (``hop_frames`` new frames per
-    chunk with ``lookahead_frames`` of lookahead and ``left_frames`` of left context)."""
-    from avatar_agent.motion.procedural import ProceduralMotion
-    from avatar_agent.nn.sampling import Guidance
     from avatar_agent.train.loop import build_motion
     from avatar_agent.types import SpeechChunk
 
     spf = 16000 // FPS
 
     def run(audio: np.ndarray, avatar, seed: int, emotion: int = 8) -> np.ndarray:
-        gen = build_motion(model_path, guidance=Guidance(audio=cfg_audio), steps=steps, seed=seed)
+        gen = build_motion(model_path, steps=steps, cfg_audio=cfg_audio, seed=seed)
         gen.prepare(avatar)
         pm = ProceduralMotion()
         pm.prepare(avatar)
-        prev = pm.rest_pose
+        prev = pm.rest_pose                                     # mouth-closed rest = training prev
         n = audio.shape[0] // spf
+        hop = hop_frames or n
+        look = lookahead_frames if hop_frames else 0
         padded = np.concatenate([np.zeros(left_frames * spf, np.float32), audio[: n * spf],
-                                 np.zeros((hop_frames + lookahead_frames) * spf, np.float32)])
+                                 np.zeros((hop + look) * spf, np.float32)])
         out = []
-        for f0 in range(0, n, hop_frames):
-            k = min(hop_frames, n - f0)
-            a = padded[f0 * spf : (f0 + left_frames + k + lookahead_frames) * spf]
-            chunk = SpeechChunk(a, f0 * spf, k * spf, left_frames * spf, lookahead_frames * spf, True)
+        for f0 in range(0, n, hop):
+            k = min(hop, n - f0)
+            a = padded[f0 * spf : (f0 + left_frames + k + look) * spf]
+            chunk = SpeechChunk(a, f0 * spf, k * spf, left_frames * spf, look * spf, True)
             m = gen.generate(chunk, prev, emotion)
             out.append(m)
             prev = m[-1]
@@ -234,8 +207,8 @@ def real_speech(directory: Path = ALSA_DIR) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def evaluate(model_path: str | None, heldout: int, seeds: int, seed: int, cfg_audio: float,
-             steps: int, stream: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+def evaluate(model_path: str | None, heldout: int, seeds: int, seed: int, cfg_audio: float | None,
+             steps: int | None, stream: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     from avatar_agent.motion.template import template_avatar
     from avatar_agent.train.corpus import CorpusParams, make_sample
 
@@ -243,7 +216,7 @@ def evaluate(model_path: str | None, heldout: int, seeds: int, seed: int, cfg_au
     if model_path:
         gens["moda"] = moda_generator(model_path, cfg_audio, steps)
         if stream:
-            gens["moda-stream"] = moda_stream_generator(model_path, cfg_audio, steps)
+            gens["moda-stream"] = moda_generator(model_path, cfg_audio, steps, hop_frames=4)
     results: dict[str, dict[str, dict[str, float]]] = {}
 
     # Held-out synthetic speech (clean audio; the teacher's motion is the reference).
@@ -291,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", type=int, default=16, help="held-out synthetic utterances")
     ap.add_argument("--seeds", type=int, default=3, help="samples per clip (diversity)")
     ap.add_argument("--seed", type=int, default=1_000_003, help="corpus seed of the held-out set")
-    ap.add_argument("--cfg-audio", type=float, default=1.0,
-                    help="audio CFG scale λ (paper eq. 8; 0 = no guidance)")
-    ap.add_argument("--steps", type=int, default=10, help="Euler steps")
+    ap.add_argument("--cfg-audio", type=float, default=None,
+                    help="audio CFG scale λ (paper eq. 8; 0 = no guidance; default: the model's)")
+    ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
     ap.add_argument("--no-stream", action="store_true",
-                    help="skip the streaming MoDAMotion evaluation (12-frame hops, 8 lookahead)")
+                    help="skip the live-chunk evaluation (4-frame hops, 1 frame lookahead)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.model and not Path(args.model).with_suffix(".json").is_file():

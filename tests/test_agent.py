@@ -56,6 +56,23 @@ async def test_every_frame_delivered_once_with_its_audio_and_speech_where_spoken
     assert sink.started == (512, 512, FPS) and sink.closed
 
 
+async def test_generator_min_hop_sets_the_chunk_hop():
+    """A generator that needs longer hops (the tiny MoDA: one DiT window each) gets them."""
+    clock = FakeClock()
+    audio = _speechlike(3.0, [(0.5, 2.5)])
+    cfg = load_config(None, [], use_default_path=False)
+    motion = LevelMotion()
+    motion.min_hop_ms = 160
+    sink = MemorySink()
+    agent = Agent(cfg, source=ArraySource(audio, clock), vad=EnergyVad(), motion=motion,
+                  renderer=LevelRenderer(), sinks=[sink], clock=clock, image=np.zeros((64, 64, 3), np.uint8))
+    await agent.run()
+    sizes = [n for _, n in motion.calls]
+    assert max(sizes) == 4 and sizes.count(4) >= len(sizes) - 1     # 160 ms hops (last may be short)
+    assert [f.index for f in sink.frames] == list(range(len(audio) // SPF))
+    assert agent.player.stats.late_dropped == 0
+
+
 async def test_due_time_is_capture_time_plus_latency():
     clock = FakeClock()
     audio = _speechlike(2.0, [(0.5, 1.5)])

@@ -49,3 +49,24 @@ def test_embedded_moda_speaks_with_the_dit_and_idles_procedurally(data, tmp_path
     # Idle relaxes from where speech left off (no snap) towards the rest pose.
     assert np.abs(idle[0] - m[-1]).max() < np.abs(m[-1] - rest).max() + 1e-6
     assert np.abs(idle[-1] - rest).max() < np.abs(m[-1] - rest).max() + 1e-6
+
+
+def test_generator_min_hop_raises_the_chunk_hop(data, tmp_path, monkeypatch):
+    from avatar_agent.check import implied_latency_ms
+    from avatar_agent.config import chunker_params
+
+    cfg = load_config(None, [], use_default_path=False)
+    assert chunker_params(cfg).hop_ms == 80
+    assert chunker_params(cfg, 160).hop_ms == 160
+    assert chunker_params(cfg, 150).hop_ms == 160                 # rounded up to whole frames
+    assert chunker_params(load_config(None, ["chunker.hop_ms=200"], use_default_path=False), 160).hop_ms == 200
+    # The tiny MoDA's hop comes from its model file and shows in `check`'s latency figures.
+    tr, _ = _trainer(data, dataclasses.replace(small_cfg(), seq_len=16))
+    monkeypatch.setattr(wiring, "EMBEDDED_MODA", export_checkpoint(tr, tmp_path / "tiny.safetensors"))
+    moda_cfg = load_config(None, ["motion.generator=moda"], use_default_path=False)
+    assert wiring.motion_min_hop_ms(moda_cfg) == 160 and wiring.motion_min_hop_ms(cfg) == (
+        160 if wiring.EMBEDDED_MODA_DEFAULT else 0)
+    assert implied_latency_ms(moda_cfg)["total"] - implied_latency_ms(
+        load_config(None, ["motion.generator=procedural"], use_default_path=False))["total"] == 80
+    gen = wiring.make_motion(moda_cfg)
+    assert gen.min_hop_ms == 160

@@ -27,7 +27,7 @@ import torch
 
 from avatar_agent.motion import space
 from avatar_agent.nn.hubert import HOP
-from avatar_agent.nn.moda import MoDADiT
+from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
 from avatar_agent.nn.sampling import Conditions, Guidance, sample
 from avatar_agent.types import EMOTION_NONE, Avatar, Profile, SpeechChunk
 
@@ -140,10 +140,12 @@ def segment_plan(n_frames: int, seg: int = SEGMENT, stride: int = STRIDE) -> tup
 def make_segment_sampler(model: MoDADiT, identity: torch.Tensor, emotion: int,
                          null_audio: torch.Tensor, guidance: Guidance, steps: int = 10,
                          noise: Callable[[int], torch.Tensor] | None = None,
-                         generator: torch.Generator | None = None) -> SegmentSampler:
+                         generator: torch.Generator | None = None,
+                         final_step: bool = True) -> SegmentSampler:
     """``(segment index, prev [1,1,70], audio [1,N,U,L,D]) -> x0 [1,N,70]`` with the DiT sampler.
 
     ``noise(i)`` gives segment i's initial latents; otherwise ``randn`` from ``generator``.
+    ``final_step``: see :func:`avatar_agent.nn.sampling.sample_flow`.
     """
     p = model.params
     dev = next(model.parameters()).device
@@ -154,7 +156,7 @@ def make_segment_sampler(model: MoDADiT, identity: torch.Tensor, emotion: int,
         x = noise(i) if noise is not None else torch.randn((1, n, p.motion_dim), generator=generator)
         cond = Conditions(prev=prev.to(dev), audio=audio.to(dev), emotion=emo,
                           identity=identity.reshape(1, -1).to(dev), null_audio=null_audio.to(dev))
-        return sample(model, cond, x.to(dev), guidance, steps).cpu()
+        return sample(model, cond, x.to(dev), guidance, steps, final_step=final_step).cpu()
 
     return run
 
@@ -257,16 +259,31 @@ class MoDAMotion:
     (audio beyond the chunk is zero, as the release pads its last segment), each conditioned on the
     previous emitted frame, and at most ``hop`` frames of each window are emitted.
 
+    Window seams: each window is conditioned on the last emitted frame (the release's first-frame
+    continuity), which keeps position continuous but not velocity — consecutive windows start from
+    fresh noise.  So the frames a window predicted *beyond* what it emitted are kept, and the next
+    window's first ``crossfade`` frames are blended linearly from them into its own prediction:
+    head pose/scale/translation over the whole crossfade, expression only over frames whose audio
+    the earlier window actually had (its lookahead), because past that it saw zero-padded audio.
+
     Args:
-        model: the DiT (any preset).
+        model: the DiT (any preset), or a :class:`~avatar_agent.nn.moda.TracedDiT` around it.
         features: ``audio(float32 16 kHz [S]) -> [S // 640, blocks, dim]``.
         mean, std: motion statistics of the model's training data.
         profile: "official" or "embedded".
         null_audio: CFG null audio feature broadcastable to [1, W, U, L, D] (default zeros).
         guidance: CFG scales (default: the release's single scale 1.2).
         window: W frames per sampled window (default ``params.seq_len``).
-        hop: max frames emitted per window (default W − 16, the release's stride for W = 80).
+        hop: max frames emitted per window (default W − 16 for W > 32, else 3/4 of W).
         steps: Euler steps.
+        final_step: take the sampler grid's last, 0.1 % step (the release does; see
+            :func:`avatar_agent.nn.sampling.sample_flow`).
+        feature_context: frames of left context the features need (None = all the chunk has:
+            HuBERT's receptive field is the whole input; 1 for frame-local mel features, which
+            then skip the rest of the left context).
+        crossfade: frames blended across window seams (0 = off).
+        min_hop_ms: the shortest chunk hop this generator is meant for (one DiT window per hop);
+            the agent raises ``chunker.hop_ms`` to it.
         idle: optional ``(n, prev [70], t0) -> [n, 70]`` idle-motion callable; without it idle
             frames hold ``prev``.
         device: torch device for the DiT.
@@ -275,29 +292,48 @@ class MoDAMotion:
 
     fps = 25
 
-    def __init__(self, model: MoDADiT, features: Features, mean: np.ndarray, std: np.ndarray, *,
-                 profile: Profile = "official", null_audio: torch.Tensor | None = None,
+    def __init__(self, model: "MoDADiT | TracedDiT", features: Features, mean: np.ndarray,
+                 std: np.ndarray, *, profile: Profile = "official",
+                 null_audio: torch.Tensor | None = None,
                  guidance: Guidance = Guidance.release(1.2), window: int | None = None,
-                 hop: int | None = None, steps: int = 10,
+                 hop: int | None = None, steps: int = 10, final_step: bool = True,
+                 feature_context: int | None = None, crossfade: int = 0, min_hop_ms: int = 0,
                  idle: Callable[[int, np.ndarray, float], np.ndarray] | None = None,
                  device: torch.device | str = "cpu", seed: int = 0) -> None:
         p = model.params
-        self.model, self.features, self.profile = model.eval().to(device), features, profile
+        if isinstance(model, MoDADiT):
+            model = model.eval().to(device)
+        self.model, self.features, self.profile = model, features, profile
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         if self.mean.shape != (p.motion_dim,) or self.std.shape != (p.motion_dim,):
             raise ValueError(f"mean/std must be [{p.motion_dim}], got {self.mean.shape}/{self.std.shape}")
         self.window = window or p.seq_len
-        self.hop = hop or max(1, self.window - OVERLAP)
+        self.hop = hop or (self.window - OVERLAP if self.window > 2 * OVERLAP
+                           else max(1, self.window * 3 // 4))
         if not 1 <= self.hop <= self.window:
             raise ValueError(f"hop must be in 1..window={self.window}, got {self.hop}")
+        if not 0 <= crossfade < self.window:
+            raise ValueError(f"crossfade must be in 0..window-1={self.window - 1}, got {crossfade}")
         self.null_audio = (null_audio if null_audio is not None
                            else torch.zeros(1, 1, 1, 1, p.audio_dim)).float()
         self.guidance, self.steps, self.idle_fn = guidance, steps, idle
+        self.crossfade, self.min_hop_ms = crossfade, min_hop_ms
+        self.final_step, self.feature_context = final_step, feature_context
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.identity: torch.Tensor | None = None
         self.rest: np.ndarray | None = None
         self.rr = 1.0
+        # Seam state: model-space frames predicted past the last emitted one, the source frame
+        # index they start at and how many of them had real audio.
+        self._ahead: torch.Tensor | None = None
+        self._ahead_at = -1
+        self._ahead_real = 0
+
+    @property
+    def params(self) -> MoDAParams:
+        """The DiT's hyper-parameters."""
+        return self.model.params
 
     def prepare(self, avatar: Avatar) -> None:
         """Bind to an avatar: identity = canonical keypoints, rr from the rest pose's scale."""
@@ -305,15 +341,16 @@ class MoDAMotion:
             raise ValueError(f"avatar profile {avatar.profile!r} does not match the motion "
                              f"generator's {self.profile!r}")
         kp = np.asarray(avatar.kp_canonical, np.float32).reshape(-1)
-        if kp.size != self.model.params.id_dim:
+        if kp.size != self.params.id_dim:
             raise ValueError(f"avatar.kp_canonical has {kp.size} values, the model needs "
-                             f"{self.model.params.id_dim}")
+                             f"{self.params.id_dim}")
         self.identity = torch.from_numpy(kp)
         self.rest = np.asarray(avatar.rest_motion, np.float32).reshape(space.DIM)
         self.rr = rescale_ratio(self.rest[space.SCALE], self.mean)
+        self._ahead = None
 
     def _features(self, audio: np.ndarray) -> torch.Tensor:
-        p = self.model.params
+        p = self.params
         f = torch.as_tensor(self.features(audio)).float()                        # [T, L, D]
         if f.dim() == 3:
             f = f[:, None]                                                       # [T, 1, L, D]
@@ -321,6 +358,20 @@ class MoDAMotion:
             raise ValueError(f"features gave {tuple(f.shape)}, the model needs "
                              f"[T, {p.audio_blocks}, {p.audio_dim}]")
         return f
+
+    def _blend_seam(self, x: torch.Tensor, frame: int) -> torch.Tensor:
+        """Crossfade window x [W, 70] (first frame = source frame ``frame``) from the previous
+        window's look-ahead prediction, if that prediction continues exactly here."""
+        ahead = self._ahead
+        if ahead is None or self.crossfade == 0 or frame != self._ahead_at:
+            return x                       # idle, an interruption or a jump in between: no seam
+        k = min(self.crossfade, ahead.shape[0], x.shape[0])
+        w = (torch.arange(1, k + 1, dtype=torch.float32) / (self.crossfade + 1))[:, None]  # [k, 1]
+        x = x.clone()
+        x[:k, SMOOTH_DIMS] = (1 - w) * ahead[:k, SMOOTH_DIMS] + w * x[:k, SMOOTH_DIMS]
+        e = min(k, self._ahead_real)
+        x[:e, :63] = (1 - w[:e]) * ahead[:e, :63] + w[:e] * x[:e, :63]
+        return x
 
     @torch.no_grad()
     def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
@@ -331,34 +382,44 @@ class MoDAMotion:
         """
         if self.identity is None or self.rest is None:
             raise RuntimeError("MoDAMotion.generate called before prepare(avatar)")
-        p = self.model.params
+        p = self.params
         emotion = check_emotion(emotion, p.n_emotions)
         n_new = chunk.n_new // HOP
         if n_new < 1:
             raise ValueError(f"chunk has {chunk.n_new} new samples, less than one frame ({HOP})")
         if chunk.audio.size < chunk.left + chunk.n_new:
             raise ValueError("chunk.audio is shorter than left + n_new")
-        # Drop the partial frame at the start so video frames align with the first new sample.
-        feats = self._features(chunk.audio[chunk.left % HOP :])                  # [F, U, L, D]
-        first = chunk.left // HOP
+        # Drop the partial frame at the start so video frames align with the first new sample,
+        # and any left context the features do not need.
+        skip, first = chunk.left % HOP, chunk.left // HOP
+        if self.feature_context is not None and first > self.feature_context:
+            skip, first = skip + (first - self.feature_context) * HOP, self.feature_context
+        feats = self._features(chunk.audio[skip:])                               # [F, U, L, D]
         if feats.shape[0] < first + n_new:
             raise ValueError(f"features gave {feats.shape[0]} frames for a chunk needing "
                              f"{first + n_new} (left context + new audio); the feature callable "
                              "must return one frame per 640 samples")
+        real = min(feats.shape[0], (chunk.audio.size - skip) // HOP)            # frames with audio
+        prev = np.asarray(prev, np.float32).reshape(space.DIM)
         prev_n = torch.from_numpy(to_model_space(prev, self.mean, self.std, self.rr)).reshape(1, 1, -1)
         sampler = make_segment_sampler(self.model, self.identity, emotion, self.null_audio,
-                                       self.guidance, self.steps, generator=self.generator)
+                                       self.guidance, self.steps, generator=self.generator,
+                                       final_step=self.final_step)
+        frame0 = chunk.start // HOP
         out: list[torch.Tensor] = []
         done = 0
         while done < n_new:
             a = feats[first + done : first + done + self.window]                 # [≤W, U, L, D]
             if a.shape[0] < self.window:
                 a = torch.cat([a, a.new_zeros((self.window - a.shape[0],) + tuple(a.shape[1:]))])
-            x = smooth_pose(sampler(len(out), prev_n, a[None]))                  # [1, W, 70]
+            x = smooth_pose(sampler(len(out), prev_n, a[None]))[0]               # [W, 70]
+            x = self._blend_seam(x, frame0 + done)
             take = min(self.hop, n_new - done)
-            out.append(x[0, :take])
-            prev_n = x[:, take - 1 : take]
+            out.append(x[:take])
+            prev_n = x[None, take - 1 : take]
             done += take
+            self._ahead, self._ahead_at = x[take:], frame0 + done
+            self._ahead_real = max(0, real - (first + done))
         raw = from_model_space(torch.cat(out).numpy(), self.mean, self.std, self.rr)  # [n_new, 70]
         if intensity != 1.0:
             rest = self.rest[space.EXP]
@@ -386,6 +447,7 @@ class EmbeddedMoDA:
 
     def __init__(self, moda: MoDAMotion, idle: Any) -> None:
         self.moda, self.idle_gen = moda, idle
+        self.min_hop_ms = moda.min_hop_ms
 
     @property
     def rest_pose(self) -> np.ndarray:

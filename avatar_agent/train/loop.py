@@ -483,6 +483,7 @@ def export_checkpoint(source: Trainer | str | Path, path: str | Path, use_ema: b
         "motion_mean": stats["motion_mean"], "motion_std": stats["motion_std"],
         "audio_mean": stats["audio_mean"], "audio_std": stats["audio_std"],
         "null_audio": null.detach().float().cpu().reshape(null.shape[-2], null.shape[-1]).tolist(),
+        "inference": dict(INFERENCE_DEFAULTS),
         "train": {"step": st["step"], "ema": use_ema, "cfg": st["cfg"],
                   "elapsed_s": round(float(st.get("elapsed", 0.0)), 1)},
     }
@@ -531,16 +532,61 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu"
     return model.to(device).eval(), meta
 
 
-def build_motion(path: str | Path, **kwargs: Any):
+INFERENCE_DEFAULTS: dict[str, Any] = {
+    "steps": 4, "final_step": False, "cfg_audio": 0.0, "hop": 12, "crossfade": 4,
+    "min_hop_ms": 160, "feature_context": 1,
+}
+"""How an exported tiny model is run unless its JSON's ``inference`` block says otherwise: Euler
+steps of the release grid and whether to take its last 0.1 % step (4 steps without it = 3 network
+evaluations), audio CFG λ (0 = one conditional pass), frames emitted per window, frames blended
+at window seams, the shortest chunk hop (one DiT window per hop keeps the cost per second of audio
+low: bench/bench_moda.py) and the left context the (frame-local mel) features need.  Chosen with
+bench/eval_moda_tiny.py (see the model card)."""
+
+
+def inference_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The export's ``inference`` block over :data:`INFERENCE_DEFAULTS`."""
+    out = dict(INFERENCE_DEFAULTS)
+    extra = meta.get("inference") or {}
+    unknown = set(extra) - set(out)
+    if unknown:
+        raise TrainError(f"unknown keys {sorted(unknown)} in the model's inference settings")
+    out.update(extra)
+    return out
+
+
+def build_motion(path: str | Path, *, steps: int | None = None, cfg_audio: float | None = None,
+                 cfg_emotion: float = 0.0, trace: bool = True, **kwargs: Any):
     """A streaming :class:`~avatar_agent.motion.moda.MoDAMotion` (profile "embedded") for an
-    exported model; ``kwargs`` go to its constructor (guidance, steps, idle, seed, device, ...)."""
+    exported model.
+
+    Args:
+        path: the export (``.safetensors`` beside its ``.json``).
+        steps, cfg_audio: override the model's inference settings (None = its own).
+        cfg_emotion: emotion CFG λ.
+        trace: run the DiT as a frozen TorchScript trace (CPU speed; same numbers).
+        kwargs: more :class:`MoDAMotion` arguments (idle, seed, device, window, hop, ...).
+    """
     from avatar_agent.motion.moda import MoDAMotion
+    from avatar_agent.nn.moda import TracedDiT
+    from avatar_agent.nn.sampling import Guidance
 
     model, meta = load_trained(path, kwargs.get("device", "cpu"))
+    inf = inference_settings(meta)
     kwargs.setdefault("profile", meta.get("profile", "embedded"))
     kwargs.setdefault("null_audio", meta["null_audio"])
-    return MoDAMotion(model, meta["features"], meta["mean"], meta["std"], **kwargs)
+    kwargs.setdefault("guidance", Guidance(audio=inf["cfg_audio"] if cfg_audio is None else cfg_audio,
+                                           emotion=cfg_emotion))
+    kwargs.setdefault("hop", min(inf["hop"], model.params.seq_len))
+    kwargs.setdefault("crossfade", inf["crossfade"])
+    kwargs.setdefault("min_hop_ms", inf["min_hop_ms"])
+    kwargs.setdefault("final_step", inf["final_step"])
+    kwargs.setdefault("feature_context", inf["feature_context"])
+    net = TracedDiT(model) if trace else model
+    return MoDAMotion(net, meta["features"], meta["mean"], meta["std"],
+                      steps=inf["steps"] if steps is None else steps, **kwargs)
 
 
 __all__ = ["TrainConfig", "Trainer", "train", "flow_losses", "lr_at", "init_weights",
-           "export_checkpoint", "load_trained", "build_motion", "TrainError"]
+           "export_checkpoint", "load_trained", "build_motion", "inference_settings",
+           "INFERENCE_DEFAULTS", "TrainError"]

@@ -242,3 +242,65 @@ def test_offline_release_path_shapes_and_rescale() -> None:
     assert np.all(np.abs(out[:, 63] - 2.5) < 2.5 * 0.05 * 6)
     with pytest.raises(ValueError, match="shorter than one video frame"):
         off.generate(audio[:100], src, np.zeros(63, np.float32))
+
+
+def stream_chunk(audio: np.ndarray, f0: int, k: int, left: int = 4, right: int = 1) -> SpeechChunk:
+    """Frames f0..f0+k of a long clip as the live chunker cuts them (left context + lookahead)."""
+    lo = max(0, f0 - left)
+    a = audio[lo * 640 : (f0 + k + right) * 640]
+    return SpeechChunk(audio=a, start=f0 * 640, n_new=k * 640, left=(f0 - lo) * 640,
+                       right=min(right * 640, a.size - (f0 - lo + k) * 640), speech=True)
+
+
+def test_window_seams_crossfade_from_the_previous_windows_look_ahead() -> None:
+    rng = np.random.default_rng(3)
+    audio = (0.1 * rng.standard_normal(640 * 30)).astype(np.float32)
+    plain, faded = make_gen(window=16, hop=12), make_gen(window=16, hop=12, crossfade=4)
+    plain.prepare(avatar()), faded.prepare(avatar())
+    prev = avatar().rest_motion
+    a1, b1 = plain.generate(stream_chunk(audio, 4, 4), prev), faded.generate(stream_chunk(audio, 4, 4), prev)
+    assert np.array_equal(a1, b1)                                                # no seam yet
+    # What the first window predicted past its 4 emitted frames; 1 of them had real audio.
+    ahead = mm.from_model_space(faded._ahead.numpy(), plain.mean, plain.std, plain.rr)
+    assert faded._ahead_at == 8 and faded._ahead_real == 1
+    # Same noise and same prev → the second windows are equal before blending.
+    a2, b2 = plain.generate(stream_chunk(audio, 8, 4), a1[-1]), faded.generate(stream_chunk(audio, 8, 4), b1[-1])
+    w = np.arange(1, 5, dtype=np.float32)[:, None] / 5
+    pose = slice(63, 70)
+    np.testing.assert_allclose(b2[:, pose], (1 - w) * ahead[:4, pose] + w * a2[:, pose], atol=1e-4)
+    # Expression blends only over the look-ahead frame that had real audio.
+    np.testing.assert_allclose(b2[0, :63], 0.8 * ahead[0, :63] + 0.2 * a2[0, :63], atol=1e-4)
+    np.testing.assert_array_equal(b2[1:, :63], a2[1:, :63])
+    # The seam is smoother than without the crossfade: the velocity change at the join shrinks.
+    def seam_jerk(m1: np.ndarray, m2: np.ndarray) -> float:
+        seq = np.concatenate([m1, m2])[:, pose]
+        return float(np.abs(np.diff(seq, 2, axis=0)[2:5]).mean())
+    assert seam_jerk(b1, b2) < seam_jerk(a1, a2)
+    # A chunk that does not continue the last one (idle frames in between): no blending.
+    gap_p, gap_f = plain.generate(stream_chunk(audio, 16, 4), prev), faded.generate(stream_chunk(audio, 16, 4), prev)
+    assert np.array_equal(gap_p, gap_f)
+
+
+def test_traced_dit_in_the_streaming_generator_gives_the_same_motion() -> None:
+    from avatar_agent.nn.moda import TracedDiT
+
+    eager = make_gen(window=16, hop=12)
+    traced = make_gen(window=16, hop=12)
+    traced.model = TracedDiT(traced.model)
+    eager.prepare(avatar()), traced.prepare(avatar())
+    c = chunk(20)
+    np.testing.assert_allclose(traced.generate(c, avatar().rest_motion),
+                               eager.generate(c, avatar().rest_motion), atol=1e-4)
+    assert traced.model.failed is None and len(traced.model._traces) == 1      # one window shape
+
+
+def test_frame_local_features_skip_unneeded_left_context() -> None:
+    """band_energy is frame-local: with feature_context=1 the motion equals the full-context one."""
+    full, lean = make_gen(window=16, hop=12), make_gen(window=16, hop=12, feature_context=1)
+    full.prepare(avatar()), lean.prepare(avatar())
+    seen: list[int] = []
+    inner = lean.features
+    lean.features = lambda a: (seen.append(a.size), inner(a))[1]
+    c = chunk(6, left=640 * 10 + 100, right=640)
+    np.testing.assert_array_equal(lean.generate(c, avatar().rest_motion), full.generate(c, avatar().rest_motion))
+    assert seen == [640 * (1 + 6 + 1)]                                           # 1 context frame

@@ -109,3 +109,29 @@ def test_bad_inputs_are_named() -> None:
               torch.zeros(1, 63))
     with pytest.raises(ValueError, match="heads"):
         MoDAParams(hidden=30, heads=4)
+
+
+def test_traced_dit_matches_eager_and_caches_per_shape() -> None:
+    from avatar_agent.nn.moda import TracedDiT
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = MoDADiT(MoDAParams(hidden=32, heads=2, audio_dim=8, audio_blocks=1, n_four=1, n_two=1,
+                               n_single=1))
+    fast = TracedDiT(model, max_shapes=1)
+
+    def args(n: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(2, n, 140), torch.tensor([1000.0, 3.0]), torch.randn(2, n, 1, 1, 8),
+                torch.tensor([1, 8]), torch.randn(2, 63))
+
+    a = args(6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(*a), model(*a), atol=1e-5, rtol=1e-5)
+        b = args(6)                                                              # same shape: reused
+        torch.testing.assert_close(fast(*b), model(*b), atol=1e-5, rtol=1e-5)
+        c = args(9)                                                              # over max_shapes: eager
+        torch.testing.assert_close(fast(*c), model(*c), atol=0, rtol=0)
+    assert len(fast._traces) == 1 and fast.failed is None
+    # With gradients on it is the model itself (training never goes through a trace).
+    out = fast(*a)
+    assert out.requires_grad

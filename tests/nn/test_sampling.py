@@ -130,3 +130,15 @@ def test_sampling_is_deterministic_and_uses_every_step() -> None:
     out = sample(model, cond, x, Guidance.release(), steps=5, trace=trace)
     assert len(trace["latents"]) == 5 and torch.equal(trace["latents"][-1], out)
     assert torch.equal(out, sample(model, cond, x, Guidance.release(), steps=5))
+
+
+@torch.no_grad()
+def test_skipping_the_final_step_saves_one_evaluation_and_moves_x_by_a_thousandth() -> None:
+    model, cond, x = tiny_setup()
+    full: dict[str, list[torch.Tensor]] = {}
+    short: dict[str, list[torch.Tensor]] = {}
+    a = sample(model, cond, x, Guidance(), steps=4, trace=full)
+    b = sample(model, cond, x, Guidance(), steps=4, trace=short, final_step=False)
+    assert len(short["velocity"]) == 3 and len(full["velocity"]) == 4
+    torch.testing.assert_close(b, full["latents"][2], atol=0, rtol=0)          # same first 3 steps
+    torch.testing.assert_close(a, b - 0.001 * full["velocity"][3], atol=1e-6, rtol=1e-5)

@@ -16,8 +16,8 @@ from avatar_agent.nn.moda import MoDADiT
 from avatar_agent.train.cli import prep_main, train_main
 from avatar_agent.train.corpus import build_corpus
 from avatar_agent.train.loop import (
-    TrainConfig, Trainer, TrainError, build_motion, export_checkpoint, flow_losses, load_trained,
-    lr_at, train,
+    INFERENCE_DEFAULTS, TrainConfig, Trainer, TrainError, build_motion, export_checkpoint, flow_losses,
+    load_trained, lr_at, train,
 )
 from avatar_agent.train.shards import ShardDataset
 from avatar_agent.types import SpeechChunk
@@ -172,6 +172,22 @@ def test_export_load_identical_outputs(data, tmp_path):
     audio = np.random.default_rng(0).normal(0, 0.05, 16000).astype(np.float32)
     out = motion.generate(SpeechChunk(audio, 0, 16000, 0, 0, True), template_avatar().rest_motion)
     assert out.shape == (25, 70) and np.all(np.isfinite(out))
+    # Inference settings come from the export's JSON; arguments override them.
+    meta_path = tmp_path / "ema.json"
+    meta_j = json.loads(meta_path.read_text())
+    assert meta_j["inference"] == INFERENCE_DEFAULTS
+    meta_j["inference"] = {"steps": 3, "cfg_audio": 0.5, "hop": 6, "crossfade": 2, "min_hop_ms": 200,
+                           "final_step": True, "feature_context": None}
+    meta_path.write_text(json.dumps(meta_j))
+    tuned = build_motion(tmp_path / "ema.safetensors")
+    assert (tuned.steps, tuned.guidance.audio, tuned.hop, tuned.crossfade, tuned.min_hop_ms,
+            tuned.final_step, tuned.feature_context) == (3, 0.5, 6, 2, 200, True, None)
+    assert type(tuned.model).__name__ == "TracedDiT"
+    assert build_motion(tmp_path / "ema.safetensors", steps=5, cfg_audio=0.0, trace=False).steps == 5
+    meta_j["inference"]["warp"] = 1
+    meta_path.write_text(json.dumps(meta_j))
+    with pytest.raises(TrainError, match="warp"):
+        build_motion(tmp_path / "ema.safetensors")
 
     with pytest.raises(TrainError, match="missing"):
         load_trained(tmp_path / "nothing.safetensors")
