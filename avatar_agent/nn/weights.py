@@ -10,14 +10,15 @@
   Old checkpoints name the positional-conv weight norm ``weight_g``/``weight_v``; transformers ≥ 4.3x
   (4.57 and 5.24 alike) name them ``parametrizations.weight.original0/1``; a ``hubert.`` prefix
   (from a ``HubertFor*`` head model) is stripped.
-* Our own checkpoints: a directory with ``model.safetensors`` + ``config.json`` (the params).
+
+Our own trained models are exports of :mod:`avatar_agent.train.loop` (``.safetensors`` of the DiT +
+``.json`` with params, feature config, statistics and inference settings); their key check uses
+:func:`check_state_dict` too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -200,46 +201,3 @@ def load_hubert(directory: str | Path, device: torch.device | str = "cpu") -> to
         raise WeightsError(f"{d} has no model.safetensors or pytorch_model.bin")
     load_hubert_state(model, state, f"HuBERT weights {what}")
     return model.to(device).eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Our own checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(directory: str | Path, model: MoDADiT, extra: Mapping[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` + ``config.json`` ({"params": MoDAParams fields, **extra})."""
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(d / "model.safetensors"))
-    cfg = {"params": dataclasses.asdict(model.params), **(extra or {})}
-    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-
-
-def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu"
-                    ) -> tuple[MoDADiT, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save_checkpoint`; returns (model, config dict)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    cfg_path, w_path = d / "config.json", d / "model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise WeightsError(f"checkpoint file missing: {p}")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        params = MoDAParams(**cfg["params"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise WeightsError(f"{cfg_path} is not a valid checkpoint config ({e})") from e
-    try:
-        state = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{w_path} is corrupt ({e}); re-create or re-fetch it") from e
-    model = build_dit(params)
-    check_state_dict(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, str(w_path))
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), cfg

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from avatar_agent.nn.moda import PRESETS, MoDADiT, MoDAParams, count_parameters
+from avatar_agent.nn.weights import WeightsError, check_state_dict
 from avatar_agent.train.shards import ShardDataset, ShardError, Stats
 
 CHECKPOINT = "checkpoint.pt"
@@ -521,10 +522,12 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu"
     except Exception as e:  # safetensors' own error type is not public API
         raise TrainError(f"{w_path} is corrupt ({e}); re-export the model") from e
     model = MoDADiT(params)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise TrainError(f"{w_path} does not match its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    try:
+        check_state_dict(state, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                         f"{w_path} (against {j_path.name})")
+    except WeightsError as e:
+        raise TrainError(f"{e}; re-export the model") from e
+    model.load_state_dict(state, strict=True)
     null = torch.tensor(meta["null_audio"], dtype=torch.float32).reshape(
         1, 1, 1, params.audio_blocks, params.audio_dim)
     meta.update(mean=stats.motion_mean, std=stats.motion_std, null_audio=null, stats=stats,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,8 @@ import torch
 from avatar_agent.nn.hubert import HubertFeatures, build_hubert, hubert_config
 from avatar_agent.nn.moda import RELEASE_PREFIX, MoDADiT, MoDAParams
 from avatar_agent.nn.weights import (
-    WeightsError, load_checkpoint, load_hubert, load_mean_std, load_moda_release, load_moda_state,
-    rename_hubert_keys, save_checkpoint, save_mean_std, sha256_file,
+    WeightsError, load_hubert, load_mean_std, load_moda_release, load_moda_state,
+    rename_hubert_keys, save_mean_std, sha256_file,
 )
 
 SMALL = MoDAParams(hidden=32, heads=2, audio_dim=8, audio_blocks=2, n_four=1, n_two=1, n_single=1,
@@ -114,21 +113,6 @@ def test_hubert_dir_with_old_weight_norm_names(tmp_path: Path) -> None:
         load_hubert(tmp_path)
     with pytest.raises(WeightsError, match="not found"):
         load_hubert(tmp_path / "nope")
-
-
-def test_own_checkpoint_roundtrip_and_corruption(tmp_path: Path) -> None:
-    model = small_model(3)
-    save_checkpoint(tmp_path / "ck", model, {"features": "mel80", "null_audio": [0.0] * 8})
-    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert cfg["params"]["hidden"] == 32 and cfg["features"] == "mel80"
-    loaded, cfg2 = load_checkpoint(tmp_path / "ck")
-    assert loaded.params == SMALL and cfg2 == cfg
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v)
-    w = tmp_path / "ck" / "model.safetensors"
-    w.write_bytes(w.read_bytes()[:100])
-    with pytest.raises(WeightsError, match="corrupt"):
-        load_checkpoint(tmp_path / "ck")
 
 
 def test_sha256_file(tmp_path: Path) -> None:

@@ -191,6 +191,16 @@ def test_export_load_identical_outputs(data, tmp_path):
 
     with pytest.raises(TrainError, match="missing"):
         load_trained(tmp_path / "nothing.safetensors")
+    # Weights that do not match the JSON's params: every missing key is named.
+    from safetensors.torch import load_file, save_file
+    w = load_file(str(tmp_path / "ema.safetensors"))
+    w.pop("final_layer.linear.bias")
+    save_file(w, str(tmp_path / "ema.safetensors"))
+    with pytest.raises(TrainError, match="final_layer.linear.bias"):
+        load_trained(tmp_path / "ema.safetensors")
+    (tmp_path / "ema.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(TrainError, match="corrupt"):
+        load_trained(tmp_path / "ema.safetensors")
     (tmp_path / "bad.json").write_text("{}")
     (tmp_path / "bad.safetensors").write_bytes(b"x")
     with pytest.raises(TrainError, match="not an"):
