@@ -163,10 +163,10 @@ def moda_generator(model_path: str | Path, cfg_audio: float | None = None, steps
 
     def run(audio: np.ndarray, avatar, seed: int, emotion: int = 8) -> np.ndarray:
         gen = build_motion(model_path, steps=steps, cfg_audio=cfg_audio, seed=seed)
-        gen.prepare(avatar)
         pm = ProceduralMotion()
         pm.prepare(avatar)
         prev = pm.rest_pose                                     # mouth-closed rest = training prev
+        gen.prepare(avatar, reference=prev)                     # as EmbeddedMoDA does
         n = audio.shape[0] // spf
         hop = hop_frames or n
         look = lookahead_frames if hop_frames else 0

@@ -37,6 +37,7 @@ fi
 echo "== train: preset tiny, $STEPS steps x $BATCH, <= $MINUTES min, $THREADS threads -> $RUN"
 "$PY" -m avatar_agent.train.cli train --data "$DATA" --out "$RUN" --preset tiny \
   --steps "$STEPS" --batch "$BATCH" --max-minutes "$MINUTES" --threads "$THREADS" \
+  --relative --p-tail-zero 0.5 \
   --export "$EXPORT"
 
 echo "== evaluate $EXPORT"

@@ -284,6 +284,10 @@ class MoDAMotion:
         crossfade: frames blended across window seams (0 = off).
         min_hop_ms: the shortest chunk hop this generator is meant for (one DiT window per hop);
             the agent raises ``chunker.hop_ms`` to it.
+        relative: model space is relative to a reference pose (the avatar's rest, or the one given
+            to :meth:`prepare`), no rescale ratio — how the embedded tiny model is trained.
+        identity: a fixed identity condition [63] used instead of the avatar's keypoints
+            (relative models are trained identity-agnostic).
         idle: optional ``(n, prev [70], t0) -> [n, 70]`` idle-motion callable; without it idle
             frames hold ``prev``.
         device: torch device for the DiT.
@@ -298,6 +302,7 @@ class MoDAMotion:
                  guidance: Guidance = Guidance.release(1.2), window: int | None = None,
                  hop: int | None = None, steps: int = 10, final_step: bool = True,
                  feature_context: int | None = None, crossfade: int = 0, min_hop_ms: int = 0,
+                 relative: bool = False, identity: np.ndarray | None = None,
                  idle: Callable[[int, np.ndarray, float], np.ndarray] | None = None,
                  device: torch.device | str = "cpu", seed: int = 0) -> None:
         p = model.params
@@ -319,6 +324,10 @@ class MoDAMotion:
         self.guidance, self.steps, self.idle_fn = guidance, steps, idle
         self.crossfade, self.min_hop_ms = crossfade, min_hop_ms
         self.final_step, self.feature_context = final_step, feature_context
+        self.relative = relative
+        self.fixed_identity = None if identity is None else np.asarray(identity, np.float32).reshape(-1)
+        if self.fixed_identity is not None and self.fixed_identity.size != p.id_dim:
+            raise ValueError(f"identity must have {p.id_dim} values, got {self.fixed_identity.size}")
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.identity: torch.Tensor | None = None
@@ -335,8 +344,10 @@ class MoDAMotion:
         """The DiT's hyper-parameters."""
         return self.model.params
 
-    def prepare(self, avatar: Avatar) -> None:
-        """Bind to an avatar: identity = canonical keypoints, rr from the rest pose's scale."""
+    def prepare(self, avatar: Avatar, reference: np.ndarray | None = None) -> None:
+        """Bind to an avatar: identity = canonical keypoints (or the fixed identity), rr from the
+        rest pose's scale; ``reference`` replaces ``avatar.rest_motion`` as the rest pose (e.g.
+        the idle layer's mouth-closed rest, which relative models were trained around)."""
         if avatar.profile != self.profile:
             raise ValueError(f"avatar profile {avatar.profile!r} does not match the motion "
                              f"generator's {self.profile!r}")
@@ -344,10 +355,24 @@ class MoDAMotion:
         if kp.size != self.params.id_dim:
             raise ValueError(f"avatar.kp_canonical has {kp.size} values, the model needs "
                              f"{self.params.id_dim}")
-        self.identity = torch.from_numpy(kp)
-        self.rest = np.asarray(avatar.rest_motion, np.float32).reshape(space.DIM)
-        self.rr = rescale_ratio(self.rest[space.SCALE], self.mean)
+        if self.fixed_identity is not None:
+            kp = self.fixed_identity
+        self.identity = torch.from_numpy(kp.copy())
+        rest = avatar.rest_motion if reference is None else reference
+        self.rest = np.asarray(rest, np.float32).reshape(space.DIM).copy()
+        self.rr = 1.0 if self.relative else rescale_ratio(self.rest[space.SCALE], self.mean)
         self._ahead = None
+
+    def _to_model(self, raw: np.ndarray) -> np.ndarray:
+        assert self.rest is not None
+        if self.relative:
+            raw = np.asarray(raw, np.float32) - self.rest
+        return to_model_space(raw, self.mean, self.std, self.rr)
+
+    def _from_model(self, norm: np.ndarray) -> np.ndarray:
+        assert self.rest is not None
+        raw = from_model_space(norm, self.mean, self.std, self.rr)
+        return raw + self.rest if self.relative else raw
 
     def _features(self, audio: np.ndarray) -> torch.Tensor:
         p = self.params
@@ -401,7 +426,7 @@ class MoDAMotion:
                              "must return one frame per 640 samples")
         real = min(feats.shape[0], (chunk.audio.size - skip) // HOP)            # frames with audio
         prev = np.asarray(prev, np.float32).reshape(space.DIM)
-        prev_n = torch.from_numpy(to_model_space(prev, self.mean, self.std, self.rr)).reshape(1, 1, -1)
+        prev_n = torch.from_numpy(self._to_model(prev)).reshape(1, 1, -1)
         sampler = make_segment_sampler(self.model, self.identity, emotion, self.null_audio,
                                        self.guidance, self.steps, generator=self.generator,
                                        final_step=self.final_step)
@@ -420,7 +445,7 @@ class MoDAMotion:
             done += take
             self._ahead, self._ahead_at = x[take:], frame0 + done
             self._ahead_real = max(0, real - (first + done))
-        raw = from_model_space(torch.cat(out).numpy(), self.mean, self.std, self.rr)  # [n_new, 70]
+        raw = self._from_model(torch.cat(out).numpy())                           # [n_new, 70]
         if intensity != 1.0:
             rest = self.rest[space.EXP]
             raw[:, space.EXP] = rest + np.float32(intensity) * (raw[:, space.EXP] - rest)
@@ -455,9 +480,10 @@ class EmbeddedMoDA:
         return self.idle_gen.rest_pose
 
     def prepare(self, avatar: Avatar) -> None:
-        """Bind both generators to the avatar."""
-        self.moda.prepare(avatar)
+        """Bind both generators to the avatar; speech motion is generated around the idle
+        layer's rest pose (portrait pose, mouth closed), where silence relaxes to."""
         self.idle_gen.prepare(avatar)
+        self.moda.prepare(avatar, reference=self.idle_gen.rest_pose)
 
     def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
         """Emotion of idle frames (speech gets it per chunk)."""

@@ -106,6 +106,8 @@ def train_main(argv: list[str] | None = None) -> int:
                     help="probability of zeroing a segment's audio from a random frame on")
     ap.add_argument("--w-vel", type=float, default=d.w_vel)
     ap.add_argument("--w-acc", type=float, default=d.w_acc)
+    ap.add_argument("--relative", action="store_true",
+                    help="learn motion relative to the avatar's rest pose (the embedded tiny model)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
@@ -135,7 +137,8 @@ def train_main(argv: list[str] | None = None) -> int:
                           warmup_steps=args.warmup, ema_decay=args.ema,
                           p_drop_audio=args.p_drop_audio, p_drop_emotion=args.p_drop_emotion,
                           p_tail_zero=args.p_tail_zero,
-                          w_vel=args.w_vel, w_acc=args.w_acc, seed=args.seed, device=args.device,
+                          w_vel=args.w_vel, w_acc=args.w_acc, relative=args.relative,
+                          seed=args.seed, device=args.device,
                           bf16=args.bf16, threads=args.threads, max_minutes=args.max_minutes,
                           log_every=args.log_every, ckpt_every=args.ckpt_every,
                           val_every=args.val_every)

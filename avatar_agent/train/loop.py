@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from avatar_agent.motion.template import neutral_template
 from avatar_agent.nn.moda import PRESETS, MoDADiT, MoDAParams, count_parameters
 from avatar_agent.nn.weights import WeightsError, check_state_dict
 from avatar_agent.train.shards import ShardDataset, ShardError, Stats
@@ -68,6 +69,9 @@ class TrainConfig:
             segment pad the window's unknown future with zero features; this teaches the model
             what that means.  Only with ``dropout``.
         w_vel, w_acc: weights of the first/second-difference consistency losses.
+        relative: learn motion relative to the avatar's rest pose, with a fixed identity
+            condition (see :func:`avatar_agent.train.shards.compute_stats`); the export records it
+            and inference adds the portrait's rest pose back.  The embedded tiny model uses it.
         seed: seeds the initial weights and both training generators.
         device: "cpu", "cuda", ...; bf16: autocast the forward pass to bfloat16 (GPU).
         threads: torch intra-op threads on CPU (0 = leave torch's default).
@@ -95,6 +99,7 @@ class TrainConfig:
     p_tail_zero: float = 0.25
     w_vel: float = 1.0
     w_acc: float = 1.0
+    relative: bool = False
     seed: int = 0
     device: str = "cpu"
     bf16: bool = False
@@ -376,11 +381,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     Resumes from ``out_dir/checkpoint.pt`` when it exists and ``resume`` is set.  Stops at
     ``cfg.steps`` or after ``cfg.max_minutes``; always leaves a checkpoint behind.
     """
-    from avatar_agent.train.shards import load_index, split_utterances
+    from avatar_agent.train.shards import compute_stats, load_index, split_utterances
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index = load_index(data_dir)
+    if "stats" not in index or Stats.from_json(index["stats"]).relative != cfg.relative:
+        compute_stats(data_dir, relative=cfg.relative)                          # the space asked for
+        index = load_index(data_dir)
     n_utt = int(index["utterances"])
     train_ids, val_ids = split_utterances(n_utt, cfg.val_fraction if n_utt > 20 else 0.0, cfg.seed)
     seq_len = cfg.params(1, 1).seq_len
@@ -482,9 +490,14 @@ def export_checkpoint(source: Trainer | str | Path, path: str | Path, use_ema: b
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "profile": "embedded",
         "params": st["params"], "feature": st["feature"],
         "motion_mean": stats["motion_mean"], "motion_std": stats["motion_std"],
+        "relative": bool(stats.get("relative", False)),
         "audio_mean": stats["audio_mean"], "audio_std": stats["audio_std"],
         "null_audio": null.detach().float().cpu().reshape(null.shape[-2], null.shape[-1]).tolist(),
         "inference": dict(INFERENCE_DEFAULTS),
+        # Relative models are identity-agnostic: inference feeds this fixed shape (the corpus'
+        # template, the centre of its identity range) instead of a portrait's keypoints.
+        "identity": (neutral_template().reshape(-1).astype(float).tolist()
+                     if stats.get("relative") else None),
         "train": {"step": st["step"], "ema": use_ema, "cfg": st["cfg"],
                   "elapsed_s": round(float(st.get("elapsed", 0.0)), 1)},
     }
@@ -583,6 +596,9 @@ def build_motion(path: str | Path, *, steps: int | None = None, cfg_audio: float
     kwargs.setdefault("hop", min(inf["hop"], model.params.seq_len))
     kwargs.setdefault("crossfade", inf["crossfade"])
     kwargs.setdefault("min_hop_ms", inf["min_hop_ms"])
+    kwargs.setdefault("relative", bool(meta.get("relative", False)))
+    if meta.get("identity") is not None:
+        kwargs.setdefault("identity", np.asarray(meta["identity"], np.float32))
     kwargs.setdefault("final_step", inf["final_step"])
     kwargs.setdefault("feature_context", inf["feature_context"])
     net = TracedDiT(model) if trace else model

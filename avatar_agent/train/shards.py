@@ -19,7 +19,8 @@ One shard (``numpy.savez``, no pickles) holds, for n utterances with T_i frames 
 
 Normalisation ("model space") mirrors inference in :class:`avatar_agent.motion.moda.MoDAMotion`:
 scale and t are divided by the rescale ratio ``rr = (s_rest + 1e-5)/(mean_scale + 1e-5)`` of the
-utterance's avatar, then ``(x − mean)/(std + 1e-5)`` (the release's ``+1e-5``).  Audio features are
+utterance's avatar, then ``(x − mean)/(std + 1e-5)`` (the release's ``+1e-5``); or, with relative
+statistics, ``(x − rest − mean)/(std + 1e-5)`` (see :func:`compute_stats`).  Audio features are
 standardised per (block, dim) channel with the corpus mean/std.
 """
 
@@ -235,34 +236,53 @@ class Stats:
     """Corpus statistics used for normalisation (saved in the index and in exported models).
 
     Attributes:
-        motion_mean, motion_std: float32 [70] of the rr-rescaled raw motion.
+        motion_mean, motion_std: float32 [70] of the rr-rescaled raw motion, or with ``relative``
+            of the motion minus the utterance's rest pose (no rr).
         audio_mean, audio_std: float32 [L, D] per feature channel.
+        relative: model space is relative to the avatar's rest pose (see :func:`compute_stats`).
     """
 
     motion_mean: np.ndarray
     motion_std: np.ndarray
     audio_mean: np.ndarray
     audio_std: np.ndarray
+    relative: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {k: np.asarray(getattr(self, k), np.float64).tolist()
-                for k in ("motion_mean", "motion_std", "audio_mean", "audio_std")}
+        d: dict[str, Any] = {k: np.asarray(getattr(self, k), np.float64).tolist()
+                             for k in ("motion_mean", "motion_std", "audio_mean", "audio_std")}
+        d["relative"] = self.relative
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Stats":
         try:
-            return cls(**{k: np.asarray(d[k], np.float32)
-                          for k in ("motion_mean", "motion_std", "audio_mean", "audio_std")})
+            arrays = {k: np.asarray(d[k], np.float32)
+                      for k in ("motion_mean", "motion_std", "audio_mean", "audio_std")}
         except KeyError as e:
             raise ShardError(f"statistics lack {e}; recompute them with compute_stats") from e
+        return cls(**arrays, relative=bool(d.get("relative", False)))
+
+    def model_space(self, motion: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        """Raw motion [..., 70] of an avatar with rest pose ``rest`` → normalised model space."""
+        if self.relative:
+            return space.normalise(np.asarray(motion, np.float32) - np.asarray(rest, np.float32),
+                                   self.motion_mean, self.motion_std).astype(np.float32)
+        rr = rescale_ratio(float(np.asarray(rest)[space.SCALE]), self.motion_mean)
+        return to_model_space(motion, self.motion_mean, self.motion_std, rr)
 
 
-def compute_stats(data_dir: str | Path) -> Stats:
+def compute_stats(data_dir: str | Path, relative: bool = False) -> Stats:
     """Motion and audio mean/std over the whole corpus; written into ``index.json``.
 
-    Two passes: the mean raw scale fixes rr for every utterance (as at inference, where rr comes
-    from the saved mean), then mean/std of the rr-rescaled motion.  ``motion_mean[63]`` is kept at
-    the raw mean scale so rr at training time equals rr here.
+    Absolute (the release's convention): two passes; the mean raw scale fixes rr for every
+    utterance (as at inference, where rr comes from the saved mean), then mean/std of the
+    rr-rescaled motion.  ``motion_mean[63]`` is kept at the raw mean scale so rr at training time
+    equals rr here.
+
+    Relative: statistics of ``motion − rest`` per utterance.  A model trained so predicts motion
+    around whatever rest pose it is given, so a real portrait — whose rest expression, translation
+    and canonical keypoints lie far outside a synthetic corpus' range — gets in-distribution input.
     """
     d = Path(data_dir)
     index = load_index(d)
@@ -281,7 +301,10 @@ def compute_stats(data_dir: str | Path) -> Stats:
     a2: np.ndarray | None = None
     for rec in iter_records(d):
         m = np.asarray(rec.motion, np.float64).copy()
-        m[:, 63:67] /= rescale_ratio(float(rec.rest[space.SCALE]), ref)
+        if relative:
+            m -= np.asarray(rec.rest, np.float64)
+        else:
+            m[:, 63:67] /= rescale_ratio(float(rec.rest[space.SCALE]), ref)
         m1 += m.sum(0)
         m2 += (m ** 2).sum(0)
         a = np.asarray(rec.audio, np.float64)
@@ -290,13 +313,14 @@ def compute_stats(data_dir: str | Path) -> Stats:
     assert a1 is not None and a2 is not None
     mean = m1 / n
     std = np.sqrt(np.maximum(m2 / n - mean ** 2, 0.0))
-    mean[space.SCALE] = mean_scale
+    if not relative:
+        mean[space.SCALE] = mean_scale
     amean = a1 / n
     astd = np.sqrt(np.maximum(a2 / n - amean ** 2, 0.0))
     # A constant audio channel (e.g. a mel bin above the TTS bandwidth) must not blow up.
     astd = np.maximum(astd, 1e-3)
     stats = Stats(mean.astype(np.float32), std.astype(np.float32), amean.astype(np.float32),
-                  astd.astype(np.float32))
+                  astd.astype(np.float32), relative)
     index["stats"] = stats.to_json()
     _write_index(d, index)
     return stats
@@ -348,7 +372,6 @@ class ShardDataset(torch.utils.data.Dataset):
         self.seq_len = seq_len
         self.stats = stats or load_stats(self.dir)
         self.feature = self.index["feature"]
-        mean, std = self.stats.motion_mean, self.stats.motion_std
         self._amean = torch.from_numpy(np.asarray(self.stats.audio_mean, np.float32))  # [L, D]
         self._astd = torch.from_numpy(np.asarray(self.stats.audio_std, np.float32))    # [L, D]
         want = set(utterances) if utterances is not None else None
@@ -368,12 +391,11 @@ class ShardDataset(torch.utils.data.Dataset):
             if rec.frames < seq_len:
                 self.skipped += 1
                 continue
-            rr = rescale_ratio(float(rec.rest[space.SCALE]), mean)
             # Audio stays float16 in memory (release-size features are 12 × 768 per frame) and is
             # standardised per segment.
             self.audio.append(torch.from_numpy(np.asarray(rec.audio, np.float16)))  # [T, L, D]
-            self.motion.append(torch.from_numpy(to_model_space(rec.motion, mean, std, rr)))
-            self.prev0.append(torch.from_numpy(to_model_space(rec.rest, mean, std, rr)))
+            self.motion.append(torch.from_numpy(self.stats.model_space(rec.motion, rec.rest)))
+            self.prev0.append(torch.from_numpy(self.stats.model_space(rec.rest, rec.rest)))
             self.identity.append(torch.from_numpy(np.asarray(rec.identity, np.float32).reshape(-1)))
             self.emotion.append(int(rec.emotion))
             self.intensity.append(float(rec.intensity))

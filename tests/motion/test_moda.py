@@ -304,3 +304,23 @@ def test_frame_local_features_skip_unneeded_left_context() -> None:
     c = chunk(6, left=640 * 10 + 100, right=640)
     np.testing.assert_array_equal(lean.generate(c, avatar().rest_motion), full.generate(c, avatar().rest_motion))
     assert seen == [640 * (1 + 6 + 1)]                                           # 1 context frame
+
+
+def test_relative_model_moves_around_the_given_rest_pose_with_a_fixed_identity() -> None:
+    """Relative (embedded tiny) models: the same audio and seed give the same offsets from the
+    rest pose for two very different portraits; the portrait's keypoints are not fed."""
+    fixed = np.linspace(-0.5, 0.5, 63).astype(np.float32)
+    a, b = make_gen(relative=True, identity=fixed), make_gen(relative=True, identity=fixed)
+    av_a = avatar()
+    rest_b = av_a.rest_motion.copy()
+    rest_b[:63] += 0.2                                                           # a wide smile
+    rest_b[64:67] = (0.1, 0.16, 0.0)
+    rest_b[67:70] = (5.0, -10.0, 3.0)
+    av_b = Avatar(profile="embedded", image=av_a.image, crop=av_a.crop, crop_to_image=np.eye(3),
+                  kp_canonical=av_a.kp_canonical[::-1].copy() * 3, rest_motion=av_a.rest_motion)
+    a.prepare(av_a)
+    b.prepare(av_b, reference=rest_b)                                            # reference wins
+    assert torch.equal(a.identity, b.identity) and np.allclose(a.identity.numpy(), fixed)
+    ma, mb = a.generate(chunk(8), av_a.rest_motion), b.generate(chunk(8), rest_b)
+    np.testing.assert_allclose(mb - rest_b, ma - av_a.rest_motion, atol=1e-5)
+    assert np.abs(ma - av_a.rest_motion).max() > 1e-3                          # it does move

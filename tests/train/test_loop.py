@@ -230,8 +230,18 @@ def test_cli_prep_train_export(tmp_path, capsys):
     assert train_main(args) == 0
     model, meta = load_trained(tmp_path / "m")
     assert model.params.hidden == 32 and meta["train"]["step"] == 2
+    assert meta["relative"] is False and meta["identity"] is None
     assert train_main(["--out", str(run), "--export-only", "--export", str(tmp_path / "n")]) == 0
     assert json.loads((tmp_path / "n.json").read_text())["train"]["step"] == 2
+    # --relative: statistics recomputed relative to the rest pose; the export says so and
+    # carries the fixed identity that inference feeds instead of a portrait's keypoints.
+    rel = ["--data", str(d), "--out", str(tmp_path / "rel"), "--steps", "2", "--batch", "2",
+           "--seq-len", "16", "--quiet", "--relative", "--export", str(tmp_path / "r.safetensors")]
+    assert train_main(rel + [f"--override={k}={v}" for k, v in SMALL.items()]) == 0
+    _, rmeta = load_trained(tmp_path / "r")
+    assert rmeta["relative"] is True and rmeta["stats"].relative and len(rmeta["identity"]) == 63
+    gen = build_motion(tmp_path / "r.safetensors")
+    assert gen.relative and np.allclose(gen.fixed_identity, rmeta["identity"])
     assert prep_main(["--out", str(tmp_path / "v"), "--video", "talk.mp4"]) == 2
     assert "motion extractor" in capsys.readouterr().err
     assert train_main(["--out", str(run), "--data", str(tmp_path / "none")]) == 2

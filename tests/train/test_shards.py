@@ -108,6 +108,22 @@ def test_segments_shapes_prev_frame_and_normalisation(dataset):
             ds.segment(pos, last + 1)
 
 
+def test_relative_stats_and_segments_are_motion_minus_rest(dataset):
+    d, recs = dataset
+    st = compute_stats(d, relative=True)
+    assert st.relative and load_stats(d).relative
+    rel = np.concatenate([r.motion.astype(np.float64) - r.rest for r in recs])
+    np.testing.assert_allclose(st.motion_mean, rel.mean(0), atol=1e-6)
+    np.testing.assert_allclose(st.motion_std, rel.std(0), rtol=1e-3, atol=1e-6)
+    ds = ShardDataset(d, seq_len=10)
+    r = recs[ds.ids[1]]
+    seg = ds.segment(1, 0)
+    want = (r.motion[:10] - r.rest - st.motion_mean) / (st.motion_std + 1e-5)
+    np.testing.assert_allclose(seg["motion"].numpy(), want, atol=1e-4)
+    # At an utterance start prev is the rest pose itself: zero offset.
+    np.testing.assert_allclose(seg["prev"][0].numpy(), -st.motion_mean / (st.motion_std + 1e-5), atol=1e-4)
+
+
 def test_prev_frame_continuity_inside_an_utterance(dataset):
     d, _ = dataset
     compute_stats(d)
