@@ -362,6 +362,19 @@ class MoDAMotion:
         self.rest = np.asarray(rest, np.float32).reshape(space.DIM).copy()
         self.rr = 1.0 if self.relative else rescale_ratio(self.rest[space.SCALE], self.mean)
         self._ahead = None
+        if isinstance(self.model, TracedDiT) and not self.model.traced:
+            self._warm_up()
+
+    @torch.no_grad()
+    def _warm_up(self) -> None:
+        """Trace the window shape now (≈1 s once per process) rather than in the first speech hop,
+        which would then miss its frames' deadlines.  Uses its own noise: sessions stay seeded."""
+        assert self.identity is not None
+        p = self.params
+        sampler = make_segment_sampler(self.model, self.identity, EMOTION_NONE, self.null_audio,
+                                       self.guidance, 2, generator=torch.Generator().manual_seed(0))
+        sampler(0, torch.zeros(1, 1, p.motion_dim),
+                torch.zeros(1, self.window, p.audio_unit_len, p.audio_blocks, p.audio_dim))
 
     def _to_model(self, raw: np.ndarray) -> np.ndarray:
         assert self.rest is not None

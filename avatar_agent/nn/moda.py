@@ -376,6 +376,11 @@ class TracedDiT:
         self._traces: dict[tuple, Any] = {}
         self.failed: str | None = None
 
+    @property
+    def traced(self) -> bool:
+        """Whether at least one shape has been traced."""
+        return bool(self._traces)
+
     def parameters(self) -> Iterator[nn.Parameter]:
         """The wrapped model's parameters (device/dtype queries)."""
         return self.model.parameters()

@@ -288,6 +288,7 @@ def test_traced_dit_in_the_streaming_generator_gives_the_same_motion() -> None:
     traced = make_gen(window=16, hop=12)
     traced.model = TracedDiT(traced.model)
     eager.prepare(avatar()), traced.prepare(avatar())
+    assert traced.model.traced                                  # prepare() traced the window shape
     c = chunk(20)
     np.testing.assert_allclose(traced.generate(c, avatar().rest_motion),
                                eager.generate(c, avatar().rest_motion), atol=1e-4)
