@@ -37,6 +37,7 @@ import inspect
 import itertools
 import logging
 import secrets
+import time
 from collections import deque
 from fractions import Fraction
 from typing import Any, Callable, NamedTuple
@@ -304,6 +305,7 @@ class _Viewer:
         self.audio: Any = None
         self.uplink: _Uplink | None = None
         self.timer: asyncio.TimerHandle | None = None  # the connect timeout
+        self.joined = time.monotonic()
 
     def push(self, frame: VideoFrame, pcm_halves: tuple[np.ndarray, ...]) -> None:
         if self.first_index is None:
@@ -321,6 +323,9 @@ class WebRtcSink:
         name: sink name for logs and metrics.
         max_viewers: further offers are refused with WebRtcError (HTTP 503 in the server).
         connect_timeout: seconds a new viewer may take to reach "connected" before it is dropped.
+        connect_grace: when the sink is full, a viewer still not connected after this many
+            seconds gives its slot to the new offer (a peer that never completes ICE must not
+            lock real viewers out for the whole ``connect_timeout``).
         ice_servers: optional STUN/TURN URLs for viewers outside the LAN (none: host candidates).
         on_uplink_audio: ``callback(samples16k_float32, final)`` receiving the audio a speaking
             peer sends (see the module docstring); None declines peers' audio.  May also be set
@@ -332,11 +337,12 @@ class WebRtcSink:
     """
 
     def __init__(self, name: str = "webrtc", max_viewers: int = 16, connect_timeout: float = 30.0,
-                 ice_servers: list[str] | None = None,
+                 connect_grace: float = 5.0, ice_servers: list[str] | None = None,
                  on_uplink_audio: UplinkCallback | None = None) -> None:
         self.name = name
         self.max_viewers = max_viewers
         self.connect_timeout = connect_timeout
+        self.connect_grace = connect_grace
         self.ice_servers = list(ice_servers or [])
         self.on_uplink_audio = on_uplink_audio
         self.sessions_opened = 0
@@ -418,7 +424,7 @@ class WebRtcSink:
             raise OfferError(f"expected an SDP of type 'offer', got {type_!r}")
         if not isinstance(sdp, str) or not sdp.startswith("v=0"):
             raise OfferError("the 'sdp' field must be an SDP text starting with 'v=0'")
-        if len(self._viewers) >= self.max_viewers:
+        if len(self._viewers) >= self.max_viewers and not await self._evict_stalled():
             raise WebRtcError(f"{self.name}: {self.max_viewers} viewers already connected")
         from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
@@ -487,6 +493,23 @@ class WebRtcSink:
                 await self._drop(viewer)
                 return True
         return False
+
+    async def _evict_stalled(self) -> bool:
+        """Free the slot of the oldest viewer still not connected after ``connect_grace`` s.
+
+        A peer that offers and never completes ICE would otherwise hold its slot for the whole
+        ``connect_timeout``, refusing real viewers when the sink is full.
+        """
+        now = time.monotonic()
+        stalled = [v for v in self._viewers.values()
+                   if v.pc.connectionState != "connected" and now - v.joined >= self.connect_grace]
+        if not stalled:
+            return False
+        oldest = min(stalled, key=lambda v: v.joined)
+        log.warning("%s: full; dropping viewer %d, still not connected after %.1f s", self.name,
+                    oldest.id, now - oldest.joined)
+        await self._drop(oldest)
+        return True
 
     def _check_connected(self, viewer: _Viewer) -> None:
         if viewer.id in self._viewers and viewer.pc.connectionState != "connected":

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
 import pytest
@@ -118,7 +118,8 @@ def loopback_ice() -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def live_stream(w: int = 160, h: int = 120, fps: int = 25, freq: float = 440.0,
                       amp: float = 0.5, extra_routes: list | None = None,
-                      connect_timeout: float = 30.0, token: str = "") -> AsyncIterator[LiveStream]:
+                      connect_timeout: float = 30.0, token: str = "",
+                      **sink_kw: Any) -> AsyncIterator[LiveStream]:
     """Start sink + app + server on 127.0.0.1:<free port> + a player task; tear all down after.
 
     ``token``: also install the server's security middlewares with this bearer token.
@@ -127,7 +128,7 @@ async def live_stream(w: int = 160, h: int = 120, fps: int = 25, freq: float = 4
     from avatar_agent.sinks.webrtc import WebRtcSink
     from avatar_agent.types import VideoFrame
 
-    sink = WebRtcSink(connect_timeout=connect_timeout)
+    sink = WebRtcSink(connect_timeout=connect_timeout, **sink_kw)
     await sink.start(w, h, fps)
     app = make_app(sink, extra_routes)
     if token:

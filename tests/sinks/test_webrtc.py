@@ -222,6 +222,29 @@ async def test_viewer_that_never_connects_is_dropped() -> None:
             assert live.player_error is None
 
 
+async def test_full_sink_gives_a_stalled_viewers_slot_to_a_new_one() -> None:
+    with loopback_ice():
+        async with live_stream(160, 120, connect_timeout=30.0, max_viewers=2,
+                               connect_grace=1.0) as live:
+            ghost = await connect(live.url, answer=False)       # never completes ICE
+            first = await connect(live.url)
+            await wait_for(lambda: first.frames >= 5)
+            # Full, and the ghost is younger than the grace: refused.
+            refused = await connect(live.url, expect=503)
+            assert "2 viewers" in refused.location
+            await asyncio.sleep(1.1)
+            # Now the ghost's slot goes to the newcomer; the connected viewer is never evicted.
+            second = await connect(live.url)
+            await wait_for(lambda: second.frames >= 5)
+            assert live.sink.viewers == 2 and live.sink.sessions_closed == 1
+            n = first.frames
+            await wait_for(lambda: first.frames >= n + 5)
+            await connect(live.url, expect=503)                 # both connected: full again
+            for v in (ghost, first, second):
+                await v.close()
+            assert live.player_error is None
+
+
 async def test_offer_validation_and_state_errors() -> None:
     sink = WebRtcSink()
     with pytest.raises(WebRtcError, match="not started"):
