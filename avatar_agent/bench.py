@@ -261,8 +261,18 @@ async def simulate_session(cfg: Config, hours: float) -> dict[str, float]:
 
 def run_bench(cfg: Config, seconds: float = 60.0, simulate_hours: float = 0.0) -> int:
     """Run the benchmarks and print the figures."""
-    print(f"avatar-agent bench: profile {cfg.avatar.profile}, {cfg.render.size}×{cfg.render.size}, "
-          f"{cfg.player.fps} fps, hop {cfg.chunker.hop_ms} ms, latency {cfg.player.latency_ms} ms")
+    from .config import chunker_params
+    from .wiring import motion_min_hop_ms
+
+    generator = cfg.motion.generator
+    if generator == "auto":
+        from .wiring import uses_embedded_moda
+
+        generator = "moda" if uses_embedded_moda(cfg) or cfg.avatar.profile == "official" else "procedural"
+    hop = chunker_params(cfg, motion_min_hop_ms(cfg)).hop_ms
+    print(f"avatar-agent bench: profile {cfg.avatar.profile}, motion {generator}, "
+          f"{cfg.render.size}×{cfg.render.size}, {cfg.player.fps} fps, hop {hop} ms, "
+          f"latency {cfg.player.latency_ms} ms")
     off = asyncio.run(bench_offline(cfg))
     print(f"offline render: {off['seconds']:.1f} s of video in {off['wall_s']:.1f} s "
           f"→ real-time factor {off['rtf']:.3f} ({off['rtf_after_warmup']:.3f} after the "

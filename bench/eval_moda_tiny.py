@@ -185,6 +185,87 @@ def moda_generator(model_path: str | Path, cfg_audio: float | None = None, steps
     return run
 
 
+class _Tap:
+    """Wraps the agent's motion generator and keeps every frame's motion by frame index."""
+
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner, self.profile, self.fps = inner, inner.profile, inner.fps
+        self.frames: dict[int, np.ndarray] = {}
+        self.avatar = None
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - rest_pose, set_emotion, min_hop_ms, ...
+        return getattr(self.inner, name)
+
+    def prepare(self, avatar) -> None:  # noqa: ANN001
+        self.avatar = avatar
+        self.inner.prepare(avatar)
+
+    def _keep(self, first: int, m: np.ndarray) -> np.ndarray:
+        for i, row in enumerate(m):
+            self.frames[first + i] = row
+        return m
+
+    def generate(self, chunk, prev, emotion=8, intensity=1.0):  # noqa: ANN001, ANN201
+        return self._keep(chunk.start // 640, self.inner.generate(chunk, prev, emotion, intensity))
+
+    def idle(self, n, prev, t0):  # noqa: ANN001, ANN201
+        return self._keep(int(round(t0 * FPS)), self.inner.idle(n, prev, t0))
+
+
+def agent_generator(generator: str, model_path: str | Path | None = None) -> Generator:
+    """The whole live pipeline on a fake clock — VAD, 160/80 ms chunks with their context and
+    lookahead, the generator (speech) + idle layer (silence) — on the bundled portrait; returns
+    the motion of every frame.  ``avatar`` is ignored (use :func:`pipeline_avatar` for metrics)."""
+    import asyncio
+
+    from avatar_agent import wiring
+    from avatar_agent.agent import Agent
+    from avatar_agent.audio.frames import FramesSource
+    from avatar_agent.bench import _FlatRenderer
+    from avatar_agent.clock import FakeClock
+    from avatar_agent.config import load_config
+    from avatar_agent.face.landmarks import load_image
+
+    def run(audio: np.ndarray, avatar, seed: int, emotion: int = 8) -> np.ndarray:
+        if model_path is not None:
+            wiring.EMBEDDED_MODA = Path(model_path)
+        cfg = load_config(None, [f"motion.generator={generator}", f"motion.seed={seed}",
+                                 "service.drain_s=0"], use_default_path=False)
+        clock = FakeClock()
+        tap = _Tap(wiring.make_motion(cfg))
+
+        class Null:
+            name = "null"
+
+            async def start(self, *a) -> None:  # noqa: ANN002
+                pass
+
+            async def send(self, frame) -> None:  # noqa: ANN001
+                pass
+
+            async def close(self) -> None:
+                pass
+
+        agent = Agent(cfg, source=FramesSource.from_audio(audio, clock), vad=wiring.make_vad(cfg),
+                      motion=tap, renderer=_FlatRenderer(wiring.make_renderer(cfg).prepare),
+                      sinks=[Null()], clock=clock, image=load_image(cfg.avatar_path()))
+        asyncio.run(agent.run())
+        n = audio.shape[0] // 640
+        return np.stack([tap.frames[i] for i in range(n)])
+
+    return run
+
+
+def pipeline_avatar():  # noqa: ANN201
+    """The bundled portrait as the embedded renderer prepares it (for lip-opening metrics)."""
+    from avatar_agent import wiring
+    from avatar_agent.config import load_config
+    from avatar_agent.face.landmarks import load_image
+
+    cfg = load_config(None, [], use_default_path=False)
+    return wiring.make_renderer(cfg).prepare(load_image(cfg.avatar_path()))
+
+
 # --------------------------------------------------------------------------------------------
 # Material
 # --------------------------------------------------------------------------------------------
@@ -208,7 +289,7 @@ def real_speech(directory: Path = ALSA_DIR) -> list[tuple[str, np.ndarray]]:
 
 
 def evaluate(model_path: str | None, heldout: int, seeds: int, seed: int, cfg_audio: float | None,
-             steps: int | None, stream: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+             steps: int | None, stream: bool = True, live: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     from avatar_agent.motion.template import template_avatar
     from avatar_agent.train.corpus import CorpusParams, make_sample
 
@@ -246,6 +327,21 @@ def evaluate(model_path: str | None, heldout: int, seeds: int, seed: int, cfg_au
                 row["div_exp"] = diversity(outs)
                 rows[name].append(row)
         results[f"real ({len(real)} alsa clips)"] = {k: mean_rows(v) for k, v in rows.items()}
+        # The same clips through the whole live agent (VAD: silence goes to the idle layer).
+        if live:
+            portrait = pipeline_avatar()
+            pipes = {"procedural-agent": agent_generator("procedural")}
+            if model_path:
+                pipes["moda-agent"] = agent_generator("moda", model_path)
+            rows = {k: [] for k in pipes}
+            for _, audio in real:
+                for name, g in pipes.items():
+                    outs = [g(audio, portrait, s) for s in range(seeds)]
+                    row = clip_metrics(outs[0], audio, portrait.kp_canonical)
+                    row["div_exp"] = diversity(outs)
+                    rows[name].append(row)
+            results[f"real, live agent ({len(real)} alsa clips)"] = {
+                k: mean_rows(v) for k, v in rows.items()}
     return results
 
 
@@ -269,13 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
     ap.add_argument("--no-stream", action="store_true",
                     help="skip the live-chunk evaluation (4-frame hops, 1 frame lookahead)")
+    ap.add_argument("--no-live", action="store_true",
+                    help="skip the whole-agent runs on the bundled portrait")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.model and not Path(args.model).with_suffix(".json").is_file():
         ap.error(f"--model {args.model}: no export there (train with bench/train_tiny.sh first)")
     t0 = time.monotonic()
     res = evaluate(args.model, args.heldout, args.seeds, args.seed, args.cfg_audio, args.steps,
-                   stream=not args.no_stream)
+                   stream=not args.no_stream, live=not args.no_live)
     print_table(res)
     print(f"\n({time.monotonic() - t0:.1f} s)")
     if args.json:

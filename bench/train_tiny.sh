@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce the embedded profile's tiny MoDA model: synthetic corpus -> training -> export.
 #
-#   bench/train_tiny.sh                 # full run: ~5 min corpus + <= 80 min training on 2 cores
+#   bench/train_tiny.sh                 # full run: a few minutes of corpus + ~60 min training (1 thread)
 #   SMOKE=1 bench/train_tiny.sh         # 1-minute smoke run into /tmp (checks the whole chain)
 #
-# Knobs (environment): N utterances (3000), SEED corpus seed (0), STEPS (8000), BATCH (32),
-# MINUTES training wall-time cap (80), WORKERS corpus processes (2), THREADS torch threads (2),
+# Knobs (environment): N utterances (3000), SEED corpus seed (0), STEPS (13000), BATCH (64),
+# MINUTES training wall-time cap (75), WORKERS corpus processes (2), THREADS torch threads (1,
+# leaving the second core free),
 # DATA corpus dir (out/moda-tiny/data), RUN run dir (out/moda-tiny/run),
 # EXPORT (models/embedded/moda-tiny.safetensors), PY (.venv/bin/python).
 # Re-running resumes training from $RUN/checkpoint.pt; the corpus is rebuilt only if $DATA is absent.
@@ -20,11 +21,11 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   DATA=${DATA:-/tmp/moda-tiny-smoke/data}; RUN=${RUN:-/tmp/moda-tiny-smoke/run}
   EXPORT=${EXPORT:-/tmp/moda-tiny-smoke/moda-tiny.safetensors}; EVAL_ARGS="--heldout 2 --seeds 2"
 else
-  N=${N:-3000}; STEPS=${STEPS:-8000}; MINUTES=${MINUTES:-80}; BATCH=${BATCH:-32}
+  N=${N:-3000}; STEPS=${STEPS:-13000}; MINUTES=${MINUTES:-75}; BATCH=${BATCH:-64}
   DATA=${DATA:-out/moda-tiny/data}; RUN=${RUN:-out/moda-tiny/run}
   EXPORT=${EXPORT:-models/embedded/moda-tiny.safetensors}; EVAL_ARGS="--heldout 16 --seeds 3"
 fi
-SEED=${SEED:-0}; WORKERS=${WORKERS:-2}; THREADS=${THREADS:-2}
+SEED=${SEED:-0}; WORKERS=${WORKERS:-2}; THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS
 
 echo "== corpus: $N utterances (seed $SEED) -> $DATA"

@@ -28,7 +28,8 @@ import torch
 from avatar_agent.motion import space
 from avatar_agent.nn.hubert import HOP
 from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
-from avatar_agent.nn.sampling import Conditions, Guidance, sample
+from avatar_agent.nn.sampling import (Conditions, Guidance, euler_step, guided_velocity, next_sigma,
+                                      sample, timesteps)
 from avatar_agent.types import EMOTION_NONE, Avatar, Profile, SpeechChunk
 
 SEGMENT = 80
@@ -284,6 +285,11 @@ class MoDAMotion:
         crossfade: frames blended across window seams (0 = off).
         min_hop_ms: the shortest chunk hop this generator is meant for (one DiT window per hop);
             the agent raises ``chunker.hop_ms`` to it.
+        context: frames already shown that each window re-uses as pinned context
+            (inpainting, see :meth:`_sample`): new frames then sit ``context`` frames into the
+            window instead of at its prev-conditioned start, with the audio before them in view.
+            Short live hops need it: emitting only a window's first frames every 160 ms lets
+            the continuity condition dominate (the mouth lags and stays open in pauses).
         relative: model space is relative to a reference pose (the avatar's rest, or the one given
             to :meth:`prepare`), no rescale ratio — how the embedded tiny model is trained.
         identity: a fixed identity condition [63] used instead of the avatar's keypoints
@@ -302,6 +308,7 @@ class MoDAMotion:
                  guidance: Guidance = Guidance.release(1.2), window: int | None = None,
                  hop: int | None = None, steps: int = 10, final_step: bool = True,
                  feature_context: int | None = None, crossfade: int = 0, min_hop_ms: int = 0,
+                 context: int = 0,
                  relative: bool = False, identity: np.ndarray | None = None,
                  idle: Callable[[int, np.ndarray, float], np.ndarray] | None = None,
                  device: torch.device | str = "cpu", seed: int = 0) -> None:
@@ -325,6 +332,11 @@ class MoDAMotion:
         self.crossfade, self.min_hop_ms = crossfade, min_hop_ms
         self.final_step, self.feature_context = final_step, feature_context
         self.relative = relative
+        if not 0 <= context < self.window:
+            raise ValueError(f"context must be in 0..window-1={self.window - 1}, got {context}")
+        self.context = context
+        self._hist: torch.Tensor | None = None          # model-space frames shown, newest last
+        self._hist_end = -1                             # source frame index after them
         self.fixed_identity = None if identity is None else np.asarray(identity, np.float32).reshape(-1)
         if self.fixed_identity is not None and self.fixed_identity.size != p.id_dim:
             raise ValueError(f"identity must have {p.id_dim} values, got {self.fixed_identity.size}")
@@ -361,7 +373,7 @@ class MoDAMotion:
         rest = avatar.rest_motion if reference is None else reference
         self.rest = np.asarray(rest, np.float32).reshape(space.DIM).copy()
         self.rr = 1.0 if self.relative else rescale_ratio(self.rest[space.SCALE], self.mean)
-        self._ahead = None
+        self._ahead, self._hist = None, None
         if isinstance(self.model, TracedDiT) and not self.model.traced:
             self._warm_up()
 
@@ -369,12 +381,12 @@ class MoDAMotion:
     def _warm_up(self) -> None:
         """Trace the window shape now (≈1 s once per process) rather than in the first speech hop,
         which would then miss its frames' deadlines.  Uses its own noise: sessions stay seeded."""
-        assert self.identity is not None
         p = self.params
-        sampler = make_segment_sampler(self.model, self.identity, EMOTION_NONE, self.null_audio,
-                                       self.guidance, 2, generator=torch.Generator().manual_seed(0))
-        sampler(0, torch.zeros(1, 1, p.motion_dim),
-                torch.zeros(1, self.window, p.audio_unit_len, p.audio_blocks, p.audio_dim))
+        state = self.generator.get_state()
+        self._sample(torch.zeros(p.motion_dim),
+                     torch.zeros(self.window, p.audio_unit_len, p.audio_blocks, p.audio_dim),
+                     EMOTION_NONE)
+        self.generator.set_state(state)
 
     def _to_model(self, raw: np.ndarray) -> np.ndarray:
         assert self.rest is not None
@@ -411,6 +423,35 @@ class MoDAMotion:
         x[:e, :63] = (1 - w[:e]) * ahead[:e, :63] + w[:e] * x[:e, :63]
         return x
 
+    def _sample(self, prev: torch.Tensor, audio: torch.Tensor, emotion: int,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """One window x0 [W, 70] (model space) from fresh noise.
+
+        ``context`` [k, 70]: known frames pinned at the window's start by replacement
+        ("inpainting"): after every Euler step they are reset to ``σ·ε + (1 − σ)·context`` — the
+        rectified-flow interpolant at the new σ, with their own initial noise ε — so the frames
+        after them are generated consistent with what was already shown.
+        """
+        assert self.identity is not None
+        p, dev = self.params, self.device
+        cond = Conditions(prev=prev.reshape(1, 1, -1).to(dev), audio=audio[None].to(dev),
+                          emotion=torch.tensor([emotion], device=dev),
+                          identity=self.identity.reshape(1, -1).to(dev),
+                          null_audio=self.null_audio.to(dev))
+        velocity = guided_velocity(self.model, cond, self.guidance)
+        x = torch.randn((1, audio.shape[0], p.motion_dim), generator=self.generator).to(dev)
+        k = 0 if context is None else context.shape[0]
+        if k:
+            ctx, eps = context.to(dev)[None], x[:, :k].clone()
+        grid = timesteps(self.steps).tolist()
+        for t in grid if self.final_step else grid[:-1]:
+            v = velocity(x, torch.full((1,), t, dtype=torch.float32, device=dev))
+            x = euler_step(x, v, t, self.steps)
+            if k:
+                s = next_sigma(t, self.steps).to(dev)
+                x[:, :k] = s * eps + (1 - s) * ctx
+        return x[0].cpu()
+
     @torch.no_grad()
     def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
                  intensity: float = 1.0) -> np.ndarray:
@@ -428,36 +469,47 @@ class MoDAMotion:
         if chunk.audio.size < chunk.left + chunk.n_new:
             raise ValueError("chunk.audio is shorter than left + n_new")
         # Drop the partial frame at the start so video frames align with the first new sample,
-        # and any left context the features do not need.
+        # and any left context neither the features nor the motion context need.
         skip, first = chunk.left % HOP, chunk.left // HOP
-        if self.feature_context is not None and first > self.feature_context:
-            skip, first = skip + (first - self.feature_context) * HOP, self.feature_context
+        if self.feature_context is not None and first > self.feature_context + self.context:
+            keep = self.feature_context + self.context
+            skip, first = skip + (first - keep) * HOP, keep
         feats = self._features(chunk.audio[skip:])                               # [F, U, L, D]
         if feats.shape[0] < first + n_new:
             raise ValueError(f"features gave {feats.shape[0]} frames for a chunk needing "
                              f"{first + n_new} (left context + new audio); the feature callable "
                              "must return one frame per 640 samples")
         real = min(feats.shape[0], (chunk.audio.size - skip) // HOP)            # frames with audio
-        prev = np.asarray(prev, np.float32).reshape(space.DIM)
-        prev_n = torch.from_numpy(self._to_model(prev)).reshape(1, 1, -1)
-        sampler = make_segment_sampler(self.model, self.identity, emotion, self.null_audio,
-                                       self.guidance, self.steps, generator=self.generator,
-                                       final_step=self.final_step)
         frame0 = chunk.start // HOP
+        # Motion history (model space): our own last frames when this chunk continues them,
+        # else just the frame the agent showed last (after idle, an interruption, a swap).
+        if self._hist is not None and self._hist_end == frame0:
+            hist = self._hist
+        else:
+            prev = np.asarray(prev, np.float32).reshape(space.DIM)
+            hist = torch.from_numpy(self._to_model(prev)).reshape(1, -1)
         out: list[torch.Tensor] = []
         done = 0
         while done < n_new:
-            a = feats[first + done : first + done + self.window]                 # [≤W, U, L, D]
+            # Window = [k context frames already shown | new frames | lookahead | zero padding],
+            # conditioned on the frame before the context (MoDA's first-frame continuity).  Only
+            # a call's first window takes context: inside a long chunk the windows chain on their
+            # last frame as the release does, and emit their early frames, whose future audio
+            # is in view (frames deep in a window lag the audio).
+            k = min(self.context, hist.shape[0] - 1, first + done) if done == 0 else 0
+            take = min(self.hop, n_new - done, self.window - k)
+            a = feats[first + done - k : first + done - k + self.window]         # [≤W, U, L, D]
             if a.shape[0] < self.window:
                 a = torch.cat([a, a.new_zeros((self.window - a.shape[0],) + tuple(a.shape[1:]))])
-            x = smooth_pose(sampler(len(out), prev_n, a[None]))[0]               # [W, 70]
-            x = self._blend_seam(x, frame0 + done)
-            take = min(self.hop, n_new - done)
-            out.append(x[:take])
-            prev_n = x[None, take - 1 : take]
+            ctx = hist[hist.shape[0] - k :] if k else None
+            x = smooth_pose(self._sample(hist[-k - 1], a, emotion, ctx)[None])[0]  # [W, 70]
+            new = self._blend_seam(x[k:], frame0 + done)
+            out.append(new[:take])
+            hist = torch.cat([hist, new[:take]])[-(self.context + 1):]
             done += take
-            self._ahead, self._ahead_at = x[take:], frame0 + done
+            self._ahead, self._ahead_at = new[take:], frame0 + done
             self._ahead_real = max(0, real - (first + done))
+        self._hist, self._hist_end = hist, frame0 + n_new
         raw = self._from_model(torch.cat(out).numpy())                           # [n_new, 70]
         if intensity != 1.0:
             rest = self.rest[space.EXP]

@@ -34,10 +34,16 @@ def timesteps(steps: int = 10) -> torch.Tensor:
     return torch.linspace(float(N_TRAIN_TIMESTEPS), 1.0, steps, dtype=torch.float32)
 
 
+def next_sigma(t: float, steps: int) -> torch.Tensor:
+    """σ after the Euler step from timestep t: ``max(t/1000 − (1 − 0.001)/(steps − 1), 0)``."""
+    sigma = torch.tensor(t, dtype=torch.float32) / N_TRAIN_TIMESTEPS
+    return torch.clamp(sigma - (1.0 - SIGMA_MIN) / (steps - 1), min=0.0)
+
+
 def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, steps: int) -> torch.Tensor:
     """One Euler step of the release sampler from timestep t (see module docstring)."""
     sigma = torch.tensor(t, dtype=torch.float32) / N_TRAIN_TIMESTEPS
-    sigma_next = torch.clamp(sigma - (1.0 - SIGMA_MIN) / (steps - 1), min=0.0)
+    sigma_next = next_sigma(t, steps)
     return (x.float() + v.float() * (sigma_next - sigma).to(x.device)).to(x.dtype)
 
 

@@ -550,14 +550,15 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu"
 
 INFERENCE_DEFAULTS: dict[str, Any] = {
     "steps": 4, "final_step": False, "cfg_audio": 0.0, "hop": 12, "crossfade": 4,
-    "min_hop_ms": 160, "feature_context": 1,
+    "min_hop_ms": 160, "feature_context": 1, "context": 8,
 }
 """How an exported tiny model is run unless its JSON's ``inference`` block says otherwise: Euler
 steps of the release grid and whether to take its last 0.1 % step (4 steps without it = 3 network
 evaluations), audio CFG λ (0 = one conditional pass), frames emitted per window, frames blended
 at window seams, the shortest chunk hop (one DiT window per hop keeps the cost per second of audio
 low: bench/bench_moda.py) and the left context the (frame-local mel) features need.  Chosen with
-bench/eval_moda_tiny.py (see the model card)."""
+bench/eval_moda_tiny.py (see the model card); ``context``: frames already shown that each window
+re-uses as pinned context (:class:`avatar_agent.motion.moda.MoDAMotion`)."""
 
 
 def inference_settings(meta: dict[str, Any]) -> dict[str, Any]:
@@ -600,6 +601,7 @@ def build_motion(path: str | Path, *, steps: int | None = None, cfg_audio: float
     if meta.get("identity") is not None:
         kwargs.setdefault("identity", np.asarray(meta["identity"], np.float32))
     kwargs.setdefault("final_step", inf["final_step"])
+    kwargs.setdefault("context", inf["context"])
     kwargs.setdefault("feature_context", inf["feature_context"])
     net = TracedDiT(model) if trace else model
     return MoDAMotion(net, meta["features"], meta["mean"], meta["std"],

@@ -325,3 +325,43 @@ def test_relative_model_moves_around_the_given_rest_pose_with_a_fixed_identity()
     ma, mb = a.generate(chunk(8), av_a.rest_motion), b.generate(chunk(8), rest_b)
     np.testing.assert_allclose(mb - rest_b, ma - av_a.rest_motion, atol=1e-5)
     assert np.abs(ma - av_a.rest_motion).max() > 1e-3                          # it does move
+
+
+def test_context_frames_are_pinned_by_inpainting() -> None:
+    gen = make_gen(window=16, hop=12)
+    gen.prepare(avatar())
+    rng = torch.Generator().manual_seed(1)
+    ctx = torch.randn(5, 70, generator=rng)
+    audio = torch.from_numpy(band_energy(chunk(16, left=0, right=0).audio)[:, None])   # [16, 1, 1, 16]
+    out = gen._sample(torch.zeros(70), audio, 8, ctx)
+    torch.testing.assert_close(out[:5], ctx, atol=1e-6, rtol=0)                # σ ends at 0
+    free = gen._sample(torch.zeros(70), audio, 8, None)
+    assert (out[5:] - free[5:]).abs().max() > 1e-4                             # the context steers
+    gen.final_step = False                                                      # σ ends at 0.001
+    assert (gen._sample(torch.zeros(70), audio, 8, ctx)[:5] - ctx).abs().max() < 0.01
+
+
+def test_live_windows_take_shown_frames_as_context_only_when_continuing(monkeypatch) -> None:
+    gen = make_gen(window=16, hop=12, context=8, feature_context=1)
+    gen.prepare(avatar())
+    calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    inner = gen._sample
+
+    def spy(prev, audio, emotion, context=None):  # noqa: ANN001, ANN202
+        calls.append((prev.clone(), None if context is None else context.clone()))
+        return inner(prev, audio, emotion, context)
+
+    monkeypatch.setattr(gen, "_sample", spy)
+    rng = np.random.default_rng(2)
+    audio = (0.1 * rng.standard_normal(640 * 40)).astype(np.float32)
+    rest = avatar().rest_motion
+    shown = [gen.generate(stream_chunk(audio, f, 4, left=10), rest if f == 10 else None)
+             for f in (10, 14, 18)]                                              # contiguous hops
+    assert calls[0][1] is None                                                   # nothing shown yet
+    assert calls[1][1].shape == (4, 70) and calls[2][1].shape == (8, 70)         # up to 8 frames
+    norm = torch.from_numpy(gen._to_model(np.concatenate(shown[:2])))
+    torch.testing.assert_close(calls[2][1], norm, atol=1e-5, rtol=1e-5)         # what was shown
+    torch.testing.assert_close(calls[2][0], torch.from_numpy(gen._to_model(rest)), atol=1e-5, rtol=1e-5)
+    # A hop that does not continue (idle frames in between) starts from the agent's frame.
+    gen.generate(stream_chunk(audio, 30, 4, left=10), shown[-1][-1])
+    assert calls[3][1] is None
