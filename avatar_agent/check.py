@@ -153,7 +153,16 @@ def _check_gpu(r: Report) -> None:
 
 def _check_models(r: Report, cfg: Config) -> None:
     if cfg.avatar.profile == "embedded":
-        r.ok("embedded profile: no downloaded weights needed")
+        from .wiring import EMBEDDED_MODA, uses_embedded_moda
+
+        if not uses_embedded_moda(cfg):
+            r.ok("embedded profile, procedural motion: no weights needed")
+        elif EMBEDDED_MODA.is_file() and EMBEDDED_MODA.with_suffix(".json").is_file():
+            r.ok(f"embedded profile, tiny MoDA: {EMBEDDED_MODA} (shipped, no download)")
+        else:
+            r.problem(f"embedded tiny MoDA missing: {EMBEDDED_MODA} (+ .json)",
+                      "restore models/embedded from the repository, retrain it with "
+                      "bench/train_tiny.sh, or set motion.generator = \"procedural\"")
         return
     from .wiring import models_dir
 

@@ -97,7 +97,7 @@ class ChunkerConfig:
     """How audio is cut into hops for streaming motion generation."""
 
     hop_ms: int = 80
-    """New audio per chunk (a multiple of the video frame, 40 ms at 25 fps); ≤ 200 for live use."""
+    """New audio per chunk (a multiple of the video frame, 40 ms at 25 fps); ≤ 200 for live use; raised to the motion generator's minimum (tiny MoDA: 160)."""
     window_ms: int = 3200
     """Longest chunk for offline/TTS use (the model's full window)."""
     left_context_ms: int = 400
@@ -113,7 +113,7 @@ class MotionConfig:
     """Audio → motion."""
 
     generator: Literal["auto", "procedural", "moda"] = "auto"
-    """auto = the profile's default (embedded: procedural; official: MoDA release)."""
+    """auto = the profile's default (embedded: the shipped tiny MoDA + idle layer; official: MoDA release); procedural = rule-based lip-sync."""
     seed: int = 0
     """Seed of idle motion and sampling noise."""
     steps: int = 0

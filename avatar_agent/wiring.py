@@ -149,7 +149,7 @@ def official_motion(cfg: Config) -> MotionGenerator:
 EMBEDDED_MODA = Path(__file__).resolve().parent.parent / "models" / "embedded" / "moda-tiny.safetensors"
 """The tiny MoDA trained by this project (bench/train_tiny.sh; model card beside it)."""
 
-EMBEDDED_MODA_DEFAULT = False
+EMBEDDED_MODA_DEFAULT = True
 """Whether ``motion.generator = "auto"`` picks the tiny MoDA for the embedded profile (only once
 its evaluation beats the targets in its model card)."""
 

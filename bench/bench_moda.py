@@ -3,9 +3,10 @@
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_moda.py [--threads 2] [--skip-release] [--no-segment]
 
 Figures: release DiT ms per forward (batch 1 and CFG batch 2, 80 frames), ms per 80-frame segment
-(10 Euler steps × one CFG batch-2 forward), HuBERT-base ms per second of audio, and the tiny preset's
-real-time factor in the streaming generator (stand-in [T, 1, 80] features, so feature time is
-excluded).  Weights are random: speed does not depend on them.
+(10 Euler steps × one CFG batch-2 forward), HuBERT-base ms per second of audio (random weights:
+speed does not depend on them), and the shipped tiny MoDA's motion real-time factor through the
+deployed ``MoDAMotion`` with its own inference settings, log-mel features included: live (160 ms
+chunks) and offline (one chunk), eager and traced.
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ class _Tap:
         return self._keep(int(round(t0 * FPS)), self.inner.idle(n, prev, t0))
 
 
-def agent_generator(generator: str, model_path: str | Path | None = None) -> Generator:
+def agent_generator(generator: str, model_path: str | Path | None = None,
+                    overrides: tuple[str, ...] = ()) -> Generator:
     """The whole live pipeline on a fake clock — VAD, 160/80 ms chunks with their context and
     lookahead, the generator (speech) + idle layer (silence) — on the bundled portrait; returns
     the motion of every frame.  ``avatar`` is ignored (use :func:`pipeline_avatar` for metrics)."""
@@ -230,7 +231,7 @@ def agent_generator(generator: str, model_path: str | Path | None = None) -> Gen
         if model_path is not None:
             wiring.EMBEDDED_MODA = Path(model_path)
         cfg = load_config(None, [f"motion.generator={generator}", f"motion.seed={seed}",
-                                 "service.drain_s=0"], use_default_path=False)
+                                 "service.drain_s=0", *overrides], use_default_path=False)
         clock = FakeClock()
         tap = _Tap(wiring.make_motion(cfg))
 

@@ -160,9 +160,12 @@ def test_render_needs_exactly_one_of_audio_or_text(tmp_path):
     assert r.returncode == 1 and "--text" in r.stderr
 
 
-async def test_speech_onset_to_first_mouth_open_frame_is_latency_within_one_frame():
+@pytest.mark.parametrize("generator,early", [("procedural", 1), ("moda", 3)])
+async def test_speech_onset_to_first_mouth_open_frame_is_latency_within_one_frame(generator, early):
     """Real pipeline on the fake clock: the frame that first opens the mouth leaves latency_ms
-    after the speech onset was captured (one frame of tolerance)."""
+    after the speech onset was captured (one frame late at most).  The tiny MoDA, like speakers
+    and like its phoneme-driven teacher, may part the lips up to 3 frames (120 ms) before the
+    sound: it sees the chunk's lookahead."""
     from avatar_agent.agent import Agent
     from avatar_agent.audio.frames import FramesSource
     from avatar_agent.audio.tts import synthesize
@@ -171,7 +174,7 @@ async def test_speech_onset_to_first_mouth_open_frame_is_latency_within_one_fram
     from avatar_agent.types import Phoneme
     from avatar_agent.wiring import make_motion, make_renderer, make_vad
 
-    cfg = load_config(None, ["render.size=128"], use_default_path=False)
+    cfg = load_config(None, ["render.size=128", f"motion.generator={generator}"], use_default_path=False)
     clock = FakeClock()
     utt = synthesize("Ah, are you all okay?")          # vowel onset: the mouth opens at once
     lead = 16000
@@ -193,4 +196,5 @@ async def test_speech_onset_to_first_mouth_open_frame_is_latency_within_one_fram
     opens = np.array([motion.open[i] for i in range(len(sent))])
     k = int(np.argmax(opens > 0.15 * opens.max()))
     delay = sent[k] - agent.timeline.time_of(onset)
-    assert abs(delay - cfg.player.latency_ms / 1000) <= 1 / FPS, (delay, k, onset / 640, opens.round(3).tolist())
+    lag = delay - cfg.player.latency_ms / 1000
+    assert -early / FPS - 1e-6 <= lag <= 1 / FPS, (delay, k, onset / 640, opens.round(3).tolist())

@@ -12,9 +12,15 @@ from avatar_agent.train.loop import export_checkpoint
 from tests.train.test_loop import _trainer, data, small_cfg  # noqa: F401  (data is a fixture)
 
 
-def test_embedded_auto_is_procedural_and_fps_is_checked():
+def test_embedded_auto_is_the_shipped_tiny_moda_and_fps_is_checked():
+    from avatar_agent.motion.moda import EmbeddedMoDA
+
+    assert wiring.EMBEDDED_MODA_DEFAULT and wiring.EMBEDDED_MODA.is_file()
     cfg = load_config(None, [], use_default_path=False)
-    assert isinstance(wiring.make_motion(cfg), ProceduralMotion)
+    gen = wiring.make_motion(cfg)
+    assert isinstance(gen, EmbeddedMoDA) and gen.moda.relative and gen.min_hop_ms == 160
+    procedural = load_config(None, ["motion.generator=procedural"], use_default_path=False)
+    assert isinstance(wiring.make_motion(procedural), ProceduralMotion)
     with pytest.raises(ConfigError, match="25 fps"):
         wiring.make_motion(load_config(None, ["player.fps=50", "chunker.hop_ms=80"],
                                        use_default_path=False))
@@ -70,3 +76,19 @@ def test_generator_min_hop_raises_the_chunk_hop(data, tmp_path, monkeypatch):
         load_config(None, ["motion.generator=procedural"], use_default_path=False))["total"] == 80
     gen = wiring.make_motion(moda_cfg)
     assert gen.min_hop_ms == 160
+
+
+def test_check_reports_the_embedded_generator_and_a_missing_model(monkeypatch, tmp_path):
+    from avatar_agent.check import Report, _check_models
+
+    moda = load_config(None, ["motion.generator=moda"], use_default_path=False)
+    r = Report()
+    _check_models(r, moda)
+    assert not r.problems and "tiny MoDA" in r.lines[-1]
+    monkeypatch.setattr(wiring, "EMBEDDED_MODA", tmp_path / "gone.safetensors")
+    r = Report()
+    _check_models(r, moda)
+    assert len(r.problems) == 1 and "procedural" in r.problems[0][1]
+    r = Report()
+    _check_models(r, load_config(None, ["motion.generator=procedural"], use_default_path=False))
+    assert not r.problems and "procedural" in r.lines[-1]

@@ -549,12 +549,13 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu"
 
 
 INFERENCE_DEFAULTS: dict[str, Any] = {
-    "steps": 4, "final_step": False, "cfg_audio": 0.0, "hop": 12, "crossfade": 4,
+    "steps": 3, "final_step": False, "cfg_audio": 1.0, "hop": 12, "crossfade": 4,
     "min_hop_ms": 160, "feature_context": 1, "context": 8,
 }
 """How an exported tiny model is run unless its JSON's ``inference`` block says otherwise: Euler
-steps of the release grid and whether to take its last 0.1 % step (4 steps without it = 3 network
-evaluations), audio CFG λ (0 = one conditional pass), frames emitted per window, frames blended
+steps of the release grid and whether to take its last 0.1 % step (3 steps without it = 2 network
+evaluations, σ 1 → 0.5 → 0.001), audio CFG λ (eq. 8; 1.0 = one extra, batched pass: the mouth opens
+wider and closes in pauses), frames emitted per window, frames blended
 at window seams, the shortest chunk hop (one DiT window per hop keeps the cost per second of audio
 low: bench/bench_moda.py) and the left context the (frame-local mel) features need.  Chosen with
 bench/eval_moda_tiny.py (see the model card); ``context``: frames already shown that each window
