@@ -319,31 +319,28 @@ def evaluate(model_path: str | None, heldout: int, seeds: int, seed: int, cfg_au
     # Real recorded speech (no reference motion).
     real = real_speech()
     if real:
-        avatar = template_avatar()
-        rows = {k: [] for k in gens}
-        for _, audio in real:
-            for name, g in gens.items():
-                outs = [g(audio, avatar, s) for s in range(seeds)]
-                row = clip_metrics(outs[0], audio, avatar.kp_canonical)
-                row["div_exp"] = diversity(outs)
-                rows[name].append(row)
-        results[f"real ({len(real)} alsa clips)"] = {k: mean_rows(v) for k, v in rows.items()}
+        results[f"real ({len(real)} alsa clips)"] = on_clips(real, gens, template_avatar(), seeds)
         # The same clips through the whole live agent (VAD: silence goes to the idle layer).
         if live:
-            portrait = pipeline_avatar()
             pipes = {"procedural-agent": agent_generator("procedural")}
             if model_path:
                 pipes["moda-agent"] = agent_generator("moda", model_path)
-            rows = {k: [] for k in pipes}
-            for _, audio in real:
-                for name, g in pipes.items():
-                    outs = [g(audio, portrait, s) for s in range(seeds)]
-                    row = clip_metrics(outs[0], audio, portrait.kp_canonical)
-                    row["div_exp"] = diversity(outs)
-                    rows[name].append(row)
-            results[f"real, live agent ({len(real)} alsa clips)"] = {
-                k: mean_rows(v) for k, v in rows.items()}
+            results[f"real, live agent ({len(real)} alsa clips)"] = on_clips(
+                real, pipes, pipeline_avatar(), seeds)
     return results
+
+
+def on_clips(clips: list[tuple[str, np.ndarray]], gens: dict[str, Generator], avatar,  # noqa: ANN001
+             seeds: int) -> dict[str, dict[str, float]]:
+    """Mean metrics per generator over clips without reference motion (``seeds`` samples each)."""
+    rows: dict[str, list[dict[str, float]]] = {k: [] for k in gens}
+    for _, audio in clips:
+        for name, g in gens.items():
+            outs = [g(audio, avatar, s) for s in range(seeds)]
+            row = clip_metrics(outs[0], audio, avatar.kp_canonical)
+            row["div_exp"] = diversity(outs)
+            rows[name].append(row)
+    return {k: mean_rows(v) for k, v in rows.items()}
 
 
 def print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
