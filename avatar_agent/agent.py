@@ -287,8 +287,11 @@ class Agent:
         avatar = self.avatar
         batch = max(1, self.cfg.render.batch)
         n = len(motion)
-        for b in range(0, n, batch):
-            idx = range(first + b, first + min(b + batch, n))
+        # The chunk's first frame is due soonest (its deadline is what the latency budget is
+        # for): render it alone, then the rest in batches, which are due 40 ms apart each.
+        starts = [0, *range(1, n, batch)] if batch > 1 else list(range(n))
+        for b, e in zip(starts, [*starts[1:], n]):
+            idx = range(first + b, first + e)
             live = [i for i in idx if not self.player.is_late(i)]
             if not live:                              # behind: skip work, the clock goes on
                 self.metrics.frames.labels("skipped_late").inc(len(idx))

@@ -86,7 +86,7 @@ class VadConfig:
     """VAD decision frame: 10, 20 or 30 ms."""
     min_speech_ms: int = 40
     """Voiced time needed before speech starts (rejects clicks)."""
-    pre_roll_ms: int = 60
+    pre_roll_ms: int = 40
     """Audio before the detected start that still belongs to the utterance."""
     hangover_ms: int = 300
     """Unvoiced time after which speech ends."""
@@ -154,7 +154,7 @@ class PlayerConfig:
 
     fps: int = 25
     """Output frame rate."""
-    latency_ms: int = 300
+    latency_ms: int = 280
     """Audio capture → frame due time; covers hop + lookahead + compute. Also the A/V delay."""
     queue_frames: int = 50
     """Rendered frames buffered ahead of the clock (overflow: drop oldest, counted)."""

@@ -56,19 +56,31 @@ async def test_every_frame_delivered_once_with_its_audio_and_speech_where_spoken
     assert sink.started == (512, 512, FPS) and sink.closed
 
 
-async def test_generator_min_hop_sets_the_chunk_hop():
+async def test_generator_min_hop_sets_the_chunk_hop_and_first_frames_render_alone():
     """A generator that needs longer hops (the tiny MoDA: one DiT window each) gets them."""
     clock = FakeClock()
     audio = _speechlike(3.0, [(0.5, 2.5)])
     cfg = load_config(None, [], use_default_path=False)
     motion = LevelMotion()
     motion.min_hop_ms = 160
+
+    class Counting(LevelRenderer):
+        batches: list[int] = []
+
+        def render(self, avatar, m):  # noqa: ANN001, ANN201
+            self.batches.append(len(m))
+            return super().render(avatar, m)
+
+    renderer = Counting()
     sink = MemorySink()
     agent = Agent(cfg, source=ArraySource(audio, clock), vad=EnergyVad(), motion=motion,
-                  renderer=LevelRenderer(), sinks=[sink], clock=clock, image=np.zeros((64, 64, 3), np.uint8))
+                  renderer=renderer, sinks=[sink], clock=clock, image=np.zeros((64, 64, 3), np.uint8))
     await agent.run()
     sizes = [n for _, n in motion.calls]
     assert max(sizes) == 4 and sizes.count(4) >= len(sizes) - 1     # 160 ms hops (last may be short)
+    # Each chunk's first frame (the one due soonest) is rendered alone, the rest in one batch
+    # (the first call is the warm-up's rest frame).
+    assert renderer.batches[1:5] == [1, 3, 1, 3] and max(renderer.batches) == 3
     assert [f.index for f in sink.frames] == list(range(len(audio) // SPF))
     assert agent.player.stats.late_dropped == 0
 
