@@ -276,10 +276,11 @@ async def test_200_connect_disconnect_cycles_keep_memory_bounded_and_the_player_
     print(f"RSS after 20 / 100 / 150 / 200 cycles: {rss} MB; "
           f"player {fps_of(st_first, st_last, t_last - t_first):.1f} fps")
     assert left == 1, left                           # only the watcher remains
-    # Memory plateaus (measured: +34 MB over cycles 20→100 as codecs and allocator arenas warm up,
-    # then +5 and +2 MB per 50 cycles); a per-session leak like the one fixed earlier
-    # (0.35 MB per cycle) would add ~35 MB over the last 100 cycles.
-    assert rss[3] - rss[1] < 15, rss
+    # Memory flattens after warm-up (measured over cycles 100→200: +7 to +10 MB with the procedural
+    # generator, +11 to +17 MB with the tiny MoDA's torch runtime in the process — allocator noise
+    # of a few MB per run); a per-session leak like the one fixed earlier (0.35 MB per cycle)
+    # would add ~35 MB over the last 100 cycles.
+    assert rss[3] - rss[1] < 22, rss
     # The player kept its 25 fps through the churn (no stall, hardly any underrun).
     fps = (st_last["delivered"] - st_first["delivered"]) / (t_last - t_first)
     assert fps > 0.8 * 25, fps
