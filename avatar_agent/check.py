@@ -67,6 +67,11 @@ def run_check(cfg: Config, out: Callable[[str], None] = print) -> int:
                   f"raise player.latency_ms to ≥ {lat['total'] + 80:.0f} or lower chunker.hop_ms / "
                   "chunker.lookahead_ms")
         out(r.lines[-1])
+    settings = _moda_settings(r, cfg)
+    if settings:
+        out("\nMoDA inference settings (the model's own, then [motion] overrides):")
+        for k, v in settings.items():
+            out(f"  {k:<24} {v}")
     running = _running_agent(cfg)
     if running:
         out(f"\nrunning agent at {running[0]}:")
@@ -81,6 +86,18 @@ def run_check(cfg: Config, out: Callable[[str], None] = print) -> int:
         return 1
     out("no problems found")
     return 0
+
+
+def _moda_settings(r: Report, cfg: Config) -> dict[str, object]:
+    from .motion.moda_load import ModelFileError
+    from .wiring import moda_settings
+
+    try:
+        return moda_settings(cfg)
+    except ModelFileError as e:
+        r.problem(str(e), "restore models/embedded from the repository or set "
+                          "motion.generator = \"procedural\"")
+        return {}
 
 
 def _check_packages(r: Report, cfg: Config) -> None:

@@ -122,6 +122,16 @@ class MotionConfig:
     """MoDA guidance weight for audio (eq. 8 λ); negative = the model's own (release CLI 1.2 = λ 0.2)."""
     cfg_emotion: float = 0.0
     """MoDA guidance weight for the emotion condition."""
+    window_frames: int = 0
+    """MoDA: video frames per sampled DiT window; 0 = the model's own (its training length). `check` prints the effective MoDA settings."""
+    hop_frames: int = 0
+    """MoDA: most frames emitted per window; 0 = the model's own (tiny MoDA: its file's)."""
+    crossfade_frames: int = -1
+    """MoDA: frames blended across window seams; -1 = the model's own (tiny MoDA: its file's, release: 0)."""
+    context_frames: int = -1
+    """MoDA: frames already shown that each window re-uses as pinned context; -1 = the model's own (tiny MoDA: its file's, release: 0)."""
+    min_hop_ms: int = -1
+    """Shortest chunk hop the motion generator runs at (chunker.hop_ms is raised to it); -1 = the model's own (tiny MoDA: its file's, others: 0)."""
     expression_scale: float = 1.0
     """Multiplier on expression motion (0 = frozen face, >1 = exaggerated)."""
     head_scale: float = 1.0
@@ -259,6 +269,12 @@ class Config:
             raise ConfigError(f"vad.aggressiveness = {self.vad.aggressiveness}: must be 0..3")
         if not 0.0 <= self.avatar.intensity <= 1.0:
             raise ConfigError(f"avatar.intensity = {self.avatar.intensity}: must be 0..1")
+        m = self.motion
+        for key, lo in (("window_frames", 0), ("hop_frames", 0), ("crossfade_frames", -1),
+                        ("context_frames", -1), ("min_hop_ms", -1)):
+            if getattr(m, key) < lo:
+                raise ConfigError(f"motion.{key} = {getattr(m, key)}: must be ≥ {lo} "
+                                  f"({lo} = the model's own value)")
         if self.render.size < 64 or self.render.size % 16:
             raise ConfigError(f"render.size = {self.render.size}: must be ≥ 64 and a multiple of 16")
         known_sinks = {"auto", "virtualcam", "webrtc", "file", "vmic"}

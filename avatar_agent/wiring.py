@@ -143,15 +143,32 @@ def official_motion(cfg: Config) -> MotionGenerator:
                         emotion=m.cfg_emotion)
     return MoDAMotion(model, features, mean, std, profile="official", null_audio=null_audio,
                       guidance=guidance, steps=m.steps or RELEASE_STEPS, device=device,
-                      seed=cfg.motion.seed)
+                      seed=cfg.motion.seed, **_window_overrides(cfg))
+
+
+def _window_overrides(cfg: Config) -> dict[str, Any]:
+    """``MoDAMotion`` keyword arguments for the window settings the config sets (others: the
+    generator's defaults)."""
+    keys = ("window", "hop", "crossfade", "context", "min_hop_ms")
+    return {k: v for k, v in moda_overrides(cfg).items() if k in keys and v is not None}
 
 
 EMBEDDED_MODA = Path(__file__).resolve().parent.parent / "models" / "embedded" / "moda-tiny.safetensors"
 """The tiny MoDA trained by this project (bench/train_tiny.sh; model card beside it)."""
 
-EMBEDDED_MODA_DEFAULT = True
-"""Whether ``motion.generator = "auto"`` picks the tiny MoDA for the embedded profile (only once
-its evaluation beats the targets in its model card)."""
+
+def moda_overrides(cfg: Config) -> dict[str, Any]:
+    """The ``[motion]`` keys that override a MoDA model's own inference settings (None = keep
+    the model's; see :func:`avatar_agent.motion.moda_load.inference_settings`)."""
+    m = cfg.motion
+
+    def own(v: int | float, unset: int | float) -> Any:
+        return None if v == unset else v
+
+    return {"steps": own(m.steps, 0), "cfg_audio": m.cfg_audio if m.cfg_audio >= 0 else None,
+            "window": own(m.window_frames, 0), "hop": own(m.hop_frames, 0),
+            "crossfade": own(m.crossfade_frames, -1), "context": own(m.context_frames, -1),
+            "min_hop_ms": own(m.min_hop_ms, -1)}
 
 
 def embedded_moda(cfg: Config, procedural: Any) -> MotionGenerator:
@@ -160,32 +177,42 @@ def embedded_moda(cfg: Config, procedural: Any) -> MotionGenerator:
         raise ConfigError(f"motion.generator = \"moda\" needs {EMBEDDED_MODA} (train it with "
                           "bench/train_tiny.sh), or use motion.generator = \"procedural\"")
     from .motion.moda import EmbeddedMoDA
-    from .train.loop import build_motion
+    from .motion.moda_load import ModelFileError, build_motion
 
     m = cfg.motion
-    moda = build_motion(EMBEDDED_MODA, steps=m.steps or None,
-                        cfg_audio=m.cfg_audio if m.cfg_audio >= 0 else None,
-                        cfg_emotion=m.cfg_emotion, seed=m.seed)
+    try:
+        moda = build_motion(EMBEDDED_MODA, cfg_emotion=m.cfg_emotion, seed=m.seed,
+                            **moda_overrides(cfg))
+    except ModelFileError as e:
+        raise ConfigError(f"{e} (or use motion.generator = \"procedural\")") from e
+    except ValueError as e:  # a [motion] override the model cannot run with
+        raise ConfigError(f"[motion] settings do not fit {EMBEDDED_MODA.name}: {e}") from e
     return EmbeddedMoDA(moda, procedural)
 
 
 def uses_embedded_moda(cfg: Config) -> bool:
-    """Whether the config's embedded profile animates speech with the tiny MoDA."""
-    choice = cfg.motion.generator
-    return cfg.avatar.profile == "embedded" and (
-        choice == "moda" or (choice == "auto" and EMBEDDED_MODA_DEFAULT))
+    """Whether the config's embedded profile animates speech with the tiny MoDA (the default)."""
+    return cfg.avatar.profile == "embedded" and cfg.motion.generator in ("auto", "moda")
+
+
+def moda_settings(cfg: Config) -> dict[str, Any]:
+    """The effective inference settings of the configured MoDA generator, without loading it
+    (empty for procedural motion): what ``check`` prints and where the chunk hop comes from."""
+    over = {k: v for k, v in moda_overrides(cfg).items() if v is not None}
+    if uses_embedded_moda(cfg):
+        from .motion.moda_load import inference_settings, read_meta
+
+        if not EMBEDDED_MODA.with_suffix(".json").is_file():
+            return {}
+        return inference_settings(read_meta(EMBEDDED_MODA), over)
+    if cfg.avatar.profile == "official":
+        return {"steps": RELEASE_STEPS, "cfg_audio": RELEASE_CFG_AUDIO, "min_hop_ms": 0, **over}
+    return {}
 
 
 def motion_min_hop_ms(cfg: Config) -> int:
     """The chunk hop the configured motion generator needs at least (0 = any)."""
-    if not uses_embedded_moda(cfg) or not EMBEDDED_MODA.is_file():
-        return 0
-    import json
-
-    from .train.loop import inference_settings
-
-    meta = json.loads(EMBEDDED_MODA.with_suffix(".json").read_text(encoding="utf-8"))
-    return int(inference_settings(meta)["min_hop_ms"])
+    return int(moda_settings(cfg).get("min_hop_ms", 0))
 
 
 def models_dir(cfg: Config) -> Path:

@@ -76,7 +76,7 @@ def bench_tiny(seconds: float, model_path: Path) -> None:
     steps/CFG), eager and traced.  Offline: the whole clip as one chunk (``avatar-agent render``).
     """
     from avatar_agent.motion.template import template_avatar
-    from avatar_agent.train.loop import build_motion
+    from avatar_agent.motion.moda_load import build_motion
 
     if not model_path.with_suffix(".json").is_file():
         print(f"tiny MoDA: no exported model at {model_path} (bench/train_tiny.sh); skipped")

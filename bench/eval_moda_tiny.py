@@ -156,7 +156,7 @@ def moda_generator(model_path: str | Path, cfg_audio: float | None = None, steps
     160 ms hop, 40 ms lookahead, 400 ms context).  Steps and audio CFG default to the model's.
     """
     from avatar_agent.motion.procedural import ProceduralMotion
-    from avatar_agent.train.loop import build_motion
+    from avatar_agent.motion.moda_load import build_motion
     from avatar_agent.types import SpeechChunk
 
     spf = 16000 // FPS

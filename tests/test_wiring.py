@@ -1,6 +1,8 @@
 """Config → plug-ins: the embedded profile's generator choice, including the tiny MoDA path."""
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,8 +17,8 @@ from tests.train.test_loop import _trainer, data, small_cfg  # noqa: F401  (data
 def test_embedded_auto_is_the_shipped_tiny_moda_and_fps_is_checked():
     from avatar_agent.motion.moda import EmbeddedMoDA
 
-    assert wiring.EMBEDDED_MODA_DEFAULT and wiring.EMBEDDED_MODA.is_file()
     cfg = load_config(None, [], use_default_path=False)
+    assert wiring.uses_embedded_moda(cfg) and wiring.EMBEDDED_MODA.is_file()
     gen = wiring.make_motion(cfg)
     assert isinstance(gen, EmbeddedMoDA) and gen.moda.relative and gen.min_hop_ms == 160
     procedural = load_config(None, ["motion.generator=procedural"], use_default_path=False)
@@ -70,8 +72,7 @@ def test_generator_min_hop_raises_the_chunk_hop(data, tmp_path, monkeypatch):
     tr, _ = _trainer(data, dataclasses.replace(small_cfg(), seq_len=16))
     monkeypatch.setattr(wiring, "EMBEDDED_MODA", export_checkpoint(tr, tmp_path / "tiny.safetensors"))
     moda_cfg = load_config(None, ["motion.generator=moda"], use_default_path=False)
-    assert wiring.motion_min_hop_ms(moda_cfg) == 160 and wiring.motion_min_hop_ms(cfg) == (
-        160 if wiring.EMBEDDED_MODA_DEFAULT else 0)
+    assert wiring.motion_min_hop_ms(moda_cfg) == 160 and wiring.motion_min_hop_ms(cfg) == 160
     assert implied_latency_ms(moda_cfg)["total"] - implied_latency_ms(
         load_config(None, ["motion.generator=procedural"], use_default_path=False))["total"] == 80
     gen = wiring.make_motion(moda_cfg)
@@ -92,3 +93,51 @@ def test_check_reports_the_embedded_generator_and_a_missing_model(monkeypatch, t
     r = Report()
     _check_models(r, load_config(None, ["motion.generator=procedural"], use_default_path=False))
     assert not r.problems and "procedural" in r.lines[-1]
+
+
+def test_the_live_path_never_imports_the_trainer():
+    # A fresh interpreter: building the default embedded motion (the shipped tiny MoDA) and
+    # everything wiring needs must not pull in avatar_agent.train.
+    code = ("import sys\n"
+            "from avatar_agent import wiring\n"
+            "from avatar_agent.config import Config\n"
+            "gen = wiring.make_motion(Config())\n"
+            "assert type(gen).__name__ == 'EmbeddedMoDA', gen\n"
+            "print(sorted(m for m in sys.modules if m.startswith('avatar_agent.train')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_motion_config_overrides_the_model_files_inference_settings(capsys):
+    from avatar_agent.check import run_check
+
+    over = ["motion.steps=2", "motion.cfg_audio=0.5", "motion.window_frames=12",
+            "motion.hop_frames=6", "motion.crossfade_frames=0", "motion.context_frames=2",
+            "motion.min_hop_ms=200"]
+    cfg = load_config(None, over, use_default_path=False)
+    want = {"steps": 2, "cfg_audio": 0.5, "window": 12, "hop": 6, "crossfade": 0, "context": 2,
+            "min_hop_ms": 200}
+    settings = wiring.moda_settings(cfg)
+    assert {k: settings[k] for k in want} == want
+    gen = wiring.make_motion(cfg).moda
+    assert (gen.steps, gen.guidance.audio, gen.window, gen.hop, gen.crossfade, gen.context,
+            gen.min_hop_ms) == tuple(want.values())
+    # One source for the hop floor: the built generator and the config-only path agree.
+    assert wiring.motion_min_hop_ms(cfg) == gen.min_hop_ms == 200
+    # Defaults = the model file's own values (what its JSON says), shown by `check`.
+    default = wiring.moda_settings(load_config(None, [], use_default_path=False))
+    import json
+
+    own = json.loads(wiring.EMBEDDED_MODA.with_suffix(".json").read_text())
+    assert {k: default[k] for k in own["inference"]} == own["inference"]
+    assert default["window"] == own["params"]["seq_len"]
+    run_check(cfg, out=print)
+    text = capsys.readouterr().out
+    assert "MoDA inference settings" in text
+    assert any(line.split() == ["hop", "6"] for line in text.splitlines())
+    # Settings the model cannot run with, or out of range: one clear config error each.
+    with pytest.raises(ConfigError, match="context"):
+        wiring.make_motion(load_config(None, ["motion.context_frames=20"], use_default_path=False))
+    with pytest.raises(ConfigError, match="motion.hop_frames = -2"):
+        load_config(None, ["motion.hop_frames=-2"], use_default_path=False)

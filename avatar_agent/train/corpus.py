@@ -23,19 +23,19 @@ import multiprocessing as mp
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from avatar_agent.motion import space
+from avatar_agent.motion.moda_load import (DEFAULT_FEATURE, FEATURE_FPS, check_feature,
+                                           extract_features)
 from avatar_agent.train.shards import ShardError, ShardWriter, Stats, UtteranceRecord, compute_stats
 from avatar_agent.types import EMOTION_NONE, SAMPLE_RATE, Avatar, Phoneme
 
-FPS = 25
+FPS = FEATURE_FPS
 SPF = SAMPLE_RATE // FPS
 
-DEFAULT_FEATURE: dict[str, Any] = {"kind": "mel", "n_mels": 80, "fps": FPS}
-"""Feature config of the embedded profile (log-mel, 1 block × 80 bins per video frame)."""
 
 VOICES: tuple[str, ...] = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan",
                            "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
@@ -195,44 +195,6 @@ def augment(audio: np.ndarray, rng: np.random.Generator, p: AugmentParams = Augm
         x = x + colored_noise(rng, x.shape[0], color) * level * 10 ** (-snr / 20)
         info.update(snr_db=round(snr, 2), noise=color)
     return np.clip(x, -1.0, 1.0).astype(np.float32), info
-
-
-# --------------------------------------------------------------------------------------------
-# Features
-# --------------------------------------------------------------------------------------------
-
-
-def check_feature(feature: dict[str, Any]) -> dict[str, Any]:
-    """Validate a feature config; returns it."""
-    if feature.get("kind") != "mel":
-        raise ShardError(f"feature kind {feature.get('kind')!r} is not supported; use "
-                         "{'kind': 'mel', 'n_mels': 80, 'fps': 25}")
-    if int(feature.get("fps", FPS)) != FPS:
-        raise ShardError(f"feature fps must be {FPS}, got {feature.get('fps')}")
-    return feature
-
-
-def extract_features(audio: np.ndarray, feature: dict[str, Any]) -> np.ndarray:
-    """Raw (not standardised) features [T = len // 640, blocks, dim] for the feature config."""
-    from avatar_agent.audio.features import mel_frames
-
-    check_feature(feature)
-    return mel_frames(audio, FPS, int(feature.get("n_mels", 80)))[:, None, :]
-
-
-def feature_fn(feature: dict[str, Any], stats: Stats | None = None
-               ) -> Callable[[np.ndarray], np.ndarray]:
-    """``audio (16 kHz float32) -> [T, blocks, dim]`` standardised with ``stats`` — the features
-    callable for :class:`avatar_agent.motion.moda.MoDAMotion` with a model trained on this corpus."""
-    check_feature(feature)
-    mean = None if stats is None else np.asarray(stats.audio_mean, np.float32)
-    std = None if stats is None else np.asarray(stats.audio_std, np.float32)
-
-    def features(audio: np.ndarray) -> np.ndarray:
-        f = extract_features(audio, feature)
-        return f if mean is None else ((f - mean) / std).astype(np.float32)
-
-    return features
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,5 +441,5 @@ def prep_video(path: str | Path, out_dir: str | Path) -> Stats:
 
 
 __all__ = ["build_corpus", "build_corpus_from_texts", "make_utterance", "make_sample", "Sample", "sentence", "augment",
-           "extract_features", "feature_fn", "CorpusParams", "AugmentParams", "prep_video",
-           "read_sentences", "MotionExtractorRequired", "DEFAULT_FEATURE", "random_avatar"]
+           "CorpusParams", "AugmentParams", "prep_video",
+           "read_sentences", "MotionExtractorRequired", "random_avatar"]

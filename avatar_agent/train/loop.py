@@ -33,14 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from avatar_agent.motion.moda_load import (EXPORT_FORMAT, EXPORT_VERSION, INFERENCE_DEFAULTS,
+                                           export_paths)
 from avatar_agent.motion.template import neutral_template
 from avatar_agent.nn.moda import PRESETS, MoDADiT, MoDAParams, count_parameters
-from avatar_agent.nn.weights import WeightsError, check_state_dict
-from avatar_agent.train.shards import ShardDataset, ShardError, Stats
+from avatar_agent.train.shards import ShardDataset, Stats
 
 CHECKPOINT = "checkpoint.pt"
-EXPORT_FORMAT = "avatar-agent-moda"
-EXPORT_VERSION = 1
 LOSS_KEYS = ("loss", "rf", "vel", "acc")
 
 
@@ -449,14 +448,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
 
 
 # --------------------------------------------------------------------------------------------
-# Export / load
+# Export (loaded by avatar_agent.motion.moda_load)
 # --------------------------------------------------------------------------------------------
-
-
-def _export_paths(path: str | Path) -> tuple[Path, Path]:
-    p = Path(path)
-    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
 def export_checkpoint(source: Trainer | str | Path, path: str | Path, use_ema: bool = True) -> Path:
@@ -482,7 +475,7 @@ def export_checkpoint(source: Trainer | str | Path, path: str | Path, use_ema: b
         null = st["ema"]["null_audio"]
     else:
         weights, null = st["model"], st["null_audio"]
-    w_path, j_path = _export_paths(path)
+    w_path, j_path = export_paths(path)
     w_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, str(w_path))
     stats = st["stats"]
@@ -505,110 +498,5 @@ def export_checkpoint(source: Trainer | str | Path, path: str | Path, use_ema: b
     return w_path
 
 
-def load_trained(path: str | Path, device: torch.device | str = "cpu"
-                 ) -> tuple[MoDADiT, dict[str, Any]]:
-    """Load an export of :func:`export_checkpoint`: (DiT in eval mode, meta).
-
-    ``meta`` is the JSON plus ready-to-use objects: ``mean``/``std`` (float32 [70]),
-    ``null_audio`` (tensor [1, 1, 1, L, D]), ``stats`` (:class:`Stats`) and ``features``
-    (``audio -> [T, L, D]`` standardised features) — exactly what
-    :class:`avatar_agent.motion.moda.MoDAMotion` takes.
-    """
-    from safetensors.torch import load_file
-
-    from avatar_agent.train.corpus import feature_fn
-
-    w_path, j_path = _export_paths(path)
-    for p in (w_path, j_path):
-        if not p.is_file():
-            raise TrainError(f"trained model file missing: {p}")
-    try:
-        meta = json.loads(j_path.read_text(encoding="utf-8"))
-        if meta.get("format") != EXPORT_FORMAT:
-            raise TrainError(f"{j_path} is not an {EXPORT_FORMAT} export")
-        params = MoDAParams(**meta["params"])
-        stats = Stats.from_json(meta)
-    except (json.JSONDecodeError, KeyError, TypeError, ShardError) as e:
-        raise TrainError(f"{j_path} is not a valid export config ({e}); re-export the model") from e
-    try:
-        state = load_file(str(w_path))
-    except Exception as e:  # safetensors' own error type is not public API
-        raise TrainError(f"{w_path} is corrupt ({e}); re-export the model") from e
-    model = MoDADiT(params)
-    try:
-        check_state_dict(state, {k: tuple(v.shape) for k, v in model.state_dict().items()},
-                         f"{w_path} (against {j_path.name})")
-    except WeightsError as e:
-        raise TrainError(f"{e}; re-export the model") from e
-    model.load_state_dict(state, strict=True)
-    null = torch.tensor(meta["null_audio"], dtype=torch.float32).reshape(
-        1, 1, 1, params.audio_blocks, params.audio_dim)
-    meta.update(mean=stats.motion_mean, std=stats.motion_std, null_audio=null, stats=stats,
-                features=feature_fn(meta["feature"], stats))
-    return model.to(device).eval(), meta
-
-
-INFERENCE_DEFAULTS: dict[str, Any] = {
-    "steps": 3, "final_step": False, "cfg_audio": 1.0, "hop": 12, "crossfade": 4,
-    "min_hop_ms": 160, "feature_context": 1, "context": 8,
-}
-"""How an exported tiny model is run unless its JSON's ``inference`` block says otherwise: Euler
-steps of the release grid and whether to take its last 0.1 % step (3 steps without it = 2 network
-evaluations, σ 1 → 0.5 → 0.001), audio CFG λ (eq. 8; 1.0 = one extra, batched pass: the mouth opens
-wider and closes in pauses), frames emitted per window, frames blended
-at window seams, the shortest chunk hop (one DiT window per hop keeps the cost per second of audio
-low: bench/bench_moda.py) and the left context the (frame-local mel) features need.  Chosen with
-bench/eval_moda_tiny.py (see the model card); ``context``: frames already shown that each window
-re-uses as pinned context (:class:`avatar_agent.motion.moda.MoDAMotion`)."""
-
-
-def inference_settings(meta: dict[str, Any]) -> dict[str, Any]:
-    """The export's ``inference`` block over :data:`INFERENCE_DEFAULTS`."""
-    out = dict(INFERENCE_DEFAULTS)
-    extra = meta.get("inference") or {}
-    unknown = set(extra) - set(out)
-    if unknown:
-        raise TrainError(f"unknown keys {sorted(unknown)} in the model's inference settings")
-    out.update(extra)
-    return out
-
-
-def build_motion(path: str | Path, *, steps: int | None = None, cfg_audio: float | None = None,
-                 cfg_emotion: float = 0.0, trace: bool = True, **kwargs: Any):
-    """A streaming :class:`~avatar_agent.motion.moda.MoDAMotion` (profile "embedded") for an
-    exported model.
-
-    Args:
-        path: the export (``.safetensors`` beside its ``.json``).
-        steps, cfg_audio: override the model's inference settings (None = its own).
-        cfg_emotion: emotion CFG λ.
-        trace: run the DiT as a frozen TorchScript trace (CPU speed; same numbers).
-        kwargs: more :class:`MoDAMotion` arguments (idle, seed, device, window, hop, ...).
-    """
-    from avatar_agent.motion.moda import MoDAMotion
-    from avatar_agent.nn.moda import TracedDiT
-    from avatar_agent.nn.sampling import Guidance
-
-    model, meta = load_trained(path, kwargs.get("device", "cpu"))
-    inf = inference_settings(meta)
-    kwargs.setdefault("profile", meta.get("profile", "embedded"))
-    kwargs.setdefault("null_audio", meta["null_audio"])
-    kwargs.setdefault("guidance", Guidance(audio=inf["cfg_audio"] if cfg_audio is None else cfg_audio,
-                                           emotion=cfg_emotion))
-    kwargs.setdefault("hop", min(inf["hop"], model.params.seq_len))
-    kwargs.setdefault("crossfade", inf["crossfade"])
-    kwargs.setdefault("min_hop_ms", inf["min_hop_ms"])
-    kwargs.setdefault("relative", bool(meta.get("relative", False)))
-    if meta.get("identity") is not None:
-        kwargs.setdefault("identity", np.asarray(meta["identity"], np.float32))
-    kwargs.setdefault("final_step", inf["final_step"])
-    kwargs.setdefault("context", inf["context"])
-    kwargs.setdefault("feature_context", inf["feature_context"])
-    net = TracedDiT(model) if trace else model
-    return MoDAMotion(net, meta["features"], meta["mean"], meta["std"],
-                      steps=inf["steps"] if steps is None else steps, **kwargs)
-
-
 __all__ = ["TrainConfig", "Trainer", "train", "flow_losses", "lr_at", "init_weights",
-           "export_checkpoint", "load_trained", "build_motion", "inference_settings",
-           "INFERENCE_DEFAULTS", "TrainError"]
+           "export_checkpoint", "TrainError"]

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from avatar_agent.audio.features import mel_frames
+from avatar_agent.motion.moda_load import feature_fn
 from avatar_agent.motion.space import lip_opening
 from avatar_agent.train.corpus import (
     AugmentParams, CorpusParams, MotionExtractorRequired, augment, build_corpus,
-    build_corpus_from_texts, colored_noise, feature_fn, make_utterance, prep_video, read_sentences,
+    build_corpus_from_texts, colored_noise, make_utterance, prep_video, read_sentences,
     sentence,
 )
 from avatar_agent.train.shards import iter_records, load_index, load_stats
@@ -106,7 +107,7 @@ def test_augmentation_snr_and_length():
 
 def test_feature_fn_standardises_with_the_corpus_stats(corpus):
     st = load_stats(corpus)
-    f = feature_fn(load_index(corpus)["feature"], st)
+    f = feature_fn(load_index(corpus)["feature"], st.audio_mean, st.audio_std)
     audio = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     want = (mel_frames(audio)[:, None] - st.audio_mean) / st.audio_std
     np.testing.assert_allclose(f(audio), want, rtol=1e-5, atol=1e-5)
