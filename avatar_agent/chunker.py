@@ -32,25 +32,28 @@ _MS = SAMPLE_RATE // 1000  # samples per millisecond (16)
 
 @dataclass(frozen=True)
 class ChunkerParams:
-    """Chunking and hysteresis settings (all durations on the 16 kHz source timeline)."""
+    """Chunking and hysteresis settings (all durations on the 16 kHz source timeline).
 
-    fps: int = 25
+    No defaults here: the product's come from the ``[chunker]`` and ``[vad]`` config sections
+    (:func:`avatar_agent.config.chunker_params`), so they are written down once."""
+
+    fps: int
     """Video frame rate; every chunk boundary falls on a video frame (16000 / fps samples)."""
-    hop_ms: int = 160
+    hop_ms: int
     """New audio per streaming chunk; a multiple of the video frame (40 ms at 25 fps)."""
-    window_ms: int = 3200
+    window_ms: int
     """Longest chunk in offline mode (TTS / files rendered as fast as possible)."""
-    left_context_ms: int = 400
+    left_context_ms: int
     """Already-emitted audio handed along before the new audio (fewer at the timeline start)."""
-    lookahead_ms: int = 80
+    lookahead_ms: int
     """Future audio after the new audio; a chunk waits for it (adds directly to latency)."""
-    min_speech_ms: int = 60
+    min_speech_ms: int
     """Consecutive voiced audio needed before speech starts (a shorter click is ignored)."""
-    pre_roll_ms: int = 120
+    pre_roll_ms: int
     """Audio before the first voiced sample that still belongs to the utterance."""
-    hangover_ms: int = 300
+    hangover_ms: int
     """Consecutive unvoiced audio after which speech ends."""
-    max_utterance_s: float = 30.0
+    max_utterance_s: float
     """An utterance longer than this is split (the next one starts at once if speech goes on)."""
 
     def __post_init__(self) -> None:
@@ -138,14 +141,14 @@ class Chunker:
     ``window_ms`` with ``offline=True``, shorter only where speech begins or ends and at the end.
     """
 
-    def __init__(self, params: ChunkerParams | None = None, *, offline: bool = False) -> None:
+    def __init__(self, params: ChunkerParams, *, offline: bool = False) -> None:
         """
         Args:
-            params: settings (defaults: 25 fps, 160 ms hop, 80 ms lookahead).
+            params: settings (``config.chunker_params(cfg)`` gives the configured ones).
             offline: emit chunks of up to ``window_ms`` new audio instead of one hop (for input that
                 arrives faster than real time and is rendered in bulk).
         """
-        self.params = p = params or ChunkerParams()
+        self.params = p = params
         self.offline = offline
         self._g = p.frame_samples
         self._hop = p.hop_ms * _MS
@@ -408,7 +411,7 @@ class Chunker:
 
 
 def chunk_audio(frames: Iterable[AudioFrame], decisions: Iterable[bool],
-                params: ChunkerParams | None = None, *, offline: bool = True
+                params: ChunkerParams, *, offline: bool = True
                 ) -> list[ChunkerOutput]:
     """Convenience: run a whole recording through a fresh Chunker (push all, then flush)."""
     ch = Chunker(params, offline=offline)

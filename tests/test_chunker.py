@@ -15,13 +15,23 @@ from avatar_agent.types import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Phoneme, 
 
 G = 640  # samples per video frame at 25 fps
 
+# The settings these tests are written against (ChunkerParams has no defaults of its own: the
+# product's live in config.py).
+BASE = dict(fps=25, hop_ms=160, window_ms=3200, left_context_ms=400, lookahead_ms=80,
+            min_speech_ms=60, pre_roll_ms=120, hangover_ms=300, max_utterance_s=30.0)
+
+
+def params_with(**kw) -> ChunkerParams:
+    """The test settings with ``kw`` replaced."""
+    return ChunkerParams(**{**BASE, **kw})
+
 
 def make_frames(x: np.ndarray, start: int = 0) -> list[AudioFrame]:
     fr = Framer(start)
     return fr.push(x) + fr.flush()
 
 
-def run(frames, decisions, params=None, offline=False):
+def run(frames, decisions, params, offline=False):
     """Push frame by frame; return (outputs, [(position at emission, item)])."""
     ch = Chunker(params, offline=offline)
     log = []
@@ -65,7 +75,7 @@ def utterance(speech_wav):
 
 def test_speech_events_on_real_speech(utterance):
     x, t0, t1 = utterance
-    params = ChunkerParams()
+    params = params_with()
     frames = make_frames(x, start=3200)  # a timeline that does not start at 0
     vad = WebRtcVad(3, 20)
     decisions = [vad.is_speech(f.samples) for f in frames]
@@ -104,7 +114,7 @@ def test_speech_events_on_real_speech(utterance):
 
 def test_lookahead_waits_and_latency_bound(utterance):
     x, _, _ = utterance
-    params = ChunkerParams()
+    params = params_with()
     frames = make_frames(x)
     vad = WebRtcVad(3, 20)
     ch, log = run(frames, [vad.is_speech(f.samples) for f in frames], params)
@@ -119,11 +129,11 @@ def test_lookahead_waits_and_latency_bound(utterance):
 
 
 @pytest.mark.parametrize("params", [
-    ChunkerParams(hop_ms=120, lookahead_ms=40, left_context_ms=200, pre_roll_ms=100,
+    params_with(hop_ms=120, lookahead_ms=40, left_context_ms=200, pre_roll_ms=100,
                   min_speech_ms=60, hangover_ms=200, max_utterance_s=1.0),
-    ChunkerParams(fps=20, hop_ms=200, window_ms=400, lookahead_ms=300, pre_roll_ms=0,
+    params_with(fps=20, hop_ms=200, window_ms=400, lookahead_ms=300, pre_roll_ms=0,
                   min_speech_ms=0),
-    ChunkerParams(fps=50, hop_ms=100, lookahead_ms=10, pre_roll_ms=30, min_speech_ms=50)],
+    params_with(fps=50, hop_ms=100, lookahead_ms=10, pre_roll_ms=30, min_speech_ms=50)],
     ids=["25fps", "20fps", "50fps"])
 def test_randomised_decisions_tile_and_respect_latency(params):
     worst = 0
@@ -156,7 +166,7 @@ def test_randomised_decisions_tile_and_respect_latency(params):
 
 
 def test_silence_and_empty_input():
-    params = ChunkerParams()
+    params = params_with()
     x = np.zeros(SAMPLE_RATE * 2 + 100, np.float32)
     ch, log = run(make_frames(x), [False] * 200, params)
     chunks = chunks_of(log)
@@ -164,11 +174,11 @@ def test_silence_and_empty_input():
     check_tiling(chunks, np.zeros(101 * FRAME_SAMPLES, np.float32), 0, params)
     empty = Chunker(params)
     assert empty.flush() == [] and empty.flush() == []
-    assert chunk_audio([], []) == []
+    assert chunk_audio([], [], params_with()) == []
 
 
 def test_single_click_is_ignored_but_real_speech_is_not():
-    params = ChunkerParams()
+    params = params_with()
     dec = [False] * 40 + [True] + [False] * 40
     _, log = run(make_frames(np.zeros(81 * FRAME_SAMPLES, np.float32)), dec, params)
     assert not any(isinstance(it, (SpeechStarted, SpeechEnded)) for _, it in log)
@@ -187,7 +197,7 @@ def test_single_click_is_ignored_but_real_speech_is_not():
 
 
 def test_max_utterance_splits_seamlessly():
-    params = ChunkerParams(max_utterance_s=1.0)
+    params = params_with(max_utterance_s=1.0)
     dec = [False] * 20 + [True] * 200 + [False] * 30
     x = np.zeros(len(dec) * FRAME_SAMPLES, np.float32)
     _, log = run(make_frames(x), dec, params)
@@ -207,7 +217,7 @@ def test_max_utterance_splits_seamlessly():
 
 def test_offline_mode_uses_window_and_matches_streaming(utterance):
     x, _, _ = utterance
-    params = ChunkerParams(window_ms=1200)
+    params = params_with(window_ms=1200)
     frames = make_frames(x)
     vad = WebRtcVad(3, 20)
     dec = [vad.is_speech(f.samples) for f in frames]
@@ -223,7 +233,7 @@ def test_offline_mode_uses_window_and_matches_streaming(utterance):
 
 
 def test_phonemes_carried_gaps_filled_and_order_enforced():
-    params = ChunkerParams(left_context_ms=0, lookahead_ms=0)
+    params = params_with(left_context_ms=0, lookahead_ms=0)
     ph = Phoneme("h", 0.10, 0.15)
     ch = Chunker(params)
     out = []
@@ -253,11 +263,11 @@ def test_phonemes_carried_gaps_filled_and_order_enforced():
     (dict(lookahead_ms=-1), "lookahead_ms"), (dict(max_utterance_s=0.05), "max_utterance_s")])
 def test_bad_params(kw, match):
     with pytest.raises(ValueError, match=match):
-        ChunkerParams(**kw)
+        params_with(**kw)
 
 
 def test_other_fps_grid():
-    params = ChunkerParams(fps=20, hop_ms=200, window_ms=400)  # 800-sample video frames
+    params = params_with(fps=20, hop_ms=200, window_ms=400)  # 800-sample video frames
     dec = [False] * 30 + [True] * 30 + [False] * 40
     x = np.random.default_rng(0).standard_normal(100 * FRAME_SAMPLES).astype(np.float32)
     _, log = run(make_frames(x), dec, params)

@@ -128,7 +128,9 @@ async def test_speech_lands_where_it_was_played(pulse_server, speech_wav, tmp_pa
 
     # VAD + chunker on the recording find the two utterances where they were played.
     vad = WebRtcVad(3, 30)
-    ch = Chunker(ChunkerParams(hangover_ms=300))
+    ch = Chunker(ChunkerParams(fps=25, hop_ms=160, window_ms=3200, left_context_ms=400,
+                               lookahead_ms=80, min_speech_ms=60, pre_roll_ms=120, hangover_ms=300,
+                               max_utterance_s=30.0))
     events = []
     for f in frames:
         events += ch.push(f, vad.is_speech(f.samples))
