@@ -123,8 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = list(args.set)
         if getattr(args, "profile", None):
             overrides.append(f"avatar.profile={args.profile}")
-        if getattr(args, "avatar", None):        # an override, so it survives a reload too
-            overrides.append(f"avatar.image={Path(args.avatar).resolve()}")
         if args.cmd == "config" and args.sample:
             print(sample_toml(), end="")
             return 0
@@ -134,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(to_toml(cfg), end="")
             return 0
         if args.cmd == "start":
-            return asyncio.run(cmd_start(cfg, args.config, overrides))
+            if args.avatar:
+                cfg = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar,
+                                                                          image=str(Path(args.avatar).resolve())))
+            return asyncio.run(cmd_start(cfg, args.config, list(args.set)))
         if args.cmd == "render":
             return asyncio.run(cmd_render(cfg, args))
         if args.cmd == "check":
@@ -153,17 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"avatar-agent: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # port in use, unwritable path, ...: one line, never a traceback
-        print(f"avatar-agent: {_os_error_line(e)}", file=sys.stderr)
-        return 1
     return 0
-
-
-def _os_error_line(e: OSError) -> str:
-    """An OSError as one line naming the file (if any) and the cause."""
-    if e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    return e.strerror or str(e)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,10 +162,112 @@ def _os_error_line(e: OSError) -> str:
 # ------------------------------------------------------------------------------------------------
 
 async def cmd_start(cfg: Config, config_path: str | None, overrides: list[str]) -> int:
-    """The long-running agent (see :mod:`avatar_agent.live`)."""
-    from .live import run_start
+    """The long-running agent: sinks + local web page, SIGTERM/SIGHUP handling, sd_notify."""
+    from .agent import Agent
+    from .clock import SystemClock
+    from .service import Notifier
+    from .wiring import make_motion, make_renderer, make_sinks, make_source, make_vad
 
-    return await run_start(cfg, config_path, overrides)
+    clock = SystemClock()
+    notifier = Notifier()
+    notifier.status("warming up")
+    source = make_source(cfg, clock)
+    sinks, webrtc = make_sinks(cfg)
+    agent = Agent(cfg, source=source, vad=make_vad(cfg), motion=make_motion(cfg),
+                  renderer=make_renderer(cfg), sinks=sinks, clock=clock, notifier=notifier)
+    runner = None
+    if webrtc is not None:
+        from .server.app import make_app, serve
+
+        from .server.control import ControlSettings, mount, security_settings
+
+        # A WebRTC peer's uplink audio is spoken like pushed PCM (speech-queue sources only).
+        app = make_app(webrtc, extra_routes=_extra_routes(agent, webrtc),
+                       on_uplink_audio=agent.push_audio if hasattr(source, "push") else None)
+        sc = cfg.server
+        dirs = tuple(str(cfg.resolve(d)) for d in cfg.avatar.directories)
+        mount(app, agent, ControlSettings(avatar_dirs=dirs,
+                                          max_upload_bytes=int(sc.max_upload_mb * 1024 * 1024)),
+              security_settings(host=sc.host, token=sc.token, cors_origins=tuple(sc.cors_origins),
+                                max_body_kb=sc.max_body_kb, max_upload_mb=sc.max_upload_mb,
+                                request_timeout_s=sc.request_timeout_s,
+                                rate_say_per_min=sc.rate_say_per_min,
+                                rate_push_per_min=sc.rate_push_per_min, avatar_dirs=dirs))
+        runner = await serve(app, cfg.server.host, cfg.server.port)   # prints the page's URL
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, agent.stop)
+    loop.add_signal_handler(signal.SIGINT, agent.stop)
+
+    def reload() -> None:
+        async def go() -> None:
+            notifier.reloading()
+            try:
+                new = load_config(config_path, overrides)
+                agent.cfg = dataclasses.replace(agent.cfg, avatar=new.avatar, motion=new.motion)
+                agent.set_emotion(new.avatar.emotion, new.avatar.intensity)
+                await agent.set_avatar(None)
+                log.info("reloaded config and avatar %s", new.avatar_path())
+            except Exception as e:  # a bad reload keeps the running avatar
+                log.error("reload failed, keeping the current config: %s", e)
+            notifier.ready("reloaded")
+        asyncio.ensure_future(go())
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    stdin_task = None
+    if hasattr(source, "say") and sys.stdin is not None and not sys.stdin.closed:
+        stdin_task = asyncio.create_task(_read_stdin(source))
+    try:
+        await agent.run()
+    finally:
+        if stdin_task:
+            stdin_task.cancel()
+        if runner is not None:
+            await runner.cleanup()
+    log.info("stopped: %s", agent.stats())
+    return 0
+
+
+async def _read_stdin(source: Any) -> None:
+    """Each line typed on stdin is spoken by the TTS source.
+
+    A daemon thread reads stdin: a blocked readline() must never hold up shutdown (the default
+    executor would wait for it forever).
+    """
+    import threading
+
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def reader() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        loop.call_soon_threadsafe(lines.put_nowait, None)
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
+    print("avatar-agent: type text and press Enter to make the avatar speak it", flush=True)
+    while (line := await lines.get()) is not None:
+        if line.strip():
+            try:
+                source.say(line.strip())
+            except Exception as e:  # a bad line must not end the reader
+                log.error("cannot speak %r: %s", line.strip()[:40], e)
+
+
+def _extra_routes(agent: Any, webrtc: Any = None) -> list[Any]:
+    from aiohttp import web
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=agent.metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def status(_: web.Request) -> web.Response:
+        st = agent.stats()
+        if webrtc is not None:
+            st["viewers"] = webrtc.viewers
+            st["uplink"] = webrtc.uplink_stats()
+        return web.json_response(st)
+
+    return [web.get("/metrics", metrics), web.get("/status", status)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,11 +283,6 @@ async def cmd_render(cfg: Config, args: argparse.Namespace) -> int:
     if args.emotion:
         cfg = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar, emotion=args.emotion))
         cfg.validate()
-    # Refuse before harm: a bad -o (an input, a folder, unwritable) fails here, before the
-    # portrait is analysed or any file is created (render_to_file checks again, for its callers).
-    from .offline import check_output
-
-    check_output(Path(args.output), [Path(p) for p in (args.image, args.audio) if p])
     stats = await render_to_file(cfg, image=Path(args.image), output=Path(args.output),
                                  audio=Path(args.audio) if args.audio else None, text=args.text,
                                  voice=args.voice)
