@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="official weights: fetch | list | verify")
     p.add_argument("action", choices=["fetch", "list", "verify"])
     p.add_argument("name", nargs="?", default="official")
-    p.add_argument("--dir", help="models directory (default $AVATAR_AGENT_MODELS or "
-                                 "~/.local/share/avatar-agent/models)")
+    _common(p)
+    p.add_argument("--dir", help="models directory (default: motion.models_dir, else "
+                                 "$AVATAR_AGENT_MODELS, else ~/.local/share/avatar-agent/models)")
     for group, orig in (("liveportrait", "KlingTeam/LivePortrait"),
                         ("hubert", "TencentGameMate/chinese-hubert-base")):
         p.add_argument(f"--{group}", choices=["auto", "moda", "upstream"], default="auto",
@@ -318,7 +319,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     """models fetch | list | verify [--pin]."""
     from . import models
 
-    dest = Path(args.dir) if args.dir else models.models_dir()
+    dest = (Path(args.dir).expanduser() if args.dir
+            else models.models_dir(load_config(args.config, list(args.set))))
     pins = None
     try:
         if args.action == "fetch":

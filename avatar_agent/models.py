@@ -41,6 +41,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
 from typing import Any, Callable, Literal
 
 MANIFEST = Path(__file__).resolve().parent.parent / "models" / "manifest.toml"
@@ -196,8 +200,12 @@ def stderr_progress(p: FetchProgress) -> None:
 # Manifest
 # --------------------------------------------------------------------------------------------
 
-def models_dir() -> Path:
-    """Default models directory: ``$AVATAR_AGENT_MODELS`` or ``~/.local/share/avatar-agent/models``."""
+def models_dir(cfg: Config | None = None) -> Path:
+    """The models directory — the one place that decides it, for ``models fetch`` and ``start``
+    alike: the config's ``motion.models_dir`` (relative to the config file), else
+    ``$AVATAR_AGENT_MODELS``, else ``~/.local/share/avatar-agent/models``; ``~`` is expanded."""
+    if cfg is not None and cfg.motion.models_dir:
+        return cfg.resolve(cfg.motion.models_dir)
     env = os.environ.get("AVATAR_AGENT_MODELS")
     return Path(env).expanduser() if env else Path.home() / ".local/share/avatar-agent/models"
 

@@ -4,8 +4,6 @@ when the config asks for the component that needs it."""
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +104,7 @@ def make_motion(cfg: Config) -> MotionGenerator:
 
 def require_official_files(cfg: Config, prefixes: tuple[str, ...]) -> Path:
     """The models directory, after checking the official files under ``prefixes`` exist."""
-    from .models import list_models
+    from .models import list_models, models_dir
 
     d = models_dir(cfg)
     missing = [st.file.name for st in list_models(d)
@@ -215,16 +213,6 @@ def motion_min_hop_ms(cfg: Config) -> int:
     return int(moda_settings(cfg).get("min_hop_ms", 0))
 
 
-def models_dir(cfg: Config) -> Path:
-    """Where official weights live."""
-    if cfg.motion.models_dir:
-        return cfg.resolve(cfg.motion.models_dir)
-    env = os.environ.get("AVATAR_AGENT_MODELS")
-    if env:
-        return Path(env)
-    return Path.home() / ".local" / "share" / "avatar-agent" / "models"
-
-
 def virtualcam_available() -> bool:
     """True if a v4l2loopback device exists."""
     try:
@@ -272,11 +260,3 @@ def make_sinks(cfg: Config, *, file: str | None = None) -> tuple[list[Sink], Any
 
             sinks.append(Mp4Sink(cfg.resolve(file or cfg.sinks.file)))
     return sinks, webrtc
-
-
-def stdin_is_interactive() -> bool:
-    """True when stdin can carry typed text."""
-    try:
-        return sys.stdin is not None and not sys.stdin.closed
-    except Exception:
-        return False
