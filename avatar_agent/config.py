@@ -32,6 +32,10 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says where and how to fix it."""
 
 
+SinkName = Literal["auto", "virtualcam", "webrtc", "file", "vmic"]
+"""The sinks ``sinks.enabled`` may name (the one list; wiring.make_sinks builds each)."""
+
+
 @dataclass(frozen=True)
 class AvatarConfig:
     """The portrait and how it is animated."""
@@ -174,7 +178,7 @@ class PlayerConfig:
 class SinksConfig:
     """Where frames go (several at once)."""
 
-    enabled: list[str] = field(default_factory=lambda: ["auto"])
+    enabled: list[SinkName] = field(default_factory=lambda: ["auto"])
     """Any of virtualcam, webrtc, file, vmic; "auto" = virtualcam when a device exists + webrtc."""
     virtualcam_device: str = ""
     """v4l2loopback device (e.g. /dev/video10); empty = the first loopback device."""
@@ -277,7 +281,7 @@ class Config:
                                   f"({lo} = the model's own value)")
         if self.render.size < 64 or self.render.size % 16:
             raise ConfigError(f"render.size = {self.render.size}: must be ≥ 64 and a multiple of 16")
-        known_sinks = {"auto", "virtualcam", "webrtc", "file", "vmic"}
+        known_sinks = set(typing.get_args(SinkName))
         bad = [s for s in self.sinks.enabled if s not in known_sinks]
         if bad:
             raise ConfigError(f"sinks.enabled: unknown sink(s) {bad}; choose from {sorted(known_sinks)}")
