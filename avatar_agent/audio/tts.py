@@ -1,4 +1,4 @@
-"""Text-to-speech with phoneme timing: libespeak-ng through ctypes, and a TTS AudioSource.
+"""Text-to-speech with phoneme timing: libespeak-ng through ctypes.
 
 espeak-ng's library is driven directly (not the CLI) because only the library reports phoneme
 events: with ``espeakINITIALIZE_PHONEME_EVENTS | espeakINITIALIZE_PHONEME_IPA`` every phoneme
@@ -11,17 +11,14 @@ thread.  Audio comes out at 22 050 Hz and is resampled to the pipeline's 16 kHz 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import threading
-from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Protocol
 
 import numpy as np
 
-from avatar_agent.types import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Phoneme
+from avatar_agent.types import SAMPLE_RATE, Phoneme
 
 # speak_lib.h constants.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -308,135 +305,4 @@ def synthesize(text: str, voice: str = "en-us", rate_wpm: int = 175, pitch: int 
     return Utterance(audio, tuple(phonemes), tuple(words), text)
 
 
-class SleepClock(Protocol):
-    """Anything with ``now()`` and ``async sleep_until(t)`` (avatar_agent.clock.Clock fits)."""
-
-    def now(self) -> float: ...
-
-    def sleep_until(self, t: float) -> Awaitable[None]: ...
-
-
-class TtsSource:
-    """An AudioSource that speaks queued text: 20 ms frames on one continuous sample timeline.
-
-    ``say(text)`` queues an utterance; synthesis happens when the utterance reaches the front of
-    the queue (in a worker thread, so the event loop never blocks on espeak).  Frames carry the
-    phonemes overlapping them, with times on the source timeline (``index / 16000``).
-
-    Args:
-        voice: default espeak-ng voice.
-        rate_wpm: speaking rate.
-        clock: paces frames in real time (frame i is due at start + i·20 ms); None with
-            ``realtime=True`` uses :class:`avatar_agent.clock.SystemClock`.
-        realtime: False yields frames as fast as the consumer takes them.
-        idle_silence: True yields silence frames while nothing is queued (a continuous timeline,
-            forever until :meth:`close`); False ends ``frames()`` when the queue runs dry.
-    """
-
-    def __init__(self, voice: str = "en-us", rate_wpm: int = 175, *,
-                 clock: SleepClock | None = None, realtime: bool = True,
-                 idle_silence: bool = True) -> None:
-        self.voice = voice
-        self.rate_wpm = rate_wpm
-        self.realtime = realtime
-        self.idle_silence = idle_silence
-        self._clock = clock
-        self._queue: deque[tuple[str, str]] = deque()
-        self._closed = False
-        self._index = 0
-
-    def say(self, text: str, voice: str | None = None) -> None:
-        """Queue ``text`` to be spoken after what is already queued."""
-        if self._closed:
-            raise RuntimeError("TtsSource is closed")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("text must be a non-empty string")
-        self._queue.append((text, voice or self.voice))
-
-    def clear(self) -> None:
-        """Drop queued utterances that have not started."""
-        self._queue.clear()
-
-    @property
-    def pending(self) -> int:
-        """Utterances queued and not yet started."""
-        return len(self._queue)
-
-    async def close(self) -> None:
-        """Stop: ``frames()`` ends after the frame in progress."""
-        self._closed = True
-        self._queue.clear()
-
-    def _get_clock(self) -> SleepClock:
-        if self._clock is None:
-            from avatar_agent.clock import SystemClock
-
-            self._clock = SystemClock()
-        return self._clock
-
-    async def frames(self) -> AsyncIterator[AudioFrame]:
-        """Yield 20 ms frames: queued speech, and silence between utterances if ``idle_silence``."""
-        import asyncio
-
-        clock = self._get_clock() if self.realtime else None
-        t0 = clock.now() if clock is not None else 0.0
-        emitted = 0
-        silence = np.zeros(FRAME_SAMPLES, np.float32)
-
-        async def pace() -> None:
-            nonlocal emitted
-            if clock is not None:
-                await clock.sleep_until(t0 + emitted * FRAME_SAMPLES / SAMPLE_RATE)
-            emitted += 1
-
-        while not self._closed:
-            if not self._queue:
-                if not self.idle_silence:
-                    return
-                await pace()
-                if self._closed:
-                    return
-                yield AudioFrame(silence.copy(), self._index)
-                self._index += FRAME_SAMPLES
-                continue
-            text, voice = self._queue.popleft()
-            hold = getattr(clock, "hold", None)
-            # A virtual clock must not run ahead while espeak works in its thread.
-            with hold() if hold is not None else contextlib.nullcontext():
-                utt = await asyncio.to_thread(synthesize, text, voice, self.rate_wpm)
-            for frame in utterance_frames(utt, self._index):
-                await pace()
-                if self._closed:
-                    return
-                yield frame
-                self._index += FRAME_SAMPLES
-
-
-def utterance_frames(utt: Utterance, start_index: int = 0) -> list[AudioFrame]:
-    """Cut an utterance into 20 ms frames from ``start_index`` on (last frame zero-padded).
-
-    Each frame carries the phonemes overlapping it, shifted to the source timeline.
-    """
-    n = -(-utt.audio.shape[0] // FRAME_SAMPLES)
-    audio = np.zeros(n * FRAME_SAMPLES, np.float32)
-    audio[: utt.audio.shape[0]] = utt.audio
-    off = start_index / SAMPLE_RATE
-    shifted = [Phoneme(p.symbol, p.start + off, p.end + off) for p in utt.phonemes]
-    out: list[AudioFrame] = []
-    j = 0
-    for i in range(n):
-        idx = start_index + i * FRAME_SAMPLES
-        t_a, t_b = idx / SAMPLE_RATE, (idx + FRAME_SAMPLES) / SAMPLE_RATE
-        while j < len(shifted) and shifted[j].end <= t_a:
-            j += 1
-        k, ph = j, []
-        while k < len(shifted) and shifted[k].start < t_b:
-            ph.append(shifted[k])
-            k += 1
-        out.append(AudioFrame(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES].copy(), idx,
-                              tuple(ph)))
-    return out
-
-
-__all__ = ["synthesize", "Utterance", "Word", "TtsSource", "TtsError", "VoiceNotFoundError",
-           "utterance_frames"]
+__all__ = ["synthesize", "Utterance", "Word", "TtsError", "VoiceNotFoundError"]

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import numpy as np
 import pytest
 
 from avatar_agent.audio import tts
-from avatar_agent.audio.tts import (TtsError, TtsSource, VoiceNotFoundError, synthesize,
-                                    utterance_frames)
-from avatar_agent.clock import FakeClock
-from avatar_agent.types import FRAME_SAMPLES, SAMPLE_RATE, AudioSource
+from avatar_agent.audio.tts import TtsError, VoiceNotFoundError, synthesize
+from avatar_agent.types import SAMPLE_RATE
 
 TEXT = "Hello world, this is a test of the speech engine."
 VOWELS = set("aeiouɑɐæʌɛɪɔʊəɜɒ")
@@ -137,80 +134,3 @@ def test_concurrent_calls_are_serialised():
         th.join()
     assert not errors
     assert results == expected
-
-
-def test_utterance_frames_carry_overlapping_phonemes_on_the_source_timeline():
-    u = synthesize("Good morning")
-    frames = utterance_frames(u, start_index=48_000)
-    assert len(frames) == -(-u.audio.size // FRAME_SAMPLES)
-    assert [f.index for f in frames] == [48_000 + i * FRAME_SAMPLES for i in range(len(frames))]
-    joined = np.concatenate([f.samples for f in frames])
-    np.testing.assert_array_equal(joined[: u.audio.size], u.audio)
-    seen = set()
-    for f in frames:
-        for p in f.phonemes:
-            assert p.start < f.t + 0.02 and p.end > f.t   # overlaps the frame
-            seen.add((p.symbol, p.start))
-    assert len(seen) == len(u.phonemes)
-    assert min(s for _, s in seen) == pytest.approx(3.0 + u.phonemes[0].start)
-
-
-async def test_tts_source_paces_frames_and_fills_silence():
-    clock = FakeClock()
-    src = TtsSource(clock=clock, realtime=True, idle_silence=True)
-    assert isinstance(src, AudioSource)
-    got = []
-    stamps = []
-    async for frame in src.frames():
-        got.append(frame)
-        stamps.append(clock.now())
-        if len(got) == 5:
-            src.say("Good morning")          # queued while the source idles
-        if len(got) > 5 and not frame.phonemes and rms(frame.samples) == 0 and \
-                any(g.phonemes for g in got) and len(got) > 80:
-            break
-        if len(got) > 400:
-            break
-    await src.close()
-    idx = [f.index for f in got]
-    assert idx == [i * FRAME_SAMPLES for i in range(len(got))]        # one continuous timeline
-    assert stamps == pytest.approx([i * 0.02 for i in range(len(got))])  # paced at 20 ms
-    assert all(rms(f.samples) == 0 for f in got[:5])                   # silence before speech
-    speech = [f for f in got if f.phonemes]
-    assert speech and speech[0].index >= 5 * FRAME_SAMPLES
-    assert max(rms(f.samples) for f in speech) > 0.05
-    # Phoneme times are on the source timeline, inside their frames.
-    for f in speech:
-        assert all(p.start < f.t + 0.02 and p.end > f.t for p in f.phonemes)
-
-
-async def test_tts_source_fast_mode_ends_when_queue_is_empty():
-    src = TtsSource(realtime=False, idle_silence=False)
-    src.say("one")
-    src.say("two", voice="en-us+f3")
-    frames = [f async for f in src.frames()]
-    one, two = synthesize("one"), synthesize("two", variant="f3")
-    n_expected = -(-one.audio.size // FRAME_SAMPLES) + -(-two.audio.size // FRAME_SAMPLES)
-    assert abs(len(frames) - n_expected) <= 2   # espeak's pause lengths vary by a few ms
-    assert frames[-1].index == (len(frames) - 1) * FRAME_SAMPLES
-    with pytest.raises(ValueError):
-        src.say("")
-    src.say("three")
-    src.say("four")
-    assert src.pending == 2
-    src.clear()
-    assert src.pending == 0 and [f async for f in src.frames()] == []
-    await src.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        src.say("again")
-
-
-async def test_close_stops_an_idle_source():
-    src = TtsSource(realtime=False, idle_silence=True)
-    n = 0
-    async for _ in src.frames():
-        n += 1
-        if n == 10:
-            await src.close()
-    assert n == 10
-    await asyncio.sleep(0)
