@@ -123,9 +123,11 @@ RELEASE_CFG_AUDIO = 0.2
 
 
 def official_motion(cfg: Config) -> MotionGenerator:
-    """MoDA release DiT + chinese-hubert-base features (CUDA when available)."""
+    """MoDA release DiT + chinese-hubert-base features (CUDA when available) for speech, the idle
+    layer in LivePortrait's motion space for silence (motion/compose.py)."""
     import torch
 
+    from .motion.compose import LivePortraitIdle, SpeechAndIdle
     from .motion.moda import MoDAMotion
     from .nn.hubert import HubertFeatures
     from .nn.sampling import Guidance
@@ -139,9 +141,10 @@ def official_motion(cfg: Config) -> MotionGenerator:
     m = cfg.motion
     guidance = Guidance(audio=m.cfg_audio if m.cfg_audio >= 0 else RELEASE_CFG_AUDIO,
                         emotion=m.cfg_emotion)
-    return MoDAMotion(model, features, mean, std, profile="official", null_audio=null_audio,
+    moda = MoDAMotion(model, features, mean, std, profile="official", null_audio=null_audio,
                       guidance=guidance, steps=m.steps or RELEASE_STEPS, device=device,
                       seed=cfg.motion.seed, **_window_overrides(cfg))
+    return SpeechAndIdle(moda, LivePortraitIdle(seed=cfg.motion.seed, fps=cfg.player.fps))
 
 
 def _window_overrides(cfg: Config) -> dict[str, Any]:
