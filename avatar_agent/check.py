@@ -53,6 +53,7 @@ def run_check(cfg: Config, out: Callable[[str], None] = print) -> int:
     _check_gpu(r)
     _check_models(r, cfg)
     _check_avatar(r, cfg)
+    _check_sinks(r, cfg)
     lat = implied_latency_ms(cfg)
     budget = cfg.player.latency_ms
     out("avatar-agent check")
@@ -209,6 +210,63 @@ def _check_avatar(r: Report, cfg: Config) -> None:
         r.ok(f"avatar {path.name}: face found" + (f" ({'; '.join(lm.warnings)})" if lm.warnings else ""))
     except Exception as e:
         r.problem(f"avatar {path}: {e}", "use a frontal portrait with one clearly visible face")
+
+
+def _check_sinks(r: Report, cfg: Config) -> None:
+    """What would keep a sink (or the web server) from starting, found before `start` does."""
+    from .wiring import virtualcam_available
+
+    enabled = set(cfg.sinks.enabled)
+    usable = set()
+    if "auto" in enabled:
+        usable.add("webrtc")
+        if virtualcam_available():
+            usable.add("virtualcam")
+    if "file" in enabled:
+        from .offline import OutputError, check_output
+
+        path = cfg.resolve(cfg.sinks.file)
+        try:
+            check_output(path)
+            r.ok(f"file sink can write {path}")
+            usable.add("file")
+        except OutputError as e:
+            r.problem(f"file sink: {str(e).replace('-o ', 'sinks.file = ', 1)}",
+                      "set sinks.file to an .mp4 path in a writable folder")
+    if "virtualcam" in enabled and virtualcam_available():
+        usable.add("virtualcam")
+    usable |= enabled & {"webrtc", "vmic"}
+    if not usable:
+        r.problem(f"no sink of sinks.enabled = {sorted(enabled)} can start: the avatar would be "
+                  "shown nowhere", "fix the problems above or add \"webrtc\" (the local web page)")
+    if "webrtc" in usable:
+        _check_port(r, cfg)
+
+
+def _check_port(r: Report, cfg: Config) -> None:
+    """The web server's port must be free (or held by an agent running this config)."""
+    import errno
+    import socket
+
+    host, port = cfg.server.host, cfg.server.port
+    if port == 0:
+        return
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(info[0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as aiohttp binds
+            sock.bind(info[4])
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE and _running_agent(cfg):
+            r.note(f"server port {host}:{port} is in use by a running agent (shown below)")
+        elif e.errno == errno.EADDRINUSE:
+            r.problem(f"server.port {port} on {host} is in use by another program",
+                      "stop that program or set server.port to a free port (0 = any)")
+        else:
+            r.problem(f"the web server cannot listen on {host}:{port} ({e.strerror or e})",
+                      "set server.host / server.port to an address of this machine")
+    else:
+        r.ok(f"web server port {host}:{port} is free")
 
 
 def _running_agent(cfg: Config) -> tuple[str, dict] | None:

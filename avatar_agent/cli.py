@@ -155,7 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"avatar-agent: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # port in use, unwritable path, ...: one line, never a traceback
+        print(f"avatar-agent: {_os_error_line(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _os_error_line(e: OSError) -> str:
+    """An OSError as one line naming the file (if any) and the cause."""
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return e.strerror or str(e)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,6 +294,13 @@ async def cmd_render(cfg: Config, args: argparse.Namespace) -> int:
     if args.emotion:
         cfg = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar, emotion=args.emotion))
         cfg.validate()
+    # Refuse before harm: a bad -o (an input, a folder, unwritable) fails here, before the
+    # portrait is analysed or any file is created (render_to_file checks again, for its callers).
+    from .offline import check_audio_input, check_output
+
+    check_output(Path(args.output), [Path(p) for p in (args.image, args.audio) if p])
+    if args.audio:
+        check_audio_input(Path(args.audio))
     stats = await render_to_file(cfg, image=Path(args.image), output=Path(args.output),
                                  audio=Path(args.audio) if args.audio else None, text=args.text,
                                  voice=args.voice)

@@ -27,6 +27,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
 DEFAULT_AVATAR = REPO_ROOT / "avatars" / "default.png"
 
+SAMPLE_RATE_HZ = 16_000
+"""The pipeline's audio rate (types.SAMPLE_RATE; repeated here so config imports nothing)."""
+WEBRTC_AUDIO_HZ = 48_000
+"""The rate the WebRTC and file sinks upsample each frame's audio to."""
+MIN_RENDER_SIZE = 64
+MAX_RENDER_SIZE = 2048
+"""render.size bounds: beyond 2048 px a frame alone is 12 MB and the renderer needs GBs."""
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says where and how to fix it."""
@@ -214,6 +222,12 @@ class ServerConfig:
     """say requests per minute per client."""
     rate_push_per_min: float = 120.0
     """Audio uploads / stream openings per minute per client."""
+    rate_offer_per_min: float = 30.0
+    """WebRTC offers (POST /offer) per minute per client."""
+    rate_interrupt_per_min: float = 120.0
+    """Interrupt requests per minute per client."""
+    audio_idle_s: float = 2.0
+    """An /api/audio/ws stream whose audio runs out for this long is ended (what arrived plays; queued say() goes on)."""
 
 
 @dataclass(frozen=True)
@@ -257,16 +271,83 @@ class Config:
         return path
 
     def validate(self) -> None:
-        """Cross-field checks; raises ConfigError."""
+        """Cross-field checks; raises ConfigError.
+
+        Everything ``start`` could only discover by failing (or by running frozen) is refused
+        here, so ``start`` and ``check`` reject the same configs with the same message.
+        """
         fps = self.player.fps
-        if not 1 <= fps <= 60:
-            raise ConfigError(f"player.fps = {fps}: must be 1..60")
+        if not 1 <= fps <= 60 or SAMPLE_RATE_HZ % fps or WEBRTC_AUDIO_HZ % fps:
+            # Each frame carries exactly its own audio: 16 kHz (and the 48 kHz the WebRTC and
+            # file sinks upsample to) must split into whole samples per frame.
+            ok = [f for f in range(1, 61) if SAMPLE_RATE_HZ % f == 0 and WEBRTC_AUDIO_HZ % f == 0]
+            raise ConfigError(f"player.fps = {fps}: must divide 16000 and 48000 (each frame "
+                              f"carries whole audio samples); use one of "
+                              f"{', '.join(map(str, ok[ok.index(10):]))}")
         frame_ms = 1000 / fps
         for key in ("hop_ms", "window_ms"):
             v = getattr(self.chunker, key)
             if v <= 0 or abs(v / frame_ms - round(v / frame_ms)) > 1e-6:
                 raise ConfigError(f"chunker.{key} = {v}: must be a positive multiple of the video "
-                                  f"frame ({frame_ms:g} ms at {fps} fps)")
+                                  f"frame ({frame_ms:g} ms at player.fps = {fps})")
+        _positive(self, "chunker.lookahead_ms", self.chunker.lookahead_ms, zero_ok=True)
+        _positive(self, "chunker.left_context_ms", self.chunker.left_context_ms, zero_ok=True)
+        _positive(self, "chunker.max_utterance_s", self.chunker.max_utterance_s)
+        p = self.player
+        if p.latency_ms <= 0:
+            raise ConfigError(f"player.latency_ms = {p.latency_ms}: must be > 0 (frames are due "
+                              "this long after their audio; the default is 280)")
+        need = self.chunker.hop_ms + self.chunker.lookahead_ms
+        if p.latency_ms < need:
+            raise ConfigError(f"player.latency_ms = {p.latency_ms}: must be at least "
+                              f"chunker.hop_ms + chunker.lookahead_ms = {need} ms (no frame could "
+                              "ever be ready in time); `avatar-agent check` shows the budget")
+        if p.queue_frames < 1:
+            raise ConfigError(f"player.queue_frames = {p.queue_frames}: must be ≥ 1 (the default "
+                              "is 50)")
+        for key in ("min_speech_ms", "pre_roll_ms", "hangover_ms"):
+            _positive(self, f"vad.{key}", getattr(self.vad, key), zero_ok=True)
+        a = self.audio
+        _positive(self, "audio.max_queued_s", a.max_queued_s)
+        if not 80 <= a.tts_rate <= 450:
+            raise ConfigError(f"audio.tts_rate = {a.tts_rate}: must be 80..450 words per minute")
+        if not 1000 <= a.pipe_rate <= 384000:
+            raise ConfigError(f"audio.pipe_rate = {a.pipe_rate}: must be 1000..384000 Hz")
+        if not 1 <= a.pipe_channels <= 16:
+            raise ConfigError(f"audio.pipe_channels = {a.pipe_channels}: must be 1..16")
+        _positive(self, "motion.steps", self.motion.steps, zero_ok=True)
+        for key in ("expression_scale", "head_scale"):
+            v = getattr(self.motion, key)
+            if not 0.0 <= v <= 3.0:
+                raise ConfigError(f"motion.{key} = {v}: must be 0..3")
+        r = self.render
+        if not MIN_RENDER_SIZE <= r.size <= MAX_RENDER_SIZE or r.size % 16:
+            raise ConfigError(f"render.size = {r.size}: must be a multiple of 16 within "
+                              f"{MIN_RENDER_SIZE}..{MAX_RENDER_SIZE} pixels (512 is the "
+                              "models' native size)")
+        if not 1 <= r.threads <= 256:
+            raise ConfigError(f"render.threads = {r.threads}: must be 1..256")
+        if not 1 <= r.batch <= 64:
+            raise ConfigError(f"render.batch = {r.batch}: must be 1..64")
+        _positive(self, "sinks.vmic_latency_ms", self.sinks.vmic_latency_ms)
+        if "file" in self.sinks.enabled and not self.sinks.file.strip():
+            raise ConfigError("sinks.file is empty but sinks.enabled has \"file\": set sinks.file "
+                              "to an .mp4 path")
+        _positive(self, "service.drain_s", self.service.drain_s, zero_ok=True)
+        sv = self.server
+        if not 0 <= sv.port <= 65535:
+            raise ConfigError(f"server.port = {sv.port}: must be 0..65535 (0 = any free port)")
+        if sv.max_body_kb < 1:
+            raise ConfigError(f"server.max_body_kb = {sv.max_body_kb}: must be ≥ 1 (kB of the "
+                              "largest JSON request body; the default is 64)")
+        for key in ("max_upload_mb", "request_timeout_s", "rate_say_per_min", "rate_push_per_min",
+                    "rate_offer_per_min", "rate_interrupt_per_min", "audio_idle_s"):
+            _positive(self, f"server.{key}", getattr(sv, key))
+        for o in sv.cors_origins:
+            if o == "*" or "://" not in o or o.endswith("/"):
+                raise ConfigError(f"server.cors_origins: {o!r} is not an exact origin; give "
+                                  "scheme://host[:port] like 'https://app.example.com' (no '*', "
+                                  "no trailing slash)")
         if self.vad.frame_ms not in (10, 20, 30):
             raise ConfigError(f"vad.frame_ms = {self.vad.frame_ms}: must be 10, 20 or 30")
         if not 0 <= self.vad.aggressiveness <= 3:
@@ -279,8 +360,6 @@ class Config:
             if getattr(m, key) < lo:
                 raise ConfigError(f"motion.{key} = {getattr(m, key)}: must be ≥ {lo} "
                                   f"({lo} = the model's own value)")
-        if self.render.size < 64 or self.render.size % 16:
-            raise ConfigError(f"render.size = {self.render.size}: must be ≥ 64 and a multiple of 16")
         known_sinks = set(typing.get_args(SinkName))
         bad = [s for s in self.sinks.enabled if s not in known_sinks]
         if bad:
@@ -296,6 +375,12 @@ class Config:
         if not loopback and not self.server.token:
             raise ConfigError(f"server.host = {self.server.host!r} is not loopback: set server.token "
                               "(a long random string) so the API is not open to the network")
+
+
+def _positive(cfg: Config, key: str, value: float, zero_ok: bool = False) -> None:
+    """A numeric key that must be > 0 (or ≥ 0): a ConfigError naming it otherwise."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key} = {value}: must be {'≥ 0' if zero_ok else '> 0'}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,6 +524,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist (check --config / "
                               "$AVATAR_AGENT_CONFIG)") from None
+        except UnicodeDecodeError as e:
+            line = p.read_bytes()[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{p}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                              f"offset {e.start}); save the config file as UTF-8") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {p} is a directory; pass the .toml file") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:

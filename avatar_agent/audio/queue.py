@@ -56,6 +56,11 @@ class QueueFullError(RuntimeError):
     interrupt."""
 
 
+class TooLongError(ValueError):
+    """One say/push longer than the whole queue (``max_queued_s``): it can never fit, so waiting
+    would not help; split it or raise the limit."""
+
+
 class StreamError(ValueError):
     """A push that does not fit the open stream (different rate/channels) or bad PCM."""
 
@@ -229,7 +234,7 @@ class SpeechQueueSource:
         estimate = int((len(text) / (self.rate_wpm * 6 / 60) + 0.5) * SAMPLE_RATE)
         with self._lock:
             self._check_open()
-            self._admit(estimate)
+            self._admit(estimate, f"this text ({len(text)} characters)")
             utt = _Utterance(next(self._ids), "tts", estimate=estimate)
             self._enqueue(utt)
         self._start_synthesis(utt, text, voice)
@@ -272,7 +277,7 @@ class SpeechQueueSource:
                 utt.resampler = StreamResampler(rate, channels, name="push")
             assert utt is not None and utt.resampler is not None
             n_est = int(x.size / channels * SAMPLE_RATE / rate) if x.size else 0
-            self._admit(n_est)
+            self._admit(n_est, "this audio")
             try:
                 y = utt.resampler.process(x, last=final)
             except AudioFormatError as e:
@@ -433,7 +438,12 @@ class SpeechQueueSource:
         return sum(u.available if (u.final or u.kind == "push") else max(u.estimate, u.available)
                    for u in self._queue)
 
-    def _admit(self, n: int) -> None:
+    def _admit(self, n: int, what: str = "this speech") -> None:
+        if n > self.max_queued:
+            raise TooLongError(
+                f"{what} is about {n / SAMPLE_RATE:.0f} s long, more than the speech queue ever "
+                f"holds ({self.max_queued / SAMPLE_RATE:g} s, audio.max_queued_s): split it into "
+                "shorter parts or raise audio.max_queued_s")
         queued = self._queued_samples()
         if queued + n > self.max_queued:
             raise QueueFullError(
@@ -518,4 +528,4 @@ class SpeechQueueSource:
             utt.final = True
 
 
-__all__ = ["SpeechQueueSource", "QueueFullError", "StreamError", "pcm_to_array", "MAX_TEXT_CHARS"]
+__all__ = ["SpeechQueueSource", "QueueFullError", "TooLongError", "StreamError", "pcm_to_array", "MAX_TEXT_CHARS"]

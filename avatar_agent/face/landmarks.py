@@ -16,6 +16,7 @@ default analyzer.  mediapipe graphs are not thread-safe, hence the lock.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import warnings
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 N_LANDMARKS = 478
 MIN_FACE_PX = 64
@@ -46,6 +49,10 @@ on the crop, which wants the face to fill roughly half of it)."""
 
 MAX_IMAGE_PIXELS = 150_000_000
 """load_image refuses files with more pixels than this (about 12000 × 12000)."""
+
+MAX_PORTRAIT_PIXELS = 4096 * 4096
+"""load_portrait downscales larger portraits to this while decoding (the face crop is 512 px, so
+nothing visible is lost, and a swap never holds a 400 MB array)."""
 
 
 class FaceError(ValueError):
@@ -131,6 +138,74 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> n
             (checked from the header, before decoding).
     """
     p = Path(path)
+    data = _read_checked(p, max_pixels)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise FaceError(f"portrait image {str(p)!r} is corrupt or in an unsupported format; "
+                        "re-export it as PNG or JPEG")
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+    elif img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return to_rgb_uint8(img)
+
+
+def load_portrait(path: str | os.PathLike, max_pixels: int = MAX_PORTRAIT_PIXELS) -> np.ndarray:
+    """Read a portrait for the avatar: :func:`load_image`, but at most ``max_pixels`` pixels.
+
+    A larger image is downscaled while it is decoded (JPEG decodes at 1/2, 1/4 or 1/8 scale
+    directly, which is also what keeps a 12000 × 12000 photo from costing seconds), then resized
+    to fit.  Files over :data:`MAX_IMAGE_PIXELS` are refused from their header, before decoding.
+    CPU-bound: call it from a worker thread, never on the event loop.
+
+    Raises:
+        FileNotFoundError / FaceError: as :func:`load_image`.
+    """
+    p = Path(path)
+    size = _header_size(p) if p.is_file() else None
+    if size is None or size[0] * size[1] <= max_pixels:
+        return load_image(p)
+    data = _read_checked(p, MAX_IMAGE_PIXELS)
+    w, h = size
+    factor = 1
+    for k in (2, 4, 8):                          # the smallest reduction that fits, if one does
+        factor = k
+        if (w // k) * (h // k) <= max_pixels:
+            break
+    flag = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    if img is None:
+        raise FaceError(f"portrait image {str(p)!r} is corrupt or in an unsupported format; "
+                        "re-export it as PNG or JPEG")
+    ih, iw = img.shape[:2]
+    if iw * ih > max_pixels:
+        f = (max_pixels / (iw * ih)) ** 0.5
+        img = cv2.resize(img, (max(16, int(iw * f)), max(16, int(ih * f))),
+                         interpolation=cv2.INTER_AREA)
+    log.info("portrait %s is %d×%d (%.0f MP): downscaled to %d×%d", p.name, w, h, w * h / 1e6,
+             img.shape[1], img.shape[0])
+    return to_rgb_uint8(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+
+
+def _header_size(p: Path) -> tuple[int, int] | None:
+    """(width, height) from the file header (Pillow); None when unknown (no Pillow, bad file)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                return im.size
+    except Exception:  # corrupt, or a bomb: load_image reports it in its own words
+        return None
+
+
+def _read_checked(p: Path, max_pixels: int) -> bytes:
+    """The file's bytes, after refusing a missing/empty file or one over ``max_pixels``."""
     if not p.is_file():
         raise FileNotFoundError(f"portrait image {str(p)!r} not found; pass the path of a "
                                 "JPEG/PNG/WebP file")
@@ -156,16 +231,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> n
     if w is not None and h is not None and w * h > max_pixels:
         raise FaceError(f"portrait image {str(p)!r} is {w}×{h} = {w * h / 1e6:.0f} MP, more than "
                         f"the {max_pixels / 1e6:.0f} MP limit; downscale it first")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise FaceError(f"portrait image {str(p)!r} is corrupt or in an unsupported format; "
-                        "re-export it as PNG or JPEG")
-    if img.ndim == 3 and img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
-    elif img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return to_rgb_uint8(img)
+    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +325,10 @@ class FaceAnalyzer:
                 f"visible, roughly frontal face at least {MIN_FACE_PX} px tall")
         if len(boxes) > 1:
             notes.append(f"{len(boxes)} faces found; using the largest")
+            # Said out loud: a group photo animating the "wrong" face must not be a mystery.
+            log.warning("%d faces found in the %d×%d portrait; animating the largest, at "
+                        "(%.0f, %.0f)–(%.0f, %.0f); crop the image to choose another",
+                        len(boxes), w, h, *(v / f for v in boxes[0][:4]))
         x0, y0, x1, y1 = (v / f for v in boxes[0][:4])
         side = max(x1 - x0, y1 - y0)
         # the detection box is a little tighter than the face outline: pre-filter with slack,

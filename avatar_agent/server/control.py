@@ -31,20 +31,27 @@ import json
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from ..audio.queue import QueueFullError, StreamError, pcm_to_array
+from ..audio.queue import QueueFullError, StreamError, TooLongError, pcm_to_array
 from ..audio.resample import AudioFormatError, StreamResampler, to_pipeline
 from ..types import EMOTIONS, SAMPLE_RATE
 from .openapi import Endpoint, document
 from .security import (PathNotAllowedError, RateLimit, SecuritySettings, check_avatar_path,
                        install, json_error, read_body)
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 log = logging.getLogger(__name__)
+
+_PCM_WIDTH = {"s16le": 2, "s32le": 4, "f32le": 4, "u8": 1}
+"""Bytes per sample of the raw PCM formats the API accepts."""
 
 
 class Controller(Protocol):
@@ -77,6 +84,37 @@ class ControlSettings:
     """SSE comment / WebSocket ping interval (keeps proxies from closing idle streams)."""
     stats_interval_s: float = 1.0
     """Period of ``frame_stats`` events while anyone listens (0 = never)."""
+    max_audio_s: float = 120.0
+    """Most seconds of speech the queue ever holds (audio.max_queued_s): an upload or stream
+    block declaring more is refused (413) from its size alone, before anything is decoded."""
+    ws_idle_s: float = 2.0
+    """An /api/audio/ws stream whose audio has run out for this long is ended (its utterance is
+    finished, so queued say() and uploads go on) and the socket closed."""
+    ws_first_audio_s: float = 30.0
+    """Longest wait for the header and for the first audio of an /api/audio/ws stream."""
+    interrupt_coalesce_s: float = 0.25
+    """An interrupt this soon after the previous one, with no speech accepted in between, returns
+    the previous result instead of interrupting again (a flood costs one interrupt)."""
+    decode_concurrency: int = 2
+    """Uploads decoded/resampled at once (in worker threads, never on the event loop)."""
+
+
+def settings_from_config(cfg: Config) -> tuple[ControlSettings, SecuritySettings]:
+    """The control API's limits and the security middleware settings from the [server],
+    [audio] and [avatar] sections (what ``start`` mounts)."""
+    sc = cfg.server
+    dirs = tuple(str(cfg.resolve(d)) for d in cfg.avatar.directories)
+    control = ControlSettings(avatar_dirs=dirs, max_upload_bytes=int(sc.max_upload_mb * 1024 * 1024),
+                              max_audio_s=cfg.audio.max_queued_s, ws_idle_s=sc.audio_idle_s)
+    security = security_settings(host=sc.host, token=sc.token, cors_origins=tuple(sc.cors_origins),
+                                 max_body_kb=sc.max_body_kb, max_upload_mb=sc.max_upload_mb,
+                                 request_timeout_s=sc.request_timeout_s,
+                                 rate_say_per_min=sc.rate_say_per_min,
+                                 rate_push_per_min=sc.rate_push_per_min,
+                                 rate_offer_per_min=sc.rate_offer_per_min,
+                                 rate_interrupt_per_min=sc.rate_interrupt_per_min,
+                                 avatar_dirs=dirs)
+    return control, security
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,7 +130,8 @@ ENDPOINTS: list[Endpoint] = [
              body={"type": "object", "additionalProperties": False, "required": ["text"],
                    "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 10000},
                                   "voice": _VOICE, "emotion": _EMOTION}},
-             responses={200: "queued", 400: "invalid body", 413: "body too large",
+             responses={200: "queued", 400: "invalid body",
+                        413: "body too large, or speech longer than the queue ever holds",
                         429: "rate limited", 503: "speech queue full"}, result=_UTT),
     Endpoint("POST", "/api/audio", "Upload speech audio (WAV, or raw PCM with ?rate=)",
              kind="audio",
@@ -103,17 +142,22 @@ ENDPOINTS: list[Endpoint] = [
                     "format": ({"type": "string", "enum": ["s16le", "s32le", "f32le", "u8"]},
                                "sample format of raw PCM (default s16le)")},
              responses={200: "queued", 400: "not audio", 409: "a WebSocket stream is active",
-                        413: "too large", 429: "rate limited", 503: "speech queue full"},
+                        413: "too large (bytes, or seconds beyond the speech queue's size)",
+                        429: "rate limited", 503: "speech queue full"},
              result={"type": "object", "properties": {"utterance": {"type": "integer"},
                                                       "duration_s": {"type": "number"}}}),
     Endpoint("GET", "/api/audio/ws", "Stream PCM speech over a WebSocket", kind="websocket",
              description='First message: JSON text {"rate": 48000, "channels": 1, "format": '
                          '"s16le"}; then binary PCM. Text {"final": true} or closing ends the '
                          'utterance. The server answers {"type": "accepted", "utterance": id} and '
-                         '{"type": "error", "error": "..."} messages.',
+                         '{"type": "error", "error": "..."} messages. A stream whose audio has run '
+                         'out for server.audio_idle_s is ended ({"type": "finished", "reason": '
+                         '...}) and closed, so it never holds later speech back.',
              responses={101: "upgraded", 409: "another stream is active", 429: "rate limited"}),
     Endpoint("POST", "/api/interrupt", "Drop queued speech and return to idle", kind="none",
-             responses={200: "interrupted"}),
+             description="Repeated interrupts with no speech accepted in between are coalesced "
+                         '(the answer carries "coalesced": true).',
+             responses={200: "interrupted", 429: "rate limited"}),
     Endpoint("POST", "/api/emotion", "Set the emotion (8 classes or none) and its intensity",
              kind="json",
              body={"type": "object", "additionalProperties": False, "required": ["name"],
@@ -162,6 +206,7 @@ def security_settings(*, host: str = "127.0.0.1", token: str = "",
                       cors_origins: tuple[str, ...] | list[str] = (), max_body_kb: int = 64,
                       max_upload_mb: float = 32.0, request_timeout_s: float = 30.0,
                       rate_say_per_min: float = 60.0, rate_push_per_min: float = 120.0,
+                      rate_offer_per_min: float = 30.0, rate_interrupt_per_min: float = 120.0,
                       avatar_dirs: tuple[str, ...] | list[str] = (),
                       public_paths: tuple[str, ...] = ("/", "/static/*", "/healthz")
                       ) -> SecuritySettings:
@@ -171,15 +216,21 @@ def security_settings(*, host: str = "127.0.0.1", token: str = "",
     the token it was opened with, ``/?token=...``, on its own API calls) and the health check.
 
     The say bucket covers POST /api/say; the push bucket covers uploads and WebSocket stream
-    openings.  Raises InsecureBindError for a non-loopback host without a token.
+    openings; the offer bucket covers WebRTC ``POST /offer`` (each offer builds a peer
+    connection); the interrupt bucket covers POST /api/interrupt.  Raises InsecureBindError for a
+    non-loopback host without a token.
     """
     return SecuritySettings(
         host=host, token=token, cors_origins=tuple(cors_origins),
         max_body_bytes=int(max_body_kb * 1024),
         body_limits={"/api/audio": int(max_upload_mb * 1024 * 1024)},
         request_timeout_s=request_timeout_s,
-        rate_limits={"say": RateLimit(rate_say_per_min), "push": RateLimit(rate_push_per_min)},
-        rate_limited_paths={"/api/say": "say", "/api/audio": "push", "/api/audio/ws": "push"},
+        rate_limits={"say": RateLimit(rate_say_per_min), "push": RateLimit(rate_push_per_min),
+                     # a page reload or a few retries must pass: bursts of 10 offers
+                     "offer": RateLimit(rate_offer_per_min, burst=10),
+                     "interrupt": RateLimit(rate_interrupt_per_min)},
+        rate_limited_paths={"/api/say": "say", "/api/audio": "push", "/api/audio/ws": "push",
+                            "/offer": "offer", "/api/interrupt": "interrupt"},
         public_paths=public_paths, long_lived_paths=LONG_LIVED_PATHS,
         avatar_dirs=tuple(avatar_dirs))
 
@@ -412,6 +463,13 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
     ws_busy = False
     swap_busy = False
     tasks: set[asyncio.Task[Any]] = set()
+    decoding = asyncio.Semaphore(max(1, s.decode_concurrency))
+    accepted = 0                                  # speech accepted through this API (say/push)
+    last_interrupt: tuple[float, int, dict[str, Any]] | None = None
+
+    def speech_accepted() -> None:
+        nonlocal accepted
+        accepted += 1
 
     async def body_of(request: web.Request) -> dict[str, Any]:
         ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
@@ -432,8 +490,11 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
             uid = ctl.say(b["text"], b.get("voice"), b.get("emotion"))
         except QueueFullError as e:
             return json_error(503, str(e), headers={"Retry-After": "1"})
+        except TooLongError as e:                 # can never fit: waiting would not help
+            return json_error(413, str(e))
         except ValueError as e:
             return json_error(400, str(e))
+        speech_accepted()
         return ok({"utterance": uid})
 
     async def audio_upload(request: web.Request) -> web.Response:
@@ -444,8 +505,19 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
         if not raw:
             return json_error(400, "empty body: send a WAV file or raw PCM")
         try:
-            samples, rate, channels = _decode_upload(raw, request)
-            x = to_pipeline(samples, rate, channels) if samples.size else np.zeros(0, np.float32)
+            # Limits first, from the header/query alone: what cannot fit is refused before a
+            # sample is decoded.  The decode and resample then run in a worker thread.
+            fmt = _upload_format(raw, request)
+            seconds = fmt.frames / fmt.rate
+            if seconds > s.max_audio_s:
+                return json_error(413, f"the upload holds {seconds:.0f} s of audio "
+                                       f"({fmt.frames} frames at {fmt.rate:g} Hz); the speech "
+                                       f"queue holds at most {s.max_audio_s:g} s "
+                                       "(audio.max_queued_s): send shorter parts")
+            if not fmt.frames:
+                return json_error(400, "the upload holds no audio samples")
+            async with decoding:
+                x = await asyncio.to_thread(_decode_to_pipeline, raw, fmt)
         except (BadRequest, StreamError, AudioFormatError) as e:
             return json_error(400, str(e))
         if not x.size:
@@ -454,8 +526,11 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
             uid = ctl.push_audio(x, final=True)
         except QueueFullError as e:
             return json_error(503, str(e), headers={"Retry-After": "1"})
+        except TooLongError as e:
+            return json_error(413, str(e))
         except ValueError as e:
             return json_error(400, str(e))
+        speech_accepted()
         return ok({"utterance": uid, "duration_s": round(x.size / SAMPLE_RATE, 4),
                    "samples": int(x.size)})
 
@@ -468,14 +543,22 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
         await ws.prepare(request)
         ws_busy = True
         try:
-            await _audio_stream(ws, ctl)
+            await _audio_stream(ws, ctl, s, speech_accepted)
         finally:
             ws_busy = False
         return ws
 
     async def interrupt(request: web.Request) -> web.Response:
+        nonlocal last_interrupt
         await read_body(request)                      # a body, if any, must respect the limit
-        return ok(dict(ctl.interrupt()))
+        now = time.monotonic()
+        if (last_interrupt is not None and last_interrupt[1] == accepted
+                and now - last_interrupt[0] < s.interrupt_coalesce_s):
+            # Nothing was accepted since the last interrupt: this one would only redo its work.
+            return ok({**last_interrupt[2], "coalesced": True})
+        result = dict(ctl.interrupt())
+        last_interrupt = (now, accepted, result)
+        return ok(result)
 
     async def emotion(request: web.Request) -> web.Response:
         b = await body_of(request)
@@ -647,18 +730,30 @@ def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) 
     return v
 
 
-def _decode_upload(raw: bytes, request: web.Request) -> tuple[np.ndarray, float, int]:
-    """WAV (detected by its RIFF header) or raw PCM described by the query string."""
+@dataclass(frozen=True)
+class _UploadFormat:
+    """What an upload declares (WAV header or query string), known before decoding."""
+
+    wav: bool
+    rate: float
+    channels: int
+    frames: int
+    pcm: str = "s16le"
+
+
+def _upload_format(raw: bytes, request: web.Request) -> _UploadFormat:
+    """Read an upload's format and length from its WAV header or the query (cheap: no decode)."""
     if raw[:4] == b"RIFF" and raw[8:12] == b"WAVE":
         import soundfile as sf
 
         try:
-            data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+            info = sf.info(io.BytesIO(raw))
         except Exception as e:  # libsndfile raises its own types on malformed files
             raise BadRequest(f"WAV could not be decoded: {e}") from None
-        if not 1000 <= rate <= 384000 or data.shape[1] > 16:
-            raise BadRequest(f"WAV with {rate} Hz, {data.shape[1]} channels is not supported")
-        return data, float(rate), int(data.shape[1])
+        if not 1000 <= info.samplerate <= 384000 or not 1 <= info.channels <= 16:
+            raise BadRequest(f"WAV with {info.samplerate} Hz, {info.channels} channels is not "
+                             "supported")
+        return _UploadFormat(True, float(info.samplerate), int(info.channels), int(info.frames))
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if ctype.startswith("audio/") and ctype not in ("audio/l16", "audio/pcm", "audio/raw"):
         raise BadRequest(f"Content-Type {ctype}: send WAV or raw PCM "
@@ -666,18 +761,39 @@ def _decode_upload(raw: bytes, request: web.Request) -> tuple[np.ndarray, float,
     rate = _query_int(request, "rate", SAMPLE_RATE, 1000, 384000)
     channels = _query_int(request, "channels", 1, 1, 16)
     fmt = request.query.get("format", "s16le")
-    if fmt not in ("s16le", "s32le", "f32le", "u8"):
+    if fmt not in _PCM_WIDTH:
         raise BadRequest(f"?format={fmt[:20]!r}: use s16le, s32le, f32le or u8")
-    x = pcm_to_array(raw, fmt)
-    if x.size % channels:
-        raise BadRequest(f"{x.size} samples is not a whole number of {channels}-channel frames")
-    if x.dtype.kind == "f":
-        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    return x, float(rate), channels
+    width = _PCM_WIDTH[fmt]
+    if len(raw) % width:
+        raise BadRequest(f"{len(raw)} bytes is not a whole number of {fmt} samples "
+                         f"({width} bytes each)")
+    if (len(raw) // width) % channels:
+        raise BadRequest(f"{len(raw) // width} samples is not a whole number of "
+                         f"{channels}-channel frames")
+    return _UploadFormat(False, float(rate), channels, len(raw) // width // channels, fmt)
 
 
-async def _audio_stream(ws: web.WebSocketResponse, ctl: Controller) -> None:
-    """Run one WebSocket PCM stream: header, binary blocks, end."""
+def _decode_to_pipeline(raw: bytes, fmt: _UploadFormat) -> np.ndarray:
+    """Decode and resample an upload to 16 kHz mono float32 (worker thread: CPU-bound)."""
+    if fmt.wav:
+        import soundfile as sf
+
+        try:
+            x, _ = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+        except Exception as e:
+            raise BadRequest(f"WAV could not be decoded: {e}") from None
+    else:
+        x = pcm_to_array(raw, fmt.pcm)
+        if x.dtype.kind == "f":
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    if not x.size:
+        return np.zeros(0, np.float32)
+    return to_pipeline(x, fmt.rate, fmt.channels)
+
+
+async def _audio_stream(ws: web.WebSocketResponse, ctl: Controller, s: ControlSettings,
+                        on_accepted: Callable[[], None] = lambda: None) -> None:
+    """Run one WebSocket PCM stream: header, binary blocks, end (final, close, or idle)."""
 
     async def error(msg: str, close: bool = True) -> None:
         with contextlib.suppress(Exception):
@@ -686,9 +802,9 @@ async def _audio_stream(ws: web.WebSocketResponse, ctl: Controller) -> None:
                 await ws.close(code=1008, message=msg[:100].encode())
 
     try:
-        first = await ws.receive(timeout=30)
+        first = await ws.receive(timeout=s.ws_first_audio_s)
     except TimeoutError:
-        await error("no header within 30 s")
+        await error(f"no header within {s.ws_first_audio_s:g} s")
         return
     if first.type != WSMsgType.TEXT:
         await error('first message must be JSON text {"rate": 48000, "channels": 1, '
@@ -705,7 +821,7 @@ async def _audio_stream(ws: web.WebSocketResponse, ctl: Controller) -> None:
         await error(str(e))
         return
     rate, channels, fmt = hdr["rate"], hdr.get("channels", 1), hdr.get("format", "s16le")
-    width = {"s16le": 2, "s32le": 4, "f32le": 4, "u8": 1}[fmt] * channels
+    width = _PCM_WIDTH[fmt] * channels
     rs = StreamResampler(rate, channels, name="ws-push")
     await ws.send_json({"type": "ready"})
     uid: int | None = None
@@ -727,11 +843,13 @@ async def _audio_stream(ws: web.WebSocketResponse, ctl: Controller) -> None:
         total += int(y.size)
         if uid is None:
             uid = got
+            on_accepted()
             await ws.send_json({"type": "accepted", "utterance": uid})
         return True
 
     try:
-        ended = await _pump(ws, rs, fmt, width, push, error)
+        how = await _pump(ws, rs, fmt, width, rate, s, push, error)
+        ended = how in ("final", "idle")
         # Closing the socket ends the utterance as well: what was sent plays out.
         tail = rs.flush()
         if uid is not None or tail.size:
@@ -742,29 +860,69 @@ async def _audio_stream(ws: web.WebSocketResponse, ctl: Controller) -> None:
             with contextlib.suppress(Exception):
                 ctl.push_audio(np.zeros(0, np.float32), final=True)
     if ended and not ws.closed:
+        msg: dict[str, Any] = {"type": "finished", "utterance": uid,
+                               "duration_s": round(total / SAMPLE_RATE, 4)}
+        if how == "idle":
+            msg["reason"] = f"no audio for {s.ws_idle_s:g} s (server.audio_idle_s)"
         with contextlib.suppress(Exception):
-            await ws.send_json({"type": "finished", "utterance": uid,
-                                "duration_s": round(total / SAMPLE_RATE, 4)})
+            await ws.send_json(msg)
             await ws.close()
 
 
-async def _pump(ws: web.WebSocketResponse, rs: StreamResampler, fmt: str, width: int,
-                push: Callable[[np.ndarray, bool], Any], error: Callable[[str], Any]) -> bool:
-    """Feed binary PCM messages to ``push`` until the client ends; True on {"final": true}."""
+def _convert_block(data: bytes, fmt: str, rs: StreamResampler) -> np.ndarray:
+    """One binary message → 16 kHz mono float32 (worker thread: CPU-bound)."""
+    x = pcm_to_array(data, fmt)
+    if x.dtype.kind == "f":
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return rs.process(x)
+
+
+async def _pump(ws: web.WebSocketResponse, rs: StreamResampler, fmt: str, width: int, rate: int,
+                s: ControlSettings, push: Callable[[np.ndarray, bool], Any],
+                error: Callable[[str], Any]) -> str:
+    """Feed binary PCM messages to ``push`` until the stream ends; returns how it ended:
+    "final" ({"final": true}), "idle" (its audio ran out ``ws_idle_s`` ago), "closed" or "error".
+
+    The idle clock runs from when the audio received so far would have finished playing (a
+    client sending faster than real time is not idle while its audio plays): an open stream
+    holds every later utterance back, so it must not outlive its audio by more than that.
+    """
     pending = b""
-    async for msg in ws:
+    t_first: float | None = None                    # when the first audio arrived
+    seconds = 0.0                                   # audio received, in seconds
+    last = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if t_first is None:
+            deadline = last + s.ws_first_audio_s
+        else:
+            deadline = max(t_first + seconds, last) + s.ws_idle_s
+        try:
+            msg = await ws.receive(timeout=max(0.0, deadline - now))
+        except TimeoutError:
+            if t_first is None:
+                await error(f"no audio within {s.ws_first_audio_s:g} s")
+                return "error"
+            return "idle"
+        last = time.monotonic()
         if msg.type == WSMsgType.BINARY:
             data = pending + msg.data
             cut = len(data) - len(data) % width
             pending = data[cut:]
             if not cut:
                 continue
-            x = pcm_to_array(data[:cut], fmt)
-            if x.dtype.kind == "f":
-                x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-            y = rs.process(x)
+            block_s = cut / width / rate
+            if block_s > s.max_audio_s:             # refused from its size, before decoding
+                await error(f"a message of {block_s:.0f} s of audio is more than the speech "
+                            f"queue holds ({s.max_audio_s:g} s); send blocks of a few "
+                            "hundred ms")
+                return "error"
+            y = await asyncio.to_thread(_convert_block, data[:cut], fmt, rs)
+            if t_first is None:
+                t_first = last
+            seconds += block_s
             if y.size and not await push(y, False):
-                return False
+                return "error"
         elif msg.type == WSMsgType.TEXT:
             try:
                 cmd = validate(parse_json(msg.data.encode()), {
@@ -772,12 +930,11 @@ async def _pump(ws: web.WebSocketResponse, rs: StreamResampler, fmt: str, width:
                     "properties": {"final": {"type": "boolean"}}}, "message")
             except BadRequest as e:
                 await error(str(e))
-                return False
+                return "error"
             if cmd["final"]:
-                return True
+                return "final"
         else:
-            break
-    return False
+            return "closed"
 
 
 def mount(app: web.Application, ctl: Controller, settings: ControlSettings | None = None,
@@ -799,4 +956,5 @@ def mount(app: web.Application, ctl: Controller, settings: ControlSettings | Non
 
 
 __all__ = ["Controller", "ControlSettings", "control_routes", "mount", "security_settings",
+           "settings_from_config",
            "ENDPOINTS", "EventHub", "BadRequest", "parse_json", "validate", "LONG_LIVED_PATHS"]

@@ -367,10 +367,52 @@ def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.mono
     return [limits, host, cors, auth, rate]
 
 
+class MalformedRequestLogFilter(logging.Filter):
+    """Turns aiohttp's traceback for a malformed request (no Host header, bad request line, ...)
+    into one warning line, at most one per ``every_s`` (with a count of the ones in between).
+
+    Such requests are answered 400 by aiohttp before any handler runs; a traceback per request
+    would let any client fill the journal with noise.
+    """
+
+    def __init__(self, every_s: float = 60.0, now: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._now = now
+        self._last = -math.inf
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        t = self._now()
+        if t - self._last < self.every_s:
+            self.suppressed += 1
+            return False
+        more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
+        self._last, self.suppressed = t, 0
+        reason = " ".join(str(getattr(exc, "message", "") or exc).split()) or type(exc).__name__
+        record.msg = "malformed HTTP request from %s answered 400: %s%s"
+        record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "?",
+                       reason, more)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+_MALFORMED_FILTER = MalformedRequestLogFilter()
+
+
 def install(app: web.Application, settings: SecuritySettings,
             now: Callable[[], float] = time.monotonic) -> None:
     """Add the security middlewares and CORS response headers to ``app`` (before it starts)."""
     app.middlewares.extend(middlewares(settings, now))
+    server_log = logging.getLogger("aiohttp.server")
+    if _MALFORMED_FILTER not in server_log.filters:
+        server_log.addFilter(_MALFORMED_FILTER)
 
     async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
         origin = request.get(_CORS_KEY)
@@ -382,4 +424,4 @@ def install(app: web.Application, settings: SecuritySettings,
 
 __all__ = ["SecuritySettings", "RateLimit", "TokenBuckets", "InsecureBindError",
            "PathNotAllowedError", "check_avatar_path", "read_body", "json_error", "install",
-           "middlewares", "is_loopback", "LIMIT_KEY"]
+           "middlewares", "is_loopback", "LIMIT_KEY", "MalformedRequestLogFilter"]

@@ -130,6 +130,10 @@ class Mp4Sink:
         self.frames_written = 0
         self.frames_dropped = 0
         self.audio_samples_written = 0  # at 48 kHz
+        self.finished = False
+        """True once close() finalised the file without an error."""
+        self.failure: str | None = None
+        """Why the file could not be created or written (None: no failure so far)."""
         self._cond = threading.Condition()
         self._queue: deque[_Entry] = deque()
         self._n_images = 0  # the entries holding an image are always the newest _n_images
@@ -157,8 +161,12 @@ class Mp4Sink:
         self._samples_per_frame = SAMPLE_RATE // fps
         if self.max_queued_images is None:
             self.max_queued_images = 2 * fps
-        self._av = _import_av()
-        await asyncio.to_thread(self._open, width, height, fps)
+        try:
+            self._av = _import_av()
+            await asyncio.to_thread(self._open, width, height, fps)
+        except Exception as e:
+            self.failure = str(e)
+            raise
         self._stop = False
         self._thread = threading.Thread(target=self._worker, name=f"{self.name}-encoder", daemon=True)
         self._thread.start()
@@ -251,7 +259,9 @@ class Mp4Sink:
             self._cond.notify_all()
         await asyncio.to_thread(thread.join)
         if self._error is not None:
+            self.failure = f"writing {self.path} failed: {self._error}"
             raise FileSinkError(f"{self.name}: writing {self.path} failed: {self._error}") from self._error
+        self.finished = True
         log.info("%s: wrote %d frames (%d dropped) to %s", self.name, self.frames_written,
                  self.frames_dropped, self.path)
 

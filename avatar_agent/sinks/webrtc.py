@@ -351,6 +351,7 @@ class WebRtcSink:
         self.width = self.height = self.fps = 0
         self.frames_sent = 0
         self._viewers: dict[int, _Viewer] = {}
+        self._pending = 0  # offers being negotiated: they hold a slot of max_viewers already
         self._ids = itertools.count(1)
         self._upsample = Upsampler3()
         self._classes: tuple[type, type] | None = None
@@ -361,6 +362,11 @@ class WebRtcSink:
     def viewers(self) -> int:
         """Number of viewers currently attached (connecting or connected)."""
         return len(self._viewers)
+
+    @property
+    def pending_offers(self) -> int:
+        """Offers being negotiated right now (each holds one of the ``max_viewers`` slots)."""
+        return self._pending
 
     @property
     def sessions(self) -> list[str]:
@@ -424,8 +430,20 @@ class WebRtcSink:
             raise OfferError(f"expected an SDP of type 'offer', got {type_!r}")
         if not isinstance(sdp, str) or not sdp.startswith("v=0"):
             raise OfferError("the 'sdp' field must be an SDP text starting with 'v=0'")
-        if len(self._viewers) >= self.max_viewers and not await self._evict_stalled():
-            raise WebRtcError(f"{self.name}: {self.max_viewers} viewers already connected")
+        # The cap counts offers still negotiating: the check and the reservation happen with no
+        # await between them, so concurrent offers can never overshoot it.
+        while len(self._viewers) + self._pending >= self.max_viewers:
+            if not await self._evict_stalled():
+                raise WebRtcError(f"{self.name}: {self.max_viewers} viewers already connected "
+                                  "or connecting; retry later")
+        self._pending += 1
+        try:
+            return await self._accept(sdp)
+        finally:
+            self._pending -= 1
+
+    async def _accept(self, sdp: str) -> Answer:
+        """Negotiate one offer (its slot is reserved by :meth:`accept`)."""
         from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
         config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in self.ice_servers])

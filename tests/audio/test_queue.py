@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avatar_agent.audio.queue import QueueFullError, SpeechQueueSource, StreamError, pcm_to_array
+from avatar_agent.audio.queue import (QueueFullError, SpeechQueueSource, StreamError, TooLongError,
+                                      pcm_to_array)
 from avatar_agent.audio.resample import to_pipeline
 from avatar_agent.audio.tts import synthesize
 from avatar_agent.clock import FakeClock
@@ -187,7 +188,9 @@ async def test_bounded_queue_refuses_overflow_and_keeps_what_it_accepted() -> No
     with pytest.raises(QueueFullError, match="speech queue full"):
         src.push(np.full(8000, 0.5, np.float32))       # +0.5 s > 1 s
     with pytest.raises(QueueFullError):
-        src.say("A sentence long enough to need more than two tenths of a second.")
+        src.say("Hi.")                                   # ≈ 0.7 s: fits alone, not now
+    with pytest.raises(TooLongError, match="more than the speech queue ever holds"):
+        src.say("A sentence long enough to need more than two tenths of a second.")  # never fits
     assert src.queued_seconds == pytest.approx(0.8)
     frames = await take(src, 45)
     y = joined(frames)
