@@ -31,10 +31,16 @@ class IdleParams:
 
     Attributes:
         blink_interval: (min, max) seconds between blinks, drawn uniformly.
-        blink_duration: seconds from lid start to fully open again.
+        blink_duration: seconds from lid start to fully open again (real blinks take
+            100–400 ms; shorter than ~0.2 s a 25 fps video shows the eye shut in one frame at
+            most, which a viewer or a face tracker easily misses).
         double_blink_p: probability that a blink is followed by a second one.
         double_blink_gap: seconds between the starts of the two blinks of a double blink.
         sway_deg: amplitude of slow head sway (pitch, yaw, roll) in degrees.
+        drift_deg: standard deviation of a random head drift (pitch, yaw, roll) in degrees,
+            added to the sway so that head motion never repeats (the sinusoids alone read as a
+            loop after a while).
+        drift_tau: correlation time of that drift in seconds.
         nod_deg: pitch amplitude of the nods that follow speech emphasis, degrees.
         speech_sway_gain: extra sway while speaking (1 = doubles at full loudness).
         breath_hz: breathing rate.
@@ -45,10 +51,12 @@ class IdleParams:
     """
 
     blink_interval: tuple[float, float] = (2.0, 6.0)
-    blink_duration: float = 0.15
+    blink_duration: float = 0.24
     double_blink_p: float = 0.15
     double_blink_gap: float = 0.30
     sway_deg: tuple[float, float, float] = (1.0, 1.6, 0.7)
+    drift_deg: tuple[float, float, float] = (0.6, 1.0, 0.4)
+    drift_tau: float = 2.5
     nod_deg: float = 3.0
     speech_sway_gain: float = 1.0
     breath_hz: float = 0.25
@@ -103,6 +111,8 @@ class _IdleState:
     next_blink: float = 0.0
     level_fast: float = 0.0
     level_slow: float = 0.0
+    drift_raw: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    drift: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
 
 class IdleLayer:
@@ -138,6 +148,7 @@ class IdleLayer:
         self._gaze_ph = rng.uniform(0, 2 * np.pi, 2)
         self._breath_ph = rng.uniform(0, 2 * np.pi)
         self._blink_rng = np.random.default_rng([self.seed, 1])
+        self._drift_rng = np.random.default_rng([self.seed, 2])
         self._state = _IdleState(next_blink=float(self._blink_rng.uniform(0.5, lo + 0.5)))
 
     @property
@@ -190,7 +201,18 @@ class IdleLayer:
         waves = np.sin(2 * np.pi * self._sway_f[None] * t[:, None, None] + self._sway_ph[None])
         sway = (waves * self._sway_a[None]).sum(-1) * np.asarray(p.sway_deg)[None]  # [n, 3]
         sway *= (1.0 + p.speech_sway_gain * slow)[:, None]
-        pose = sway.copy()
+        # Head drift: an Ornstein-Uhlenbeck process per axis (unit variance), low-passed once
+        # more (0.5 s) so it has no jitter; one draw per frame in order, so any split of the
+        # frames into calls gives the same drift.
+        a_d = 1.0 - np.exp(-1.0 / (p.drift_tau * self.fps))
+        a_s = 1.0 - np.exp(-1.0 / (0.5 * self.fps))
+        noise = self._drift_rng.standard_normal((n, 3)) * np.sqrt(a_d * (2.0 - a_d))
+        drift = np.empty((n, 3))
+        for k in range(n):
+            st.drift_raw = (1.0 - a_d) * st.drift_raw + noise[k]
+            st.drift = st.drift + a_s * (st.drift_raw - st.drift)
+            drift[k] = st.drift
+        pose = sway + drift * np.asarray(p.drift_deg)[None]
         pose[:, 0] += p.nod_deg * emphasis          # pitch: a short dip on each stressed onset
         pose[:, 2] += 0.3 * p.nod_deg * emphasis * np.sin(2 * np.pi * 0.17 * t + self._breath_ph)
 

@@ -62,8 +62,9 @@ RINGS = ((1.2, 0.85, 0.35), (1.5, 0.5, 0.0), (1.9, 0.18, 0.0))
 fraction of its expression motion): hair and neck follow the head, only the skin right next to
 the face follows the jaw."""
 
-CAVITY_RGB = np.array([[96, 34, 38], [34, 10, 12]], dtype=np.float32)   # lip edge → throat
-TEETH_RGB = np.array([222, 208, 186], dtype=np.float32)
+OUTER_LIPS = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181,
+              91, 146)
+"""Outer lip contour (left corner, upper lip, right corner, lower lip)."""
 
 Output = Literal["crop", "image"]
 
@@ -131,13 +132,60 @@ def _mesh_edges() -> np.ndarray:
     return np.array(sorted(edges), dtype=np.int64)
 
 
+BROW_LINES = (((70, 63, 105, 66, 107), (46, 53, 52, 65, 55), "brow_outer_l", "brow_inner_l"),
+              ((300, 293, 334, 296, 336), (276, 283, 282, 295, 285), "brow_outer_r", "brow_inner_r"))
+"""Per brow: upper and lower contour (outer → inner) and its outer/inner keypoints."""
+
+
+def contour_sources(mesh_c: np.ndarray) -> dict[int, np.ndarray]:
+    """Mesh vertices that move as part of a keypoint's feature, not as its neighbours: {vertex:
+    coefficients [21] over the keypoints' expression displacements}.
+
+    * Brow contours follow their outer and inner keypoints, interpolated along the brow, so a
+      brow rises as a whole arch (not as two pinched tents at its ends).
+    * Lid margins follow their lid keypoint scaled by the eye's local opening over its opening
+      at the keypoint, so a closing lid stays an arc and meets the other lid everywhere at once
+      (and an emotion's lid raise widens the whole eye).
+    """
+    out: dict[int, np.ndarray] = {}
+    for upper, lower, outer, inner in BROW_LINES:
+        xo, xi = mesh_c[upper[0], 0], mesh_c[upper[-1], 0]
+        for v in upper + lower:
+            t = float(np.clip((mesh_c[v, 0] - xo) / (xi - xo), 0.0, 1.0))
+            c = np.zeros(space.N_KP)
+            c[space.KP[outer]], c[space.KP[inner]] = 1.0 - t, t
+            out[v] = c
+    for eye, side in ((EYE_L, "l"), (EYE_R, "r")):
+        up_line, lo_line = eye[1:8], eye[9:16]
+        kp_up, kp_lo = space.KP[f"upper_lid_{side}"], space.KP[f"lower_lid_{side}"]
+        mu, ml = mesh_c[list(eye[0:9]), :2], mesh_c[list(eye[8:]) + [eye[0]], :2]
+        ou, ol = np.argsort(mu[:, 0]), np.argsort(ml[:, 0])
+
+        def opening(x: float) -> float:
+            return float(np.interp(x, ml[ol, 0], ml[ol, 1]) - np.interp(x, mu[ou, 0], mu[ou, 1]))
+
+        centre = max(opening(float(mesh_c[space.MESH_INDEX[kp_up], 0])), 1e-6)
+        for line, k in ((up_line, kp_up), (lo_line, kp_lo)):
+            for v in line:
+                c = np.zeros(space.N_KP)
+                c[k] = float(np.clip(opening(float(mesh_c[v, 0])) / centre, 0.0, 1.0))
+                out[v] = c
+    for k, v in enumerate(space.MESH_INDEX):          # keypoints are exact
+        c = np.zeros(space.N_KP)
+        c[k] = 1.0
+        out[int(v)] = c
+    return out
+
+
 def geodesic_weights(mesh_c: np.ndarray, sigma: float = 0.16, eps: float = 1e-4,
                      null: float = 20.0) -> np.ndarray:
     """W [478, 21]: how much each vertex follows each keypoint's expression displacement.
 
-    Normalised inverse-square geodesic distance with a Gaussian cut-off; anchors and a constant
-    ``null`` weight (both meaning "stay") make far vertices stay put.  Distances run along the
-    mesh surface, so points across the mouth slit or the eye opening are far apart.
+    Normalised inverse-square geodesic distance with a Gaussian cut-off from every source vertex
+    (the keypoints and the :func:`contour_sources`, each carrying its coefficients over the
+    keypoints); anchors and a constant ``null`` weight (both meaning "stay") make far vertices
+    stay put.  Distances run along the mesh surface, so points across the mouth slit or the eye
+    opening are far apart.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import dijkstra
@@ -146,16 +194,19 @@ def geodesic_weights(mesh_c: np.ndarray, sigma: float = 0.16, eps: float = 1e-4,
     e = _mesh_edges()
     length = np.linalg.norm(mesh_c[e[:, 0]] - mesh_c[e[:, 1]], axis=1) + 1e-6
     graph = coo_matrix((length, (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
-    sources = np.concatenate([space.MESH_INDEX, np.array(ANCHORS)])
-    g = dijkstra(graph, directed=False, indices=sources)                     # [21 + A, 478]
+    contour = contour_sources(mesh_c)
+    src_v = np.array(list(contour), dtype=np.int64)
+    coef = np.stack([contour[int(v)] for v in src_v])                       # [C, 21]
+    sources = np.concatenate([src_v, np.array(ANCHORS)])
+    g = dijkstra(graph, directed=False, indices=sources)                     # [C + A, 478]
     unreachable = ~np.isfinite(g)
     if unreachable.any():                                                    # fall back to 3-D
         eu = np.linalg.norm(mesh_c[sources][:, None] - mesh_c[None], axis=-1)
         g[unreachable] = eu[unreachable]
-    w = np.exp(-(g / sigma) ** 2) / (g ** 2 + eps)                           # [21 + A, 478]
+    w = np.exp(-(g / sigma) ** 2) / (g ** 2 + eps)                           # [C + A, 478]
     w = w / (w.sum(0, keepdims=True) + null)
-    w_kp = w[: space.N_KP].T.copy()                                          # [478, 21]
-    w_kp[space.MESH_INDEX] = np.eye(space.N_KP)                              # exact at keypoints
+    w_kp = w[: len(src_v)].T @ coef                                          # [478, 21]
+    w_kp[src_v] = coef                                                       # exact at sources
     w_kp[list(ANCHORS)] = 0.0
     return w_kp
 
@@ -224,6 +275,70 @@ def _barycentric_grid(points: np.ndarray,
         idx[~inside, 0] = d.argmin(1)
         bary[~inside, 0] = 1.0
     return idx, bary, tri.simplices
+
+
+def _poly_mask(shape: tuple[int, int], poly: np.ndarray) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+def mouth_palette(crop: np.ndarray, mesh: np.ndarray) -> dict[str, np.ndarray | float]:
+    """Colours of a synthesised mouth interior, taken from the portrait itself.
+
+    * ``lip``: median colour of the lips (outer minus inner contour) — the hue of everything
+      inside the mouth (cavity walls and tongue are the same mucosa);
+    * ``shadow``: the darkest tenth of the face's skin — how this picture renders shade
+      (black-and-white photos, statues and paintings have their own);
+    * ``cavity`` [2, 3]: lip edge → throat: the lip colour darkened towards the shadow colour;
+    * ``teeth``: the sclera's bright pixels (the picture's own "white", so teeth match its
+      white balance, grain and grey) a little darker and warmer towards the lips;
+    * ``tongue``: the lip colour, darker;
+    * ``light``: horizontal lighting slope (−1 light from the image-left … +1 from the right),
+      from the brightness of the two cheeks.
+
+    On a grayscale portrait every colour is grey; on a colour one the hues lie between the lips'
+    and the shadows'.
+    """
+    h, w = crop.shape[:2]
+    img = crop.astype(np.float32)
+    lips = _poly_mask((h, w), mesh[list(OUTER_LIPS)]) & ~_poly_mask(
+        (h, w), mesh[list(INNER_LIP_UPPER) + list(INNER_LIP_LOWER[::-1][1:-1])])
+    lip = np.median(img[lips], axis=0) if lips.sum() > 8 else np.array([150, 90, 90], np.float32)
+    face = _poly_mask((h, w), mesh[list(FACE_OVAL)]) & ~lips
+    for eye in (EYE_L, EYE_R):
+        face &= ~_poly_mask((h, w), mesh[list(eye)])
+    skin = img[face]
+    lum = skin.mean(-1)
+    shadow = (np.median(skin[lum <= np.percentile(lum, 10)], axis=0) if skin.size
+              else lip * 0.4)
+    # the sclera: bright pixels inside the eyes (not the iris)
+    eyes = np.zeros((h, w), bool)
+    for eye in (EYE_L, EYE_R):
+        eyes |= _poly_mask((h, w), mesh[list(eye)])
+    px = img[eyes]
+    if px.shape[0] >= 8:
+        white = np.median(px[px.mean(-1) >= np.percentile(px.mean(-1), 75)], axis=0)
+    else:
+        white = np.percentile(skin, 95, axis=0) if skin.size else np.full(3, 200, np.float32)
+    # teeth are a little darker than the sclera and pick up the mouth's own colour
+    teeth = 0.88 * white + 0.12 * lip
+    teeth = teeth * max(1.0, 1.1 * float(lip.mean()) / max(float(teeth.mean()), 1.0))
+    teeth = np.clip(teeth * 0.92, 0, 255)        # in the mouth's shade, never brighter than white
+    teeth = teeth.mean() + 0.4 * (teeth - teeth.mean())   # enamel: the picture's tint, muted
+    # cavity: from darkened lips at the edge to a deep shadow in the throat, with the hue of
+    # the lips (mucosa) fading into the hue of the picture's shadows
+    edge = 0.38 * lip + 0.04 * shadow
+    throat = 0.07 * lip + 0.06 * shadow
+    tongue = 0.42 * lip + 0.04 * shadow
+    sides = []
+    for idx in ((50, 101, 205), (280, 330, 425)):      # image-left, image-right cheek
+        q = np.clip(np.round(mesh[list(idx)]).astype(int), 0, h - 1)
+        sides.append(float(img[q[:, 1], q[:, 0]].mean()))
+    light = float(np.clip((sides[1] - sides[0]) / max(sum(sides) / 2, 1.0) * 3.0, -1.0, 1.0))
+    return {"lip": lip, "shadow": shadow, "cavity": np.stack([edge, throat]).astype(np.float32),
+            "teeth": teeth.astype(np.float32), "tongue": tongue.astype(np.float32),
+            "light": light}
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,18 +493,9 @@ class WarpRenderer:
             "warp_points": pts.astype(np.float32),                            # mesh+rings+border
             "triangles": triangles,                                           # [T, 3] into those
             "mouth_gap_px": self._gap(mesh_px[:, :2], 13, 14),
-            "tone": self._tone(crop, mesh_px),
+            "palette": mouth_palette(crop, mesh_px[:, :2]),
             "eye_gap_px": (self._gap(mesh_px[:, :2], 159, 145), self._gap(mesh_px[:, :2], 386, 374)),
         }
-
-    @staticmethod
-    def _tone(crop: np.ndarray, mesh_px: np.ndarray) -> float:
-        """Brightness of the portrait's cheeks relative to a well-lit face (synthesised teeth
-        and cavity are scaled by it, so they do not glow in a dim photo)."""
-        p = np.clip(np.round(mesh_px[[50, 280, 101, 330, 205, 425], :2]).astype(int), 0,
-                    crop.shape[0] - 1)
-        lum = float(np.median(crop[p[:, 1], p[:, 0]].mean(-1)))
-        return float(np.clip(lum / 185.0, 0.55, 1.05))
 
     @staticmethod
     def _gap(p: np.ndarray, upper: int, lower: int) -> float:
@@ -461,7 +567,7 @@ class WarpRenderer:
             frame = cv2.remap(avatar.crop, disp, None, cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
         self._mouth(frame, vd, ex)
-        self._lids(frame, vd, ex, avatar.crop)
+        self._lids(frame, vd, vh, ex, avatar.crop)
         return frame
 
     def _jacobian(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -523,7 +629,7 @@ class WarpRenderer:
         rest_gap = max(ex["mouth_gap_px"], 0.0)
         extra = gap - rest_gap
         if extra < -0.75 and rest_gap > 1.5:
-            self._seam(frame, vd, 1.0 - max(gap, 0.0) / rest_gap)
+            self._seam(frame, vd, 1.0 - max(gap, 0.0) / rest_gap, ex["palette"]["cavity"][0])
             return
         if gap < 1.5 or extra < 0.75:
             return
@@ -555,7 +661,16 @@ class WarpRenderer:
         cx = float(upper[:, 0].mean())
         ux = np.clip(np.abs(xs - cx) / (width / 2), 0.0, 1.0)[None]               # 0 centre
         depth = np.clip(np.minimum(v, 1 - v) * 2, 0, 1) * (1 - ux)                # darker inside
-        col = CAVITY_RGB[0] + (CAVITY_RGB[1] - CAVITY_RGB[0]) * depth[..., None]
+        pal = ex["palette"]
+        cav = pal["cavity"]
+        col = cav[0] + (cav[1] - cav[0]) * depth[..., None]
+        # the tongue: a low mound along the lower lip, seen once the mouth is well open
+        open_frac = gap / width                                    # opening / mouth width
+        t_alpha = float(np.clip((open_frac - 0.18) / 0.15, 0.0, 1.0))
+        if t_alpha > 0:
+            mound = np.clip((v - (0.72 + 0.2 * ux ** 2)) / 0.12, 0.0, 1.0) * (1 - ux ** 3)
+            col = col * (1 - (t_alpha * mound)[..., None]) + \
+                (pal["tongue"] * (0.75 + 0.25 * mound[..., None])) * (t_alpha * mound)[..., None]
         # a band of upper teeth just under the upper lip, shaded towards the corners, with
         # faint gaps between teeth
         band_px = min(0.35 * gap, 0.11 * width)
@@ -565,14 +680,19 @@ class WarpRenderer:
         gaps = 1 - 0.25 * np.cos(np.pi * (xs - cx) / tooth_w) ** 16
         shade = (1 - 0.7 * ux ** 2) * gaps[None]
         band = band * float(np.clip(2.0 * ext_frac - 1.0, 0.0, 1.0))   # only if none showed
-        teeth = TEETH_RGB * ex["tone"]
-        col = col * (1 - band[..., None]) + (teeth * shade[..., None]) * band[..., None]
+        # teeth show only once the lips are apart enough to uncover them
+        band = band * float(np.clip((open_frac - 0.04) / 0.06, 0.0, 1.0))
+        col = col * (1 - band[..., None]) + (pal["teeth"] * shade[..., None]) * band[..., None]
+        # the light falls on the mouth as on the face: the side away from it is darker
+        side = np.clip((xs - cx) / (width / 2), -1.0, 1.0)[None, :, None]
+        col = col * (1.0 + 0.25 * pal["light"] * side)
         a_v = np.clip((v - (1.0 - ext_frac)) / 0.25 + 0.5, 0.0, 1.0)             # [h, w]
         a = (mask.astype(np.float32) * (1.0 / 255.0) * a_v)[:, :, None]
         roi = frame[y0:y1, x0:x1].astype(np.float32)
         frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + col * a + 0.5, 0, 255).astype(np.uint8)
 
-    def _seam(self, frame: np.ndarray, vd: np.ndarray, strength: float) -> None:
+    def _seam(self, frame: np.ndarray, vd: np.ndarray, strength: float,
+              seam_rgb: np.ndarray) -> None:
         """Lips closed more than in the portrait: the squeezed mouth interior (teeth) becomes a
         thin line; draw it as the dark seam between closed lips instead."""
         upper, lower = vd[list(INNER_LIP_UPPER)], vd[list(INNER_LIP_LOWER)]
@@ -591,20 +711,26 @@ class WarpRenderer:
         mask = cv2.GaussianBlur(mask, (3, 3), 0)
         a = mask.astype(np.float32)[:, :, None] * (0.85 * float(np.clip(strength, 0, 1)) / 255.0)
         roi = frame[y0:y1, x0:x1].astype(np.float32)
-        frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + CAVITY_RGB[0] * 0.8 * a + 0.5, 0,
+        frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + seam_rgb * a + 0.5, 0,
                                       255).astype(np.uint8)
 
-    def _lids(self, frame: np.ndarray, vd: np.ndarray, ex: dict, crop: np.ndarray) -> None:
+    def _lids(self, frame: np.ndarray, vd: np.ndarray, vh: np.ndarray, ex: dict,
+              crop: np.ndarray) -> None:
         """Lids closing over the eye where they closed beyond the portrait's own opening.
 
-        The warp alone squeezes the whole eye into the shrinking aperture.  Instead the
-        aperture shows the portrait's eye *unsqueezed*, moving with the lower lid, so the
-        descending upper lid occludes it as a real lid does; near full closure lid skin (from
-        just above the lid, blurred) covers the last sliver (the squeezed upper-lid margin
-        left by the warp reads as the closed eye's lash line).
+        The warp alone squeezes the whole eye into the shrinking aperture and stretches the
+        lid margin (lashes, liner) into a thick dark band.  Instead:
+
+        * the aperture shows the portrait's eye *unsqueezed*, moving with the lower lid, so the
+          descending upper lid occludes it as a real lid does;
+        * the area the upper lid has swept over (between where its margin would be at rest,
+          moving with the head — ``vh`` — and where it is now) is lid skin, sampled from just
+          above the lid and blurred;
+        * the lid margin is a thin lash line, as on a real closed eye.
         """
         S = self.size
         src = ex["mesh_px"][:, :2]
+        thick = max(1, round(S / 320))
         for (up, lo), eye, rest_gap in zip(((159, 145), (386, 374)), (EYE_L, EYE_R),
                                            ex["eye_gap_px"]):
             if rest_gap <= 0.5:
@@ -613,14 +739,17 @@ class WarpRenderer:
             if closure < 0.05:
                 continue
             poly = vd[list(eye)]
+            upper_d = vd[list(eye[0:9])]                         # corner, upper margin, corner
+            upper_h = vh[list(eye[0:9])]
             pad = 2 + S // 128
-            x0, y0 = np.floor(poly.min(0)).astype(int) - pad
-            x1, y1 = np.ceil(poly.max(0)).astype(int) + pad + 1
+            allp = np.concatenate([poly, upper_h])
+            x0, y0 = np.floor(allp.min(0)).astype(int) - pad
+            x1, y1 = np.ceil(allp.max(0)).astype(int) + pad + 1
             x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
             if x1 - x0 < 2 or y1 - y0 < 2:
                 continue
-            mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
             shift = 3
+            mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
             pts = np.round((poly - [x0, y0]) * (1 << shift)).astype(np.int32)
             cv2.fillPoly(mask, [pts], 255, lineType=cv2.LINE_AA, shift=shift)
             m = (cv2.GaussianBlur(mask, (0, 0), 0.4 + S / 1024).astype(np.float32)
@@ -634,8 +763,9 @@ class WarpRenderer:
                                borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
             roi = frame[y0:y1, x0:x1].astype(np.float32)
             out = roi * (1 - m) + eye_px * m
-            # the last sliver: lid skin from just above the lid margin, shifted down
-            a_skin = float(np.clip((closure - 0.6) / 0.35, 0.0, 1.0))
+            # the swept lid: skin from above the lid margin, shifted down, over the region
+            # between the margin's rest line and its current line (and the last sliver of eye)
+            a_skin = float(np.clip((closure - 0.1) / 0.35, 0.0, 1.0))
             if a_skin > 0:
                 lift = int(round(1.2 * rest_gap))
                 sy0, sy1 = max(0, y0 - lift), max(1, y1 - lift)
@@ -645,10 +775,22 @@ class WarpRenderer:
                                               cv2.BORDER_REPLICATE)
                 skin = cv2.GaussianBlur(skin, (0, 0), 1.0 + S / 256)
                 col = 0.5 * skin + 0.5 * self._lid_colour(frame, vd, eye)[None, None]
-                ms = cv2.dilate(mask, np.ones((3, 3), np.uint8))
+                swept = np.concatenate([upper_h, upper_d[::-1]])
+                ms = np.zeros_like(mask)
+                cv2.fillPoly(ms, [np.round((swept - [x0, y0]) * (1 << shift)).astype(np.int32)],
+                             255, lineType=cv2.LINE_AA, shift=shift)
+                near = float(np.clip((closure - 0.75) / 0.2, 0.0, 1.0))
+                if near > 0:                                 # the last sliver of eye, too
+                    ms = np.maximum(ms, (mask.astype(np.float32) * near).astype(np.uint8))
                 ms = cv2.GaussianBlur(ms, (0, 0), 0.6 + S / 1024).astype(np.float32)
                 a = ms[:, :, None] * (a_skin / 255.0)
                 out = out * (1 - a) + col * a
+                # the lash line along the lid margin
+                lash = np.zeros_like(mask)
+                cv2.polylines(lash, [np.round((upper_d - [x0, y0]) * (1 << shift)).astype(np.int32)],
+                              False, 255, thickness=thick, lineType=cv2.LINE_AA, shift=shift)
+                al = lash.astype(np.float32)[:, :, None] * (0.6 * a_skin / 255.0)
+                out = out * (1 - al) + (0.45 * col) * al
             frame[y0:y1, x0:x1] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
     @staticmethod

@@ -33,23 +33,23 @@ def test_blink_rate_over_a_minute_of_idle(avatar, seed):
     blinks = runs(eyes < 0.5 * open_gap)
     assert 10 <= len(blinks) <= 30
     assert eyes.min() < 0.2 * open_gap                              # lids really close …
-    assert eyes.min() > -1e-6                                         # … but never cross
+    assert eyes.min() > -1e-5                                         # … but never cross
     gaps = np.diff([s for s, _ in blinks]) / 25.0
     assert gaps.max() <= 6.5                                          # never a long stare
-    assert all(n <= 3 for _, n in blinks)                             # ≤ 120 ms below half-open
+    assert all(2 <= n <= 4 for _, n in blinks)    # 80–160 ms below half-open: a video shows it
 
 
-def test_blink_duration_is_about_150_ms():
+def test_blink_duration_is_about_240_ms():
     layer = IdleLayer(seed=5, fps=1000)
     tr = layer.track(30_000)
     events = runs(tr.blink > 0.02)
     assert len(events) >= 5
     durations = np.array([n for _, n in events]) / 1000.0
-    assert np.all((durations > 0.12) & (durations < 0.17))
+    assert np.all((durations > 0.2) & (durations < 0.26))
     # Fast close, slower reopening.
-    shape = blink_shape(np.arange(0, 0.15, 0.001), 0.15)
+    shape = blink_shape(np.arange(0, 0.24, 0.001), 0.24)
     t_peak = np.argmax(shape >= 0.999) / 1000.0
-    assert 0.04 < t_peak < 0.07
+    assert 0.07 < t_peak < 0.11
 
 
 def test_double_blinks_happen():
@@ -81,7 +81,8 @@ def test_same_frames_whatever_the_call_sizes():
 def test_sway_is_slow_and_small_and_breathing_has_its_rate():
     tr = IdleLayer(seed=3).track(25 * 40)
     p = IdleParams()
-    assert np.abs(tr.pose).max(0).tolist() <= [a + 1e-6 for a in p.sway_deg]
+    bound = [a + 3.5 * d for a, d in zip(p.sway_deg, p.drift_deg)]
+    assert np.abs(tr.pose).max(0).tolist() <= bound
     assert np.abs(np.diff(tr.pose, axis=0)).max() < 0.2              # < 5 °/s
     assert np.abs(tr.pose).max() > 0.3                                 # but it does move
     spec = np.abs(np.fft.rfft(tr.scale - tr.scale.mean()))
@@ -102,6 +103,20 @@ def test_nods_follow_speech_emphasis():
     for s in range(20, 225, 25):
         assert np.argmax(nod[s : s + 25]) <= 5
     np.testing.assert_array_equal(quiet.blink, talk.blink)            # blinks independent
+
+
+def test_head_motion_is_not_a_loop():
+    """The pose track never comes back to an earlier stretch of itself: over 4 minutes no 10 s
+    window (shifted by ≥ 20 s) repeats an earlier one within a tenth of the motion's spread."""
+    pose = IdleLayer(seed=6).track(25 * 240).pose.astype(np.float64)
+    w = 25 * 10
+    spread = pose.std(0).mean()
+    best = np.inf
+    for lag in range(25 * 20, len(pose) - w, 25):
+        for start in range(0, len(pose) - w - lag, 25 * 5):
+            a, b = pose[start : start + w], pose[start + lag : start + lag + w]
+            best = min(best, float(np.sqrt(((a - b) ** 2).mean())))
+    assert best > 0.1 * spread, (best, spread)
 
 
 def test_embedded_offsets_close_the_eyes_and_move_brows_with_gaze():
