@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 def write_official_models(root: Path) -> Path:
     from avatar_agent.nn.hubert import build_hubert, hubert_config
-    from avatar_agent.nn.recipe import recipe_state_dict
+    from tests.reference.recipe import recipe_state_dict
     from tests.render.test_liveportrait import write_official_layout
 
     torch.manual_seed(0)

@@ -49,7 +49,9 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, steps: int) -> torch.
 
 def sample_flow(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_init: torch.Tensor,
                 steps: int = 10, trace: dict[str, list[torch.Tensor]] | None = None,
-                final_step: bool = True) -> torch.Tensor:
+                final_step: bool = True,
+                after_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """Integrate the flow from noise ``x_init`` (σ = 1) to x0.
 
     Args:
@@ -60,6 +62,9 @@ def sample_flow(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         final_step: take the grid's last step (t = 1: σ 0.001 → 0, 0.1 % of the path).  The
             release does; skipping it saves one network evaluation for a change of 0.001·v, which
             matters when a few steps must fit a real-time budget.
+        after_step: ``(x, σ') -> x`` applied after each Euler step, with σ' the noise level just
+            reached (a 0-d tensor on x's device); e.g. inpainting resets known frames to
+            ``σ'·ε + (1 − σ')·x_known`` (see :meth:`avatar_agent.motion.moda.MoDAMotion._sample`).
     """
     x = x_init
     grid = timesteps(steps).tolist()
@@ -67,6 +72,8 @@ def sample_flow(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
         v = velocity(x, tt)
         x = euler_step(x, v, t, steps)
+        if after_step is not None:
+            x = after_step(x, next_sigma(t, steps).to(x.device))
         if trace is not None:
             trace.setdefault("velocity", []).append(v)
             trace.setdefault("latents", []).append(x)

@@ -226,8 +226,9 @@ def security_settings(*, host: str = "127.0.0.1", token: str = "",
         body_limits={"/api/audio": int(max_upload_mb * 1024 * 1024)},
         request_timeout_s=request_timeout_s,
         rate_limits={"say": RateLimit(rate_say_per_min), "push": RateLimit(rate_push_per_min),
-                     # a page reload or a few retries must pass: bursts of 10 offers
-                     "offer": RateLimit(rate_offer_per_min, burst=10),
+                     # a page reload or a few retries must pass: bursts of ≥ 10 offers
+                     "offer": RateLimit(rate_offer_per_min,
+                                        burst=max(10, math.ceil(rate_offer_per_min / 6))),
                      "interrupt": RateLimit(rate_interrupt_per_min)},
         rate_limited_paths={"/api/say": "say", "/api/audio": "push", "/api/audio/ws": "push",
                             "/offer": "offer", "/api/interrupt": "interrupt"},

@@ -10,9 +10,10 @@ import torch
 
 from avatar_agent.motion import moda as mm
 from avatar_agent.nn.moda import RELEASE_PREFIX, MoDADiT, MoDAParams, build_dit
-from avatar_agent.nn.recipe import load_manifest, recipe_state_dict
 from avatar_agent.nn.sampling import Guidance
 from avatar_agent.types import Avatar, MotionGenerator, SpeechChunk
+from tests.reference import moda_release as ref
+from tests.reference.recipe import load_manifest, recipe_state_dict
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "moda"
 
@@ -50,8 +51,8 @@ def stats(fx: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def test_prev_motion_from_source(fx: dict[str, np.ndarray], stats: tuple[np.ndarray, np.ndarray]) -> None:
     mean, std = stats
-    pose = [float(mm.headpose_degrees(fx[f"xs_{k}"])[0]) for k in ("pitch", "yaw", "roll")]
-    src = mm.source_motion(fx["xs_exp"], fx["xs_scale"][0, 0], fx["xs_t"], *pose)
+    pose = [float(ref.headpose_degrees(fx[f"xs_{k}"])[0]) for k in ("pitch", "yaw", "roll")]
+    src = ref.source_motion(fx["xs_exp"], fx["xs_scale"][0, 0], fx["xs_t"], *pose)
     rr = mm.rescale_ratio(src[63], mean)
     assert_conform(np.float32(rr), fx["rescale_ratio"][0, 0], 5e-4)
     assert_conform(mm.to_model_space(src, mean, std, rr), fx["prev_motion"][0, 0], 5e-4)
@@ -62,16 +63,16 @@ def test_prev_motion_from_source(fx: dict[str, np.ndarray], stats: tuple[np.ndar
 def test_headpose_bins() -> None:
     logits = np.full(66, -1e4, np.float32)
     logits[40] = 0
-    assert mm.headpose_degrees(logits) == pytest.approx(40 * 3 - 97.5)
-    assert mm.headpose_degrees(np.zeros(66)) == pytest.approx(0.0, abs=1e-4)     # uniform → centre
+    assert ref.headpose_degrees(logits) == pytest.approx(40 * 3 - 97.5)
+    assert ref.headpose_degrees(np.zeros(66)) == pytest.approx(0.0, abs=1e-4)     # uniform → centre
 
 
 def test_segment_plan() -> None:
-    assert mm.segment_plan(150) == (3, 58)
-    assert mm.segment_plan(80) == (1, 0) and mm.segment_plan(1) == (1, 79)
-    assert mm.segment_plan(144) == (2, 0) and mm.segment_plan(145) == (3, 63)
+    assert ref.segment_plan(150) == (3, 58)
+    assert ref.segment_plan(80) == (1, 0) and ref.segment_plan(1) == (1, 79)
+    assert ref.segment_plan(144) == (2, 0) and ref.segment_plan(145) == (3, 63)
     with pytest.raises(ValueError):
-        mm.segment_plan(0)
+        ref.segment_plan(0)
 
 
 def test_long_pipeline_stitching_and_postprocessing(fx: dict[str, np.ndarray],
@@ -90,15 +91,15 @@ def test_long_pipeline_stitching_and_postprocessing(fx: dict[str, np.ndarray],
         return raws[i : i + 1].clone()
 
     trace: dict[str, list[torch.Tensor]] = {}
-    out = mm.generate_long(long_audio[:, None], torch.from_numpy(fx["prev_motion"]), official_segment,
+    out = ref.generate_long(long_audio[:, None], torch.from_numpy(fx["prev_motion"]), official_segment,
                            trace=trace)
     assert_conform(torch.cat(trace["prev"]).numpy(), fx["segment_prev_motion"], 5e-4)
     assert_conform(out.numpy(), fx["motion"], 5e-4)
     # Segment 2 covers frames 128..207: 22 real frames then 58 zero frames.
     assert torch.equal(audio_seen[2][0, :22, 0], long_audio[128:150]) and not audio_seen[2][0, 22:].any()
-    lip = mm.modulate_lip(fx["motion"], fx["motion"][-37])[:-50]
+    lip = ref.modulate_lip(fx["motion"], fx["motion"][-37])[:-50]
     assert_conform(lip, fx["motion_lip_trimmed"], 5e-4)
-    raw = mm.release_postprocess(fx["motion"], 50, mean, std, float(fx["rescale_ratio"][0, 0]))
+    raw = ref.release_postprocess(fx["motion"], 50, mean, std, float(fx["rescale_ratio"][0, 0]))
     assert_conform(raw[:, :63], fx["kp_exp"], 2e-5)
     assert_conform(raw[:, 63], fx["kp_scale"].ravel(), 1e-4)
     assert_conform(raw[:, 64:67], fx["kp_t"].reshape(-1, 3), 1e-4)
@@ -116,7 +117,7 @@ def test_segment_sampling_matches_official(fx: dict[str, np.ndarray]) -> None:
     inp = np.load(FIX / "inputs.npz")
     long_audio = torch.from_numpy(np.concatenate([inp["audio"][0, :, 0], inp["audio"][1, :, 0]])[:150])
     seg_audio = torch.cat([long_audio[128:], torch.zeros(58, 12, 768)])[None, :, None]
-    sampler = mm.make_segment_sampler(model.eval(), torch.from_numpy(fx["ref_kp"]), 8,
+    sampler = ref.make_segment_sampler(model.eval(), torch.from_numpy(fx["ref_kp"]), 8,
                                       torch.from_numpy(inp["null_audio_feat"]), Guidance.release(1.2),
                                       noise=lambda i: torch.from_numpy(fx["segment_noise"][i]))
     x = sampler(2, torch.from_numpy(fx["segment_prev_motion"][2:3]), seg_audio)
@@ -232,7 +233,7 @@ def test_offline_release_path_shapes_and_rescale() -> None:
     mean = np.zeros(70, np.float32)
     mean[63] = 1.25
     std = np.full(70, 0.05, np.float32)
-    off = mm.OfflineMoDA(MoDADiT(TINY), band_energy, mean, std, torch.zeros(1, 1, 1, 1, 16), steps=2)
+    off = ref.OfflineMoDA(MoDADiT(TINY), band_energy, mean, std, torch.zeros(1, 1, 1, 1, 16), steps=2)
     audio = (0.1 * np.sin(np.arange(16000) / 9.0)).astype(np.float32)
     src = np.zeros(70, np.float32)
     src[63], src[66] = 2.5, 0.7                                                  # 2× the mean scale

@@ -15,7 +15,7 @@ from avatar_agent.nn.hubert import (
     HOP, HubertFeatures, build_hubert, normalise_waveform, preemphasis, release_driving_audio,
     requantize_pcm16, streaming_features,
 )
-from avatar_agent.nn.recipe import load_manifest, recipe_state_dict
+from tests.reference.recipe import load_manifest, recipe_state_dict
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "moda"
 

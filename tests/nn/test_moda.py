@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from avatar_agent.nn.moda import PRESETS, RELEASE_PREFIX, MoDADiT, MoDAParams, build_dit, count_parameters
-from avatar_agent.nn.recipe import load_manifest, recipe_state_dict
+from tests.reference.recipe import load_manifest, recipe_state_dict
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "moda"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from avatar_agent.nn.recipe import load_manifest, manifest_of, recipe_state_dict, recipe_tensor
+from tests.reference.recipe import load_manifest, manifest_of, recipe_state_dict, recipe_tensor
+
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "moda"
 

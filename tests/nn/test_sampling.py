@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from avatar_agent.nn.moda import RELEASE_PREFIX, MoDADiT, MoDAParams, build_dit
-from avatar_agent.nn.recipe import load_manifest, recipe_state_dict
-from avatar_agent.nn.sampling import Conditions, Guidance, euler_step, guided_velocity, sample, timesteps
+from avatar_agent.nn.sampling import (Conditions, Guidance, euler_step, guided_velocity, sample,
+                                      sample_flow, timesteps)
+from tests.reference.recipe import load_manifest, recipe_state_dict
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "moda"
 
@@ -142,3 +143,22 @@ def test_skipping_the_final_step_saves_one_evaluation_and_moves_x_by_a_thousandt
     assert len(short["velocity"]) == 3 and len(full["velocity"]) == 4
     torch.testing.assert_close(b, full["latents"][2], atol=0, rtol=0)          # same first 3 steps
     torch.testing.assert_close(a, b - 0.001 * full["velocity"][3], atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_after_step_hook_sees_each_new_sigma_and_replaces_x() -> None:
+    """The one Euler loop takes a hook (inpainting uses it): called after every step with the σ
+    just reached; what it returns is the next step's input."""
+    model, cond, x = tiny_setup()
+    velocity = guided_velocity(model, cond, Guidance())
+    seen: list[float] = []
+
+    def hook(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        seen.append(float(sigma))
+        return x
+
+    plain = sample_flow(velocity, x, steps=4)
+    assert torch.equal(sample_flow(velocity, x, steps=4, after_step=hook), plain)
+    assert seen == pytest.approx([2 / 3 + 1e-3 / 3, 1 / 3 + 2e-3 / 3, 1e-3, 0.0], abs=1e-6)
+    pinned = sample_flow(velocity, x, steps=4, after_step=lambda x, s: torch.zeros_like(x))
+    assert torch.equal(pinned, torch.zeros_like(x))

@@ -1,0 +1,1 @@
+"""Reference implementations only tests use (release conformance, deterministic recipe weights)."""

@@ -1,0 +1,218 @@
+"""Rows 3, 4, 13 and 15 of issue 13 on the control API: limits are checked before the work, the
+work runs off the event loop, and no stream or flood can hold speech or the clock hostage.
+
+A real aiohttp server on 127.0.0.1 drives a real speech queue on the real clock
+(tests/server/controller.py); a probe task measures the longest event-loop stall."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+from avatar_agent.config import load_config
+from avatar_agent.server.control import ControlSettings, settings_from_config
+
+from .helpers import LoopProbe, start_api, stop_api
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def test_row3_upload_that_cannot_fit_is_refused_from_its_size_without_decoding() -> None:
+    api = await start_api(max_queued_s=120.0)
+    raw = bytes(32 * 1024 * 1024 - 1024)     # 32 MB of u8 at 1 kHz: 9.3 hours, within max_upload_mb
+    try:
+        peak0 = _rss_mb()
+        async with aiohttp.ClientSession() as s, LoopProbe() as probe:
+            t = time.perf_counter()
+            async with s.post(api.url + "/api/audio?rate=1000&format=u8", data=raw,
+                              headers={"Content-Type": "application/octet-stream"}) as r:
+                body = await r.json()
+                status = r.status
+            took = time.perf_counter() - t
+        assert status == 413, body
+        assert "speech queue holds at most 120 s" in body["error"]
+        assert took < 3.0                      # before: decoded + resampled for 18 s, then 503
+        assert probe.max_gap < 0.25            # the clock never stalled
+        assert _rss_mb() - peak0 < 500         # before: 7.4 GB of decoded samples
+        assert not api.ctl.calls               # nothing reached the speech queue
+    finally:
+        await stop_api(api)
+
+
+async def test_row3_a_large_valid_upload_is_decoded_off_the_event_loop() -> None:
+    api = await start_api(max_queued_s=120.0)
+    rate, seconds = 44100, 100
+    t = np.arange(rate * seconds) / rate
+    pcm = (np.sin(2 * np.pi * 220 * t) * 8000).astype(np.int16)
+    stereo = np.repeat(pcm[:, None], 2, axis=1).tobytes()              # 17.6 MB, 100 s
+    try:
+        async with aiohttp.ClientSession() as s, LoopProbe() as probe:
+            async with s.post(api.url + f"/api/audio?rate={rate}&channels=2", data=stereo,
+                              headers={"Content-Type": "application/octet-stream"}) as r:
+                body = await r.json()
+                assert r.status == 200, body
+        assert body["duration_s"] == pytest.approx(seconds, abs=0.01)
+        # The resample of 4.4 M stereo samples runs in a worker thread; the loop keeps ticking.
+        assert probe.max_gap < 0.25, probe.max_gap
+    finally:
+        await stop_api(api)
+
+
+async def test_row3_ws_message_longer_than_the_queue_is_refused_before_resampling() -> None:
+    api = await start_api(max_queued_s=30.0)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(api.url + "/api/audio/ws") as ws:
+                await ws.send_str(json.dumps({"rate": 1000, "format": "u8"}))
+                assert (await ws.receive_json())["type"] == "ready"
+                await ws.send_bytes(bytes(1024 * 1024 - 64))        # 1 MB = 17 min at 1 kHz
+                msg = await ws.receive_json(timeout=5)
+                assert msg["type"] == "error" and "more than the speech queue holds" in msg["error"]
+                assert (await ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
+                                                              aiohttp.WSMsgType.CLOSED)
+        assert not api.ctl.source.pending
+    finally:
+        await stop_api(api)
+
+
+async def test_row4_an_idle_audio_stream_does_not_block_say() -> None:
+    idle = 0.5
+    api = await start_api(ControlSettings(ws_idle_s=idle))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(api.url + "/api/audio/ws") as ws:
+                await ws.send_str(json.dumps({"rate": 16000}))
+                assert (await ws.receive_json())["type"] == "ready"
+                tone = (np.sin(np.arange(8000) * 0.2) * 8000).astype(np.int16)   # 0.5 s
+                t_sent = time.monotonic()
+                await ws.send_bytes(tone.tobytes())
+                accepted = await ws.receive_json(timeout=5)
+                assert accepted["type"] == "accepted"
+                async with s.post(api.url + "/api/say", json={"text": "hello"}) as r:
+                    said = (await r.json())["utterance"]
+                # ... and the socket stays open, silent.  The stream is ended once its audio has
+                # run out for `idle` seconds; the client is told why and the socket closes.
+                fin = await ws.receive_json(timeout=5)
+                assert fin["type"] == "finished" and "server.audio_idle_s" in fin["reason"]
+                assert fin["duration_s"] == pytest.approx(0.5, abs=0.05)
+                assert (await ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
+                                                              aiohttp.WSMsgType.CLOSED)
+            ended = time.monotonic() - t_sent
+            assert ended < 0.5 + idle + 1.0        # before: never, while the socket stayed open
+            deadline = time.monotonic() + 10
+            while not any(d["utterance"] == said for d in api.of("speech_started")):
+                assert time.monotonic() < deadline, "say never started after the idle stream"
+                await asyncio.sleep(0.05)
+        first = api.of("speech_finished")[0]
+        assert first["utterance"] == accepted["utterance"] and not first["interrupted"]
+    finally:
+        await stop_api(api)
+
+
+async def test_row4_a_stream_sending_in_real_time_is_not_cut_by_the_idle_timeout() -> None:
+    api = await start_api(ControlSettings(ws_idle_s=0.3))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(api.url + "/api/audio/ws") as ws:
+                await ws.send_str(json.dumps({"rate": 16000}))
+                assert (await ws.receive_json())["type"] == "ready"
+                block = (np.sin(np.arange(3200) * 0.2) * 8000).astype(np.int16).tobytes()
+                for _ in range(8):                    # 200 ms blocks every 200 ms: 1.6 s
+                    await ws.send_bytes(block)
+                    await asyncio.sleep(0.2)
+                await ws.send_str(json.dumps({"final": True}))
+                msgs = [await ws.receive_json(timeout=5) for _ in range(2)]
+        assert [m["type"] for m in msgs] == ["accepted", "finished"]
+        assert "reason" not in msgs[1] and msgs[1]["duration_s"] == pytest.approx(1.6, abs=0.05)
+    finally:
+        await stop_api(api)
+
+
+def test_row4_the_idle_timeout_and_rate_limits_come_from_the_config() -> None:
+    cfg = load_config(None, ["server.audio_idle_s=7.5", "server.rate_offer_per_min=3",
+                             "server.rate_interrupt_per_min=9", "audio.max_queued_s=50"],
+                      use_default_path=False)
+    control, security = settings_from_config(cfg)
+    assert control.ws_idle_s == 7.5 and control.max_audio_s == 50
+    assert security.rate_limits["offer"].per_min == 3
+    assert security.rate_limits["interrupt"].per_min == 9
+    assert security.rate_limited_paths["/offer"] == "offer"
+    assert security.rate_limited_paths["/api/interrupt"] == "interrupt"
+
+
+async def test_row13_an_interrupt_flood_costs_one_interrupt_and_is_rate_limited() -> None:
+    api = await start_api()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as s:
+            async with s.post(api.url + "/api/say", json={"text": "one two three"}) as r:
+                assert r.status == 200
+
+            async def hit() -> tuple[int, dict]:
+                async with s.post(api.url + "/api/interrupt") as r:
+                    return r.status, await r.json()
+
+            async with LoopProbe() as probe:
+                t = time.monotonic()
+                results = await asyncio.gather(*(hit() for _ in range(1000)))
+                flood_s = time.monotonic() - t
+        statuses = [st for st, _ in results]
+        assert set(statuses) <= {200, 429}
+        assert statuses.count(429) >= 900          # the per-client bucket holds 20
+        ok = [b for st, b in results if st == 200]
+        real = sum(not b.get("coalesced") for b in ok)          # the rest repeat an answer
+        # At most one real interrupt per coalescing window (0.25 s) of the flood: before, each of
+        # the 1000 dropped frames and queued an idle refill on the inference thread.
+        assert real == api.ctl.calls.count("interrupt") <= 1 + int(flood_s / 0.25)
+        assert real <= 6 and len(ok) > real
+        assert probe.max_gap < 0.5
+        # Speech accepted after it makes the next interrupt real again.
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(api.url + "/api/say", json={"text": "again"}) as r:
+                assert r.status == 200
+            async with s.post(api.url + "/api/interrupt") as r:
+                assert r.status == 200 and not (await r.json()).get("coalesced")
+        assert api.ctl.calls.count("interrupt") == real + 1
+    finally:
+        await stop_api(api)
+
+
+async def test_row15_a_say_that_can_never_fit_is_413_not_queue_full() -> None:
+    api = await start_api(max_queued_s=120.0)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(api.url + "/api/say", json={"text": "word " * 2000}) as r:
+                body = await r.json()
+                assert r.status == 413 and "Retry-After" not in r.headers
+        assert "more than the speech queue ever holds" in body["error"]
+        assert "audio.max_queued_s" in body["error"] and "queue full" not in body["error"]
+    finally:
+        await stop_api(api)
+
+
+async def test_row15_a_request_without_host_logs_one_line_not_a_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    api = await start_api()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", api.server.port)
+                writer.write(b"GET /api/status HTTP/1.1\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                reply = await reader.read()
+                writer.close()
+                assert reply.startswith(b"HTTP/1.1 400") or reply.startswith(b"HTTP/1.0 400")
+        recs = [r for r in caplog.records if r.name == "aiohttp.server"]
+        assert len(recs) == 1                      # later ones are counted, not logged each time
+        assert recs[0].exc_info is None and "Missing 'Host' header" in recs[0].getMessage()
+    finally:
+        await stop_api(api)
