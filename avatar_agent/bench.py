@@ -94,8 +94,19 @@ class _MotionTap:
         self._kp: np.ndarray | None = None
         self._next = 0
 
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)           # rest_pose, set_emotion, ... pass through
+    @property
+    def min_hop_ms(self) -> int:
+        return self.inner.min_hop_ms
+
+    @property
+    def rest_pose(self) -> np.ndarray:
+        return self.inner.rest_pose
+
+    def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
+        self.inner.set_emotion(emotion, intensity)
+
+    def reset(self) -> None:
+        self.inner.reset()
 
     def prepare(self, avatar: Avatar) -> None:
         self._kp = avatar.kp_canonical

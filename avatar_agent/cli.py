@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--avatar", help="portrait image (overrides avatar.image)")
     p.add_argument("--profile", choices=["embedded", "official"], help="model profile")
 
+    p = sub.add_parser("serve", help="the session server: many faces over HTTP/WebRTC, one engine")
+    _common(p)
+
     p = sub.add_parser("render", help="portrait + speech → mp4, offline, faster than real time")
     _common(p)
     p.add_argument("image", help="portrait image")
@@ -81,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=60.0, help="real-time run length")
     p.add_argument("--simulate-hours", type=float, default=0.0,
                    help="also simulate a session this long on the fake clock")
+    p.add_argument("--sessions", type=int, default=0,
+                   help="run N concurrent sessions on one engine (speech pushed into each)")
+    p.add_argument("--json", action="store_true", help="with --sessions: one JSON object")
+    p.add_argument("--compare-processes", action="store_true",
+                   help="with --sessions: also run one process per session, at once")
 
     p = sub.add_parser("models", help="official weights: fetch | list | verify")
     p.add_argument("action", choices=["fetch", "list", "verify"])
@@ -124,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = list(args.set)
         if getattr(args, "profile", None):
             overrides.append(f"avatar.profile={args.profile}")
+        if getattr(args, "avatar", None):        # an override, so it survives a reload too
+            overrides.append(f"avatar.image={Path(args.avatar).resolve()}")
         if args.cmd == "config" and args.sample:
             print(sample_toml(), end="")
             return 0
@@ -133,10 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(to_toml(cfg), end="")
             return 0
         if args.cmd == "start":
-            if args.avatar:
-                cfg = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar,
-                                                                          image=str(Path(args.avatar).resolve())))
-            return asyncio.run(cmd_start(cfg, args.config, list(args.set)))
+            return asyncio.run(cmd_start(cfg, args.config, overrides))
+        if args.cmd == "serve":
+            from .live import run_serve
+
+            return asyncio.run(run_serve(cfg))
         if args.cmd == "render":
             return asyncio.run(cmd_render(cfg, args))
         if args.cmd == "check":
@@ -146,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "bench":
             from .bench import run_bench
 
+            if args.sessions > 0:
+                from .bench_sessions import run
+
+                return run(cfg, args.sessions, args.seconds, args.json, args.compare_processes,
+                           list(args.set))
             return run_bench(cfg, seconds=args.seconds, simulate_hours=args.simulate_hours)
     except ConfigError as e:
         print(f"avatar-agent: config error: {e}", file=sys.stderr)
@@ -173,112 +189,10 @@ def _os_error_line(e: OSError) -> str:
 # ------------------------------------------------------------------------------------------------
 
 async def cmd_start(cfg: Config, config_path: str | None, overrides: list[str]) -> int:
-    """The long-running agent: sinks + local web page, SIGTERM/SIGHUP handling, sd_notify."""
-    from .agent import Agent
-    from .clock import SystemClock
-    from .service import Notifier
-    from .wiring import make_motion, make_renderer, make_sinks, make_source, make_vad
+    """The long-running agent (see :mod:`avatar_agent.live`)."""
+    from .live import run_start
 
-    clock = SystemClock()
-    notifier = Notifier()
-    notifier.status("warming up")
-    source = make_source(cfg, clock)
-    sinks, webrtc = make_sinks(cfg)
-    agent = Agent(cfg, source=source, vad=make_vad(cfg), motion=make_motion(cfg),
-                  renderer=make_renderer(cfg), sinks=sinks, clock=clock, notifier=notifier)
-    runner = None
-    if webrtc is not None:
-        from .server.app import make_app, serve
-
-        from .server.control import ControlSettings, mount, security_settings
-
-        # A WebRTC peer's uplink audio is spoken like pushed PCM (speech-queue sources only).
-        app = make_app(webrtc, extra_routes=_extra_routes(agent, webrtc),
-                       on_uplink_audio=agent.push_audio if hasattr(source, "push") else None)
-        sc = cfg.server
-        dirs = tuple(str(cfg.resolve(d)) for d in cfg.avatar.directories)
-        mount(app, agent, ControlSettings(avatar_dirs=dirs,
-                                          max_upload_bytes=int(sc.max_upload_mb * 1024 * 1024)),
-              security_settings(host=sc.host, token=sc.token, cors_origins=tuple(sc.cors_origins),
-                                max_body_kb=sc.max_body_kb, max_upload_mb=sc.max_upload_mb,
-                                request_timeout_s=sc.request_timeout_s,
-                                rate_say_per_min=sc.rate_say_per_min,
-                                rate_push_per_min=sc.rate_push_per_min, avatar_dirs=dirs))
-        runner = await serve(app, cfg.server.host, cfg.server.port)   # prints the page's URL
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, agent.stop)
-    loop.add_signal_handler(signal.SIGINT, agent.stop)
-
-    def reload() -> None:
-        async def go() -> None:
-            notifier.reloading()
-            try:
-                new = load_config(config_path, overrides)
-                agent.cfg = dataclasses.replace(agent.cfg, avatar=new.avatar, motion=new.motion)
-                agent.set_emotion(new.avatar.emotion, new.avatar.intensity)
-                await agent.set_avatar(None)
-                log.info("reloaded config and avatar %s", new.avatar_path())
-            except Exception as e:  # a bad reload keeps the running avatar
-                log.error("reload failed, keeping the current config: %s", e)
-            notifier.ready("reloaded")
-        asyncio.ensure_future(go())
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    stdin_task = None
-    if hasattr(source, "say") and sys.stdin is not None and not sys.stdin.closed:
-        stdin_task = asyncio.create_task(_read_stdin(source))
-    try:
-        await agent.run()
-    finally:
-        if stdin_task:
-            stdin_task.cancel()
-        if runner is not None:
-            await runner.cleanup()
-    log.info("stopped: %s", agent.stats())
-    return 0
-
-
-async def _read_stdin(source: Any) -> None:
-    """Each line typed on stdin is spoken by the TTS source.
-
-    A daemon thread reads stdin: a blocked readline() must never hold up shutdown (the default
-    executor would wait for it forever).
-    """
-    import threading
-
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def reader() -> None:
-        for line in sys.stdin:
-            loop.call_soon_threadsafe(lines.put_nowait, line)
-        loop.call_soon_threadsafe(lines.put_nowait, None)
-
-    threading.Thread(target=reader, name="stdin", daemon=True).start()
-    print("avatar-agent: type text and press Enter to make the avatar speak it", flush=True)
-    while (line := await lines.get()) is not None:
-        if line.strip():
-            try:
-                source.say(line.strip())
-            except Exception as e:  # a bad line must not end the reader
-                log.error("cannot speak %r: %s", line.strip()[:40], e)
-
-
-def _extra_routes(agent: Any, webrtc: Any = None) -> list[Any]:
-    from aiohttp import web
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=agent.metrics.render(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-    async def status(_: web.Request) -> web.Response:
-        st = agent.stats()
-        if webrtc is not None:
-            st["viewers"] = webrtc.viewers
-            st["uplink"] = webrtc.uplink_stats()
-        return web.json_response(st)
-
-    return [web.get("/metrics", metrics), web.get("/status", status)]
+    return await run_start(cfg, config_path, overrides)
 
 
 # ------------------------------------------------------------------------------------------------

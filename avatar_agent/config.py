@@ -178,6 +178,11 @@ class PlayerConfig:
     """Output frame rate."""
     latency_ms: int = 280
     """Audio capture → frame due time; covers hop + lookahead + compute. Also the A/V delay."""
+    speech_latency_ms: int = 60
+    """For pushed or spoken speech (audio.source = "tts", the session API, LiveKit, pipecat):
+    that audio is there before it plays, so the source runs ahead and a new utterance after
+    silence starts in the first frame due this long after it arrives (compute time only; add
+    ≤ 20 ms for the source's next frame and ≤ one video frame). 0 = treat it like the mic."""
     queue_frames: int = 50
     """Rendered frames buffered ahead of the clock (overflow: drop oldest, counted)."""
 
@@ -222,6 +227,11 @@ class ServerConfig:
     """say requests per minute per client."""
     rate_push_per_min: float = 120.0
     """Audio uploads / stream openings per minute per client."""
+    max_sessions: int = 0
+    """Sessions the session server admits (0 = as many as the measured cost allows); beyond it
+    POST /v1/sessions answers 503 with Retry-After."""
+    session_idle_s: float = 300.0
+    """A session with no API call and no viewer for this long is closed (0 = never)."""
     rate_offer_per_min: float = 30.0
     """WebRTC offers (POST /offer) per minute per client."""
     rate_interrupt_per_min: float = 120.0
@@ -236,6 +246,9 @@ class ServiceConfig:
 
     drain_s: float = 1.0
     """On SIGTERM, how long queued frames may still play before sinks are finalised."""
+    frozen_s: float = 10.0
+    """A session whose face got no new frame for this long is unhealthy: /healthz says so and
+    the systemd watchdog is no longer fed (so systemd restarts a frozen agent)."""
     log_format: Literal["auto", "plain", "journal"] = "auto"
     """journal = "<level>message" lines journald understands; auto = journal under systemd."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

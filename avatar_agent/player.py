@@ -10,16 +10,15 @@ construction.  When a frame's image is not ready at its due time the last image 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .clock import Clock
-from .types import SAMPLE_RATE, Sink, VideoFrame
+from .types import SAMPLE_RATE, SegmentEnded, SegmentMark, Sink, VideoFrame
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,10 @@ class AudioTimeline:
             self._win_min = float("inf")
             self._win_start = end
 
+    def truncate(self, end: int) -> None:
+        """Forget received audio from ``end`` on (a rewind: it will be received again)."""
+        self.end = min(self.end, max(end, self._lo))
+
     def silence(self, start: int, end: int) -> None:
         """Zero received audio in [start, end) (an interruption mutes what was not played yet)."""
         lo, hi = max(start, self._lo), min(end, self.end)
@@ -130,6 +133,8 @@ class PlayerStats:
     """Failed sink sends (the sink is skipped for that frame)."""
     lateness_max_s: float = 0.0
     """Worst wake-up lateness of the clock task."""
+    underrun_streak: int = 0
+    """Consecutive due frames with no new image (the face is frozen meanwhile)."""
 
 
 class Player:
@@ -142,12 +147,10 @@ class Player:
         latency_s: capture → due time.
         sinks: where frames go.
         capacity: rendered frames kept ahead of the clock (overflow: drop the oldest, counted).
-        on_tick: called after each frame (watchdog pings, metrics).
     """
 
     def __init__(self, fps: int, clock: Clock, timeline: AudioTimeline, latency_s: float,
-                 sinks: Sequence[Sink], capacity: int = 50,
-                 on_tick: Callable[[VideoFrame, float], Awaitable[None] | None] | None = None) -> None:
+                 sinks: Sequence[Sink] = (), capacity: int = 50) -> None:
         if SAMPLE_RATE % fps:
             raise ValueError(f"fps {fps}: 16000 must be divisible by it (e.g. 25, 20, 32, 40, 50)")
         self.fps = fps
@@ -162,8 +165,7 @@ class Player:
         self._ready: dict[int, tuple[np.ndarray, bool]] = {}
         self._order: collections.deque[int] = collections.deque()
         self._last_image: np.ndarray | None = None
-        self._last_speech = False
-        self._on_tick = on_tick
+        self._marks: dict[int, list[SegmentMark]] = {}
         self._failed: dict[str, int] = collections.Counter()
 
     def due(self, index: int) -> float:
@@ -188,8 +190,23 @@ class Player:
                 self.stats.overflow_dropped += 1
         return True
 
-    def clear_after(self, index: int) -> int:
-        """Drop queued images for frames ≥ index (interruption); returns how many."""
+    def mark(self, index: int, mark: SegmentMark) -> None:
+        """Attach a segment boundary to frame ``index`` (a past index: the next frame)."""
+        self._marks.setdefault(max(index, self.next_index), []).append(mark)
+
+    def clear(self, index: int) -> int:
+        """Drop queued images for frames ≥ index (interruption); returns how many.
+
+        Segment marks from ``index`` on were never heard: starts are dropped, and ends become
+        interrupted ends in frame ``index`` (with the seconds that did play).
+        """
+        for j in sorted(k for k in self._marks if k >= index):
+            for m in self._marks.pop(j):
+                if isinstance(m, SegmentEnded) and not m.interrupted:
+                    m = SegmentEnded(m.utterance, True,
+                                     max(0.0, m.played_s - (j + 1 - index) / self.fps))
+                if isinstance(m, SegmentEnded):
+                    self._marks.setdefault(index, []).append(m)
         gone = [i for i in self._ready if i >= index]
         for i in gone:
             del self._ready[i]
@@ -204,8 +221,8 @@ class Player:
         """Images waiting for their due time."""
         return len(self._ready)
 
-    async def tick(self) -> VideoFrame:
-        """Wait for the next frame's due time and send it; returns the frame sent."""
+    async def tick(self) -> tuple[VideoFrame, float]:
+        """Wait for the next frame's due time and send it; returns the frame and its lateness."""
         i = self.next_index
         due = self.due(i)
         await self.clock.sleep_until(due)
@@ -219,13 +236,16 @@ class Player:
                 self.stats.late_dropped += 1
         if entry is None:
             self.stats.underruns += 1
+            self.stats.underrun_streak += 1
             image = self._last_image if self._last_image is not None else _black()
             speech = False
         else:
             image, speech = entry
+            self.stats.underrun_streak = 0
         self._last_image = image
+        marks = [m for j in sorted(k for k in self._marks if k <= i) for m in self._marks.pop(j)]
         frame = VideoFrame(image=image, index=i, audio=self.timeline.slice(i * self.spf, self.spf),
-                           speech=speech)
+                           speech=speech, segments=tuple(marks))
         await self._send(frame)
         self.next_index = i + 1
         self.stats.delivered += 1
@@ -233,11 +253,19 @@ class Player:
             self.stats.speech += 1
         else:
             self.stats.idle += 1
-        if self._on_tick is not None:
-            r = self._on_tick(frame, lateness)
-            if asyncio.iscoroutine(r):
-                await r
-        return frame
+        return frame, lateness
+
+    def status_line(self) -> str:
+        """Delivered/dropped counters, A/V offset, clock lateness and RSS in one log line."""
+        from .metrics import rss_bytes
+
+        st = self.stats
+        dropped = st.underruns + st.late_dropped + st.overflow_dropped
+        return (f"frames {st.delivered} (speech {st.speech}, idle {st.idle}), dropped {dropped} "
+                f"({100 * dropped / max(1, st.delivered):.2f} %), A/V offset "
+                f"{self.latency_s * 1000:.0f} ms, clock lateness max "
+                f"{st.lateness_max_s * 1000:.1f} ms, buffered {self.buffered()}, "
+                f"RSS {rss_bytes() / 1e6:.0f} MB")
 
     async def _send(self, frame: VideoFrame) -> None:
         for sink in self.sinks:

@@ -8,7 +8,7 @@ Audio inside the pipeline is always 16 kHz mono float32 in [-1, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -116,6 +116,32 @@ class MotionClip:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentStarted:
+    """The first audio of a speech segment (utterance) plays in this frame."""
+
+    utterance: int
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEnded:
+    """A speech segment finished at the output.
+
+    Attributes:
+        utterance: the segment's id (as returned by ``push_audio``/``say``).
+        interrupted: False when it played to its end; True when an interrupt cut it.
+        played_s: seconds of the segment that were played (its full length if not interrupted;
+            0 when it was cut before it started).
+    """
+
+    utterance: int
+    interrupted: bool
+    played_s: float
+
+
+SegmentMark = SegmentStarted | SegmentEnded
+
+
+@dataclass(frozen=True, slots=True)
 class VideoFrame:
     """One output frame with exactly its audio slice.
 
@@ -124,12 +150,15 @@ class VideoFrame:
         index: frame index on the player timeline (due at t0 + index / fps).
         audio: float32 [SAMPLE_RATE / fps] the audio that plays during this frame.
         speech: True if the frame animates speech (False: idle).
+        segments: segment boundaries reached in this frame (a segment ends in the frame that
+            plays its last sample, or in the first frame after an interrupt cut it).
     """
 
     image: np.ndarray
     index: int
     audio: np.ndarray
     speech: bool = False
+    segments: tuple[SegmentMark, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,6 +203,54 @@ class AudioSource(Protocol):
 
 
 @runtime_checkable
+class Interruptible(Protocol):
+    """A source that can drop the speech it has not emitted yet."""
+
+    def interrupt(self) -> tuple[int | None, int]:
+        """Drop unplayed speech: (utterance cut or None, timeline sample of the cut)."""
+        ...
+
+
+@runtime_checkable
+class SpeechSource(AudioSource, Interruptible, Protocol):
+    """An audio source a chatbot fills: text (TTS) and pushed PCM on one timeline.
+
+    Utterance boundaries are known exactly, so they (not the VAD) mark speech segments.
+    """
+
+    def say(self, text: str, voice: str | None = None) -> int:
+        """Queue text to speak; returns the utterance id."""
+        ...
+
+    def push(self, pcm: np.ndarray | bytes, rate: float = SAMPLE_RATE, channels: int = 1,
+             dtype: str | None = None, *, final: bool = True) -> int:
+        """Queue PCM (``final=False`` opens/extends a stream); returns the utterance id."""
+        ...
+
+    def end_stream(self) -> int | None:
+        """Close the open pushed stream; returns its id (None if none was open)."""
+        ...
+
+    @property
+    def current(self) -> int | None:
+        """Id of the utterance being emitted now (None while silent)."""
+        ...
+
+    def schedule(self, lead_s: float, rewind: Callable[[int], int] | None = None) -> None:
+        """Emit frames ``lead_s`` ahead of real time; ``rewind(sample) -> sample`` moves a new
+        utterance after silence to the earliest sample the consumer can still show."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Queue counters for the status API."""
+        ...
+
+    def subscribe(self, listener: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]:
+        """``listener(kind, data)`` on speech_started / speech_finished; returns unsubscribe."""
+        ...
+
+
+@runtime_checkable
 class Vad(Protocol):
     """Voice activity per audio frame."""
 
@@ -191,9 +268,24 @@ class MotionGenerator(Protocol):
 
     profile: Profile
     fps: int
+    min_hop_ms: int
+    """Shortest chunk hop it is meant for (0 = any); the chunker's hop is raised to it."""
 
     def prepare(self, avatar: Avatar) -> None:
         """Bind to an avatar (identity condition, rest pose)."""
+        ...
+
+    @property
+    def rest_pose(self) -> np.ndarray:
+        """float32 [70]: where silence relaxes to (after :meth:`prepare`)."""
+        ...
+
+    def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
+        """Emotion label (8 = none) of idle frames; speech gets it per :meth:`generate` call."""
+        ...
+
+    def reset(self) -> None:
+        """Forget speech history (after an interruption); the avatar binding stays."""
         ...
 
     def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
@@ -247,3 +339,64 @@ class Sink(Protocol):
         """Flush and release; a file sink finalises the file here."""
         ...
 
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupted:
+    """What an interrupt did.
+
+    Attributes:
+        utterance: the segment that was playing (None: nothing was playing).
+        frame: the first frame index that shows the idle face.
+        dropped_frames: rendered frames that were discarded.
+    """
+
+    utterance: int | None
+    frame: int
+    dropped_frames: int = 0
+
+
+@runtime_checkable
+class AvatarSession(Protocol):
+    """One conversation's face: what LiveKit/pipecat adapters and the HTTP API drive.
+
+    Audio goes in (pushed PCM, or text spoken by espeak-ng); frames come out of :meth:`frames`,
+    paced at ``fps`` on the session's clock, each carrying exactly the audio that plays with it
+    (16 kHz mono float32) and the segment boundaries reached in it.  Implemented by
+    :class:`avatar_agent.session.Session`.
+    """
+
+    fps: int
+    size: int
+
+    def push_audio(self, pcm: np.ndarray | bytes, rate: int, channels: int = 1) -> int:
+        """Append PCM (int16 array/bytes or float32 array) to the open segment; returns its id.
+
+        Raises ``QueueFullError`` (nothing of the block kept) when the session already holds its
+        maximum of unplayed audio.
+        """
+        ...
+
+    def end_segment(self) -> int | None:
+        """Close the open pushed segment (its ``SegmentEnded`` comes once it has played)."""
+        ...
+
+    def say(self, text: str, voice: str | None = None) -> int:
+        """Queue text for espeak-ng; returns the segment id."""
+        ...
+
+    def interrupt(self) -> Interrupted:
+        """Drop all unplayed speech: the next frame shows the idle face, with silence."""
+        ...
+
+    def set_emotion(self, name: str, intensity: float | None = None) -> None:
+        """One of :data:`EMOTIONS` or "none"; intensity in [0, 1]."""
+        ...
+
+    def frames(self) -> AsyncIterator[VideoFrame]:
+        """The session's output frames, one per 1/fps, until the session closes."""
+        ...
+
+    async def aclose(self) -> None:
+        """End the session (drains nothing: frames() ends)."""
+        ...

@@ -55,13 +55,25 @@ class LevelMotion:
 
     profile = "embedded"
     fps = 25
+    min_hop_ms = 0
 
     def __init__(self) -> None:
         self.rest = np.zeros(70, np.float32)
         self.calls: list[tuple[int, int]] = []        # (start sample, frames) per generate
+        self.resets = 0
 
     def prepare(self, avatar: Avatar) -> None:
         self.rest = avatar.rest_motion.astype(np.float32)
+
+    @property
+    def rest_pose(self) -> np.ndarray:
+        return self.rest
+
+    def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.resets += 1
 
     def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
                  intensity: float = 1.0) -> np.ndarray:

@@ -3,7 +3,11 @@ Real-component end-to-end runs are in tests/test_e2e.py."""
 
 import numpy as np
 
+import dataclasses
+
 from avatar_agent.agent import Agent
+from avatar_agent.session import Session
+from avatar_agent.types import SegmentStarted
 from avatar_agent.clock import FakeClock
 from avatar_agent.config import load_config
 from avatar_agent.types import SAMPLE_RATE
@@ -150,14 +154,15 @@ async def test_interrupt_mutes_next_frame_and_returns_to_idle_without_gaps():
     audio = _speechlike(4.0, [(0.5, 3.5)])
     sink = MemorySink()
     agent, motion = _agent(audio, clock, [sink])
+    session = Session(agent)
     events: list[tuple[str, dict]] = []
-    agent.subscribe(lambda k, d: events.append((k, d)))
+    session.subscribe(lambda k, d: events.append((k, d)))
     result = {}
 
     async def interrupter():
         while agent.player.next_index < 50:          # 2.0 s: mid-utterance
             await clock.sleep_until(clock.now() + 0.01)
-        result.update(agent.interrupt())
+        result.update(dataclasses.asdict(session.interrupt()))
 
     task = asyncio.create_task(interrupter())
     await agent.run()
@@ -168,7 +173,12 @@ async def test_interrupt_mutes_next_frame_and_returns_to_idle_without_gaps():
     frames = {f.index: f for f in sink.frames}
     assert all(frames[i].speech for i in range(k - 5, k))            # speaking until the request
     after = [frames[i] for i in range(k, int(3.5 * FPS))]
-    assert all(not f.speech and not f.audio.any() for f in after)    # silent from the next frame
+    assert [f.index for f in after if f.speech or f.audio.any()] == []   # silent from the next frame
     assert agent.player.stats.underruns == 0          # the idle refill closed the gap
     assert [f.index for f in sink.frames] == list(range(len(sink.frames)))
-    assert any(kind == "speech_finished" and d["interrupted"] for kind, d in events)
+    ends = [(d, f) for f in sink.frames for d in [e for e in f.segments]]
+    assert any(kind == "speech_finished" and d["interrupted"] and d["frame"] == k
+               for kind, d in events)
+    assert [(type(m).__name__, m.interrupted, f.index) for m, f in ends
+            if not isinstance(m, SegmentStarted)] == [("SegmentEnded", True, k)]
+    assert motion.resets == 1                         # the generator was told once

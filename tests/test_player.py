@@ -63,7 +63,7 @@ async def test_overflow_drops_oldest_and_counts():
     for i in range(5):
         p.push(i, np.zeros((2, 2, 3), np.uint8), False)
     assert p.buffered() == 3 and p.stats.overflow_dropped == 2
-    assert p.clear_after(3) == 2 and p.buffered() == 1
+    assert p.clear(3) == 2 and p.buffered() == 1
 
 
 async def test_failing_sink_does_not_stop_others():

@@ -164,6 +164,9 @@ class SpeechQueueSource:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
         self._tasks: set[asyncio.Task[None]] = set()
         self._index = 0                               # next timeline sample to emit
+        self._lead = 0.0                              # seconds frames are emitted ahead of time
+        self._rewind: Callable[[int], int] | None = None
+        self._silent = True                           # the last frame emitted was silence
         self._closed = False
         self.underruns = 0
         """Frames of silence inserted inside a pushed stream that ran dry."""
@@ -348,19 +351,34 @@ class SpeechQueueSource:
     # The timeline
     # -------------------------------------------------------------------------------------------
 
+    def schedule(self, lead_s: float, rewind: Callable[[int], int] | None = None) -> None:
+        """Emit frames ``lead_s`` ahead of real time (queued audio needs no capture wait).
+
+        ``rewind(sample) -> sample``: called when an utterance is about to start after silence
+        at ``sample``, which lies up to ``lead_s`` in the future; it returns the earliest sample
+        the consumer can still show (after dropping what it made of the silence beyond it), and
+        the utterance starts there instead — so new speech is seen and heard at once, not
+        ``lead_s`` later.
+        """
+        if lead_s < 0:
+            raise ValueError(f"lead_s={lead_s} must be ≥ 0")
+        self._lead, self._rewind = float(lead_s), rewind
+
     async def frames(self) -> AsyncIterator[AudioFrame]:
-        """Yield 20 ms frames forever (until :meth:`close`): queued speech, else silence."""
+        """Yield 20 ms frames forever (until :meth:`close`): queued speech, else silence.
+
+        Frame ``k`` (samples from ``i = k·320``) is due at ``t0 + (i + 320) / 16000 − lead``.
+        """
         t0 = self.clock.now()
-        k = 0
         while not self._closed:
-            await self.clock.sleep_until(t0 + (k + 1) * FRAME_SAMPLES / SAMPLE_RATE)
+            due = t0 + (self._index + FRAME_SAMPLES) / SAMPLE_RATE - self._lead
+            await self.clock.sleep_until(due)
             if self._closed:
                 return
             with self._lock:
                 frame, events = self._next_frame()
             self._emit(events)
             yield frame
-            k += 1
 
     def _next_frame(self) -> tuple[AudioFrame, list[tuple[str, dict[str, Any]]]]:
         """The frame at ``self._index`` and the events it causes (lock held)."""
@@ -381,6 +399,8 @@ class SpeechQueueSource:
                 if not head.final and (head.kind == "tts" or head.available < self.prebuffer
                                        or head.available == 0):
                     break                                  # not ready yet: silence
+                if self._silent and self._rewind is not None:   # start as early as still visible
+                    index = self._index = min(index, self._rewind(index))
                 head.start = index
                 events.append(("speech_started", {"utterance": head.id, "sample": index}))
             if head.available >= FRAME_SAMPLES or (head.final and head.available > 0):
@@ -403,9 +423,10 @@ class SpeechQueueSource:
             else:
                 self.underruns += 1                        # a live stream ran dry: fill the gap
                 break
+        self._silent = frame is None
         if frame is None:
             frame = AudioFrame(np.zeros(FRAME_SAMPLES, np.float32), index)
-        self._index += FRAME_SAMPLES
+        self._index = index + FRAME_SAMPLES
         self.frames_emitted += 1
         return frame, events
 

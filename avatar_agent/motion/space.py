@@ -149,3 +149,43 @@ def eye_opening(motion: np.ndarray, kp_canonical: np.ndarray) -> np.ndarray:
     gap_r = pts[:, KP["lower_lid_r"], 1] - pts[:, KP["upper_lid_r"], 1]
     gap = 0.5 * (gap_l + gap_r)
     return gap if np.ndim(motion) > 1 else gap[0]
+
+
+GAZE_YAW_DEG = 10.0
+"""Head yaw for gaze x = ±1: the embedded keypoints have no iris, so the head turns a little."""
+GAZE_PITCH_DEG = 8.0
+"""Head pitch for gaze y = ±1."""
+MAX_ABS = 1e3
+"""No sane motion value (keypoint offsets, scale, translation, degrees) comes near this."""
+
+
+def valid(motion: np.ndarray) -> bool:
+    """True if every value is finite and sane: invalid motion must never become continuity."""
+    m = np.asarray(motion)
+    return bool(m.size and np.isfinite(m).all() and np.abs(m).max() < MAX_ABS)
+
+
+class Steering:
+    """Live controls on top of generated motion: emotion, expression/head scales and gaze.
+
+    The emotion goes to the motion generator; scales and gaze are applied here, around the
+    avatar's rest motion, to every frame (speech and idle alike).
+    """
+
+    def __init__(self, expression: float = 1.0, head: float = 1.0) -> None:
+        from ..types import EMOTION_NONE
+
+        self.emotion, self.intensity = EMOTION_NONE, 1.0
+        self.expression, self.head = float(expression), float(head)
+        self.gaze = (0.0, 0.0)
+
+    def apply(self, motion: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        """motion [T, 70] scaled around ``rest`` [70] and turned towards the gaze."""
+        if self.expression == 1.0 and self.head == 1.0 and self.gaze == (0.0, 0.0):
+            return motion
+        out = motion.copy()
+        out[:, EXP] = rest[EXP] + (motion[:, EXP] - rest[EXP]) * self.expression
+        out[:, SCALE:] = rest[SCALE:] + (motion[:, SCALE:] - rest[SCALE:]) * self.head
+        out[:, YAW] += GAZE_YAW_DEG * self.gaze[0]
+        out[:, PITCH] += GAZE_PITCH_DEG * self.gaze[1]
+        return out

@@ -9,7 +9,8 @@ Routes:
                           SDP answer and the same Location header
     DELETE /session/<id>  end that session (204; unknown id: 404); the agent and the other
                           peers go on
-    GET    /healthz       {"ok": true, "viewers": n}
+    GET    /healthz       {"ok": true, "viewers": n}; 503 with "ok": false while the face is
+                          frozen (no new frame for service.frozen_s)
 
 Offer statuses: 400 unusable offer, 409 the offer sends audio while another peer already does
 (only one uplink speaker at a time; offer audio as recvonly to watch), 503 stream not started or
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from aiohttp import web
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SINK_KEY = web.AppKey("webrtc_sink", WebRtcSink)
+HEALTHY_KEY = web.AppKey("healthy", Callable[[], bool])
 MAX_OFFER_BYTES = 256 * 1024  # an SDP offer is a few kB; anything larger is not one
 
 
@@ -50,7 +52,8 @@ async def _index(request: web.Request) -> web.FileResponse:
 
 async def _healthz(request: web.Request) -> web.Response:
     sink = request.app[SINK_KEY]
-    return web.json_response({"ok": True, "viewers": sink.viewers})
+    ok = request.app[HEALTHY_KEY]()
+    return web.json_response({"ok": ok, "viewers": sink.viewers}, status=200 if ok else 503)
 
 
 async def _offer(request: web.Request) -> web.Response:
@@ -93,7 +96,8 @@ async def _delete_session(request: web.Request) -> web.Response:
 
 
 def make_app(webrtc_sink: WebRtcSink, extra_routes: Iterable[web.AbstractRouteDef] | None = None,
-             *, on_uplink_audio: UplinkCallback | None = None) -> web.Application:
+             *, on_uplink_audio: UplinkCallback | None = None,
+             healthy: Callable[[], bool] = lambda: True) -> web.Application:
     """Build the aiohttp application serving the viewer page and WebRTC signalling.
 
     Args:
@@ -102,9 +106,11 @@ def make_app(webrtc_sink: WebRtcSink, extra_routes: Iterable[web.AbstractRouteDe
         on_uplink_audio: ``callback(samples16k_float32, final)`` for the audio a speaking peer
             sends (the agent passes ``agent.push_audio``); set on the sink.  None keeps the
             sink's own setting.
+        healthy: False while the face is frozen (``/healthz`` then answers 503).
     """
     app = web.Application(client_max_size=MAX_OFFER_BYTES)
     app[SINK_KEY] = webrtc_sink
+    app[HEALTHY_KEY] = healthy
     if on_uplink_audio is not None:
         webrtc_sink.on_uplink_audio = on_uplink_audio
     app.add_routes([
@@ -133,8 +139,11 @@ def runner_urls(runner: web.AppRunner) -> list[str]:
     return urls
 
 
-async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8080) -> web.AppRunner:
+async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8080, *,
+                page: bool = True) -> web.AppRunner:
     """Start ``app`` on host:port (port 0: any free port), print the URL, return the runner.
+
+    ``page``: the app serves the viewer page (the printed line says to open it).
 
     Stop it with ``await runner.cleanup()``.
     """
@@ -148,6 +157,7 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8080)
         raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror}); "
                                "pick another port or stop the program using it") from e
     for url in runner_urls(runner):
-        print(f"avatar-agent: open {url} to watch the avatar", flush=True)
+        print(f"avatar-agent: open {url} to watch the avatar" if page else
+              f"avatar-agent: session server on {url} (POST {url}v1/sessions)", flush=True)
         log.info("serving on %s", url)
     return runner

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -40,7 +41,7 @@ from aiohttp import WSMsgType, web
 
 from ..audio.queue import QueueFullError, StreamError, TooLongError, pcm_to_array
 from ..audio.resample import AudioFormatError, StreamResampler, to_pipeline
-from ..types import EMOTIONS, SAMPLE_RATE
+from ..types import EMOTIONS, SAMPLE_RATE, Interrupted
 from .openapi import Endpoint, document
 from .security import (PathNotAllowedError, RateLimit, SecuritySettings, check_avatar_path,
                        install, json_error, read_body)
@@ -59,7 +60,7 @@ class Controller(Protocol):
 
     def say(self, text: str, voice: str | None = None, emotion: str | None = None) -> int: ...
     def push_audio(self, samples: np.ndarray, final: bool = False) -> int: ...   # 16 kHz mono float32
-    def interrupt(self) -> dict: ...
+    def interrupt(self) -> Interrupted: ...
     def set_emotion(self, name: str, intensity: float | None = None) -> None: ...
     def set_scales(self, expression: float | None = None, head: float | None = None) -> None: ...
     def set_gaze(self, x: float, y: float) -> None: ...
@@ -557,7 +558,7 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
                 and now - last_interrupt[0] < s.interrupt_coalesce_s):
             # Nothing was accepted since the last interrupt: this one would only redo its work.
             return ok({**last_interrupt[2], "coalesced": True})
-        result = dict(ctl.interrupt())
+        result = dataclasses.asdict(ctl.interrupt())
         last_interrupt = (now, accepted, result)
         return ok(result)
 

@@ -25,6 +25,7 @@ resolving symlinks and ``..``, else 403).
 from __future__ import annotations
 
 import asyncio
+import re
 import hashlib
 import hmac
 import ipaddress
@@ -281,6 +282,15 @@ def _cors_headers(origin: str) -> dict[str, str]:
             "Access-Control-Expose-Headers": "Retry-After, Location"}
 
 
+_SESSION_ROUTE = re.compile(r"^/v1/sessions/[^/]+/(?!whep\b)(.+)$")
+
+
+def canonical_path(path: str) -> str:
+    """A session's control route ``/v1/sessions/<id>/say`` is limited like ``/api/say``."""
+    m = _SESSION_ROUTE.match(path)
+    return f"/api/{m.group(1)}" if m else path
+
+
 def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.monotonic
                 ) -> list[Callable[..., Any]]:
     """The middleware chain for ``settings`` (outermost first); :func:`install` adds them."""
@@ -290,12 +300,12 @@ def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.mono
 
     @web.middleware
     async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
-        limit = settings.body_limits.get(request.path, settings.max_body_bytes)
+        limit = settings.body_limits.get(canonical_path(request.path), settings.max_body_bytes)
         request[LIMIT_KEY] = limit
         if request.content_length is not None and request.content_length > limit:
             return json_error(413, f"request body of {request.content_length} bytes is larger "
                                    f"than the {limit}-byte limit of {request.path}")
-        if _path_match(request.path, settings.long_lived_paths):
+        if _path_match(canonical_path(request.path), settings.long_lived_paths):
             return await handler(request)
         try:
             async with asyncio.timeout(settings.request_timeout_s):
@@ -354,7 +364,7 @@ def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.mono
 
     @web.middleware
     async def rate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        bucket = settings.rate_limited_paths.get(request.path)
+        bucket = settings.rate_limited_paths.get(canonical_path(request.path))
         if bucket is not None and request.method != "OPTIONS":
             wait = buckets[bucket].take(request.remote or "?")
             if wait > 0:

@@ -1,0 +1,157 @@
+"""``avatar-agent bench --sessions N``: N concurrent sessions on one engine, speech pushed into
+every one; prints one JSON object (figures only, no pass/fail).
+
+Keys: sessions, seconds, fps_min, fps_mean, dropped_pct_max, dropped_pct_mean, cpu_cores,
+rss_mb, rss_per_session_mb, first_frame_ms_p50/p90 (push → first frame carrying that audio, at
+the session's frame stream), capacity (what admission control would allow), and with
+``--compare-processes`` the same run as one process per session (``processes`` object).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .metrics import rss_bytes
+from .types import SAMPLE_RATE, SegmentStarted, VideoFrame
+
+_TEXT = "Hello there. I am one of many avatars, and I speak whatever you say to me."
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class _Watch:
+    """One session's frame stream: arrival times, and when each segment's first frame came."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.started: dict[int, float] = {}
+
+    async def run(self, frames: Any) -> None:
+        async for f in frames:
+            self._see(f)
+
+    def _see(self, f: VideoFrame) -> None:
+        now = time.monotonic()
+        self.times.append(now)
+        for m in f.segments:
+            if isinstance(m, SegmentStarted):
+                self.started[m.utterance] = now
+
+
+async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
+    """Run ``n`` sessions for ``seconds`` after warm-up; speech is pushed into each in turn."""
+    from .audio.tts import synthesize
+    from .engine import Engine
+
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, max_sessions=n,
+                                                              session_idle_s=0.0))
+    utt = synthesize(_TEXT, voice=cfg.audio.voice, rate_wpm=cfg.audio.tts_rate)
+    pcm = (np.clip(utt.audio, -1, 1) * 32767).astype(np.int16)
+    period = len(pcm) / SAMPLE_RATE + 2.0
+    engine = Engine(cfg)
+    await engine.warm_up()
+    rss_base = rss_bytes()
+    sessions, watches, tasks = [], [], []
+    rss_one = 0.0
+    for i in range(n):
+        s = await engine.open_session()
+        w = _Watch()
+        tasks.append(asyncio.create_task(w.run(s.frames())))
+        sessions.append(s)
+        watches.append(w)
+        if i == 0:
+            await asyncio.sleep(1.0)
+            rss_one = rss_bytes()
+    pushed: list[tuple[int, int, float]] = []          # (session, utterance, push time)
+
+    async def talker(k: int) -> None:                  # staggered, so onsets do not align
+        await asyncio.sleep(period * k / n)
+        while True:
+            uid = sessions[k].push_audio(pcm, SAMPLE_RATE, final=True)
+            pushed.append((k, uid, time.monotonic()))
+            await asyncio.sleep(period)
+
+    talkers = [asyncio.create_task(talker(k)) for k in range(n)]
+    await asyncio.sleep(3.0)                           # settle
+    st0 = [dataclasses.replace(s.agent.player.stats) for s in sessions]
+    cpu0, t0 = _cpu_s(), time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu1, t1 = _cpu_s(), time.monotonic()
+    st1 = [dataclasses.replace(s.agent.player.stats) for s in sessions]
+    rss_end = rss_bytes()
+    measured_capacity = max(1, int(0.85 / engine.per_session_load)) if engine.per_session_load else 0
+    for t in talkers:
+        t.cancel()
+    await engine.aclose()
+    for t in tasks:
+        t.cancel()
+    fps, dropped = [], []
+    for a, b, w in zip(st0, st1, watches):
+        fps.append(sum(1 for x in w.times if t0 <= x < t1) / (t1 - t0))
+        d = ((b.underruns - a.underruns) + (b.late_dropped - a.late_dropped)
+             + (b.overflow_dropped - a.overflow_dropped))
+        dropped.append(100.0 * d / max(1, b.delivered - a.delivered))
+    lat = [1000 * (watches[k].started[u] - t) for k, u, t in pushed
+           if u in watches[k].started and t0 - 3.0 <= t]
+    return {
+        "sessions": n, "seconds": round(t1 - t0, 1), "size": cfg.render.size,
+        "fps_min": round(min(fps), 2), "fps_mean": round(float(np.mean(fps)), 2),
+        "dropped_pct_max": round(max(dropped), 3), "dropped_pct_mean": round(float(np.mean(dropped)), 3),
+        "cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
+        "rss_mb": round(rss_end / 1e6, 1), "rss_engine_mb": round(rss_base / 1e6, 1),
+        "rss_per_session_mb": round((rss_end - rss_one) / 1e6 / max(1, n - 1), 2) if n > 1
+        else round((rss_end - rss_base) / 1e6, 2),
+        "first_frame_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat else None,
+        "first_frame_ms_p90": round(float(np.percentile(lat, 90)), 1) if lat else None,
+        "onsets_measured": len(lat),
+        "per_session_load": round(engine.per_session_load, 4),
+        "measured_capacity": measured_capacity,
+    }
+
+
+def compare_processes(n: int, seconds: float, sets: list[str]) -> dict[str, Any]:
+    """The baseline: ``n`` processes with one session each, started at once."""
+    cmd = [sys.executable, "-m", "avatar_agent.cli", "bench", "--sessions", "1", "--json",
+           "--seconds", str(seconds)]
+    for s in sets:
+        cmd += ["--set", s]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=env) for _ in range(n)]
+    outs = []
+    for p in procs:
+        out, _ = p.communicate()
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if lines:
+            outs.append(json.loads(lines[-1]))
+    if not outs:
+        return {"processes": n, "error": "no process reported"}
+    return {"processes": n, "reported": len(outs),
+            "fps_min": min(o["fps_min"] for o in outs),
+            "dropped_pct_max": max(o["dropped_pct_max"] for o in outs),
+            "rss_mb_total": round(sum(o["rss_mb"] for o in outs), 1),
+            "cpu_cores_total": round(sum(o["cpu_cores"] for o in outs), 3)}
+
+
+def run(cfg: Config, n: int, seconds: float, as_json: bool, compare: bool,
+        sets: list[str]) -> int:
+    """CLI entry: print the figures (one JSON object with ``--json``)."""
+    out = asyncio.run(bench_sessions(cfg, n, seconds))
+    if compare:
+        out["one_process_per_session"] = compare_processes(n, seconds, sets)
+    print(json.dumps(out) if as_json else json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,235 @@
+"""One engine, many sessions: the loaded models, the renderer and the inference thread are shared;
+each session holds only its own state (audio timeline, chunker, motion history, player, avatar).
+
+* Motion generators are *forked* per session from one loaded generator (same weights, fresh state).
+* All sessions' model work goes through one :class:`~avatar_agent.inference.Inference` thread,
+  earliest due frame first, so a session with a long chunk does not make another's frame late.
+* Admission control: capacity is ``server.max_sessions`` when set, else measured — the inference
+  thread is one core, so sessions fit while their summed share of it stays below
+  :data:`TARGET_LOAD` (each session's share is measured on the running sessions; before any
+  has run long enough, from a warm-up timing of one chunk).  Beyond capacity
+  :class:`CapacityError` carries a Retry-After; running sessions are never degraded.
+* Idle sessions (no API call and no viewer for ``server.session_idle_s``) are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from .agent import Agent
+from .clock import Clock, SystemClock
+from .config import Config
+from .inference import Inference
+from .session import Session
+from .types import MotionGenerator, Renderer, Sink
+
+log = logging.getLogger(__name__)
+
+TARGET_LOAD = 0.85
+"""Share of the inference thread admission control fills (the rest absorbs bursts)."""
+
+
+@runtime_checkable
+class Forkable(Protocol):
+    """A motion generator that can make per-session copies sharing its loaded weights."""
+
+    def fork(self, seed: int) -> MotionGenerator:
+        """A new generator: the same networks, fresh streaming state, its own noise seed."""
+        ...
+
+
+class CapacityError(RuntimeError):
+    """No room for another session; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Running:
+    session: Session
+    task: asyncio.Task[None]
+    started: float
+    busy0: float
+
+
+class Engine:
+    """Shared models + the sessions using them.
+
+    Args:
+        cfg: the configuration every session starts from.
+        clock: the injected clock (default: the system clock).
+        motion: a loaded generator to fork sessions from (default: built from ``cfg``).
+        renderer: the shared renderer (default: built from ``cfg``).
+        vad: factory of per-session VADs (default: from ``cfg``).
+    """
+
+    def __init__(self, cfg: Config, clock: Clock | None = None, *,
+                 motion: MotionGenerator | None = None, renderer: Renderer | None = None,
+                 vad: Callable[[], Any] | None = None) -> None:
+        from .wiring import make_motion, make_renderer, make_vad
+
+        self.cfg, self.clock = cfg, clock or SystemClock()
+        self.renderer = renderer or make_renderer(cfg)
+        self._base = motion or make_motion(cfg)
+        self._make_vad = vad or (lambda: make_vad(cfg))
+        self.inference = Inference(self.clock, cfg.render.threads)
+        self.sessions: dict[str, _Running] = {}
+        self._seeds = itertools.count(cfg.motion.seed + 1)
+        self._opening = 0
+        self._cost_estimate = 0.0          # inference-thread share of one session (warm-up timing)
+        self._reaper: asyncio.Task[None] | None = None
+
+    # ---- capacity -------------------------------------------------------------------------------
+
+    @property
+    def per_session_load(self) -> float:
+        """Measured share of the inference thread one session uses (0 before anything ran)."""
+        runs = [r for r in self.sessions.values() if self.clock.now() - r.started > 5.0]
+        if runs:
+            span = max(self.clock.now() - min(r.started for r in runs), 1e-3)
+            busy = self.inference.busy_s - min(r.busy0 for r in runs)
+            return max(busy / span / max(len(self.sessions), 1), self._cost_estimate * 0.5)
+        return self._cost_estimate
+
+    @property
+    def capacity(self) -> int:
+        """How many sessions fit (``server.max_sessions``, else measured)."""
+        if self.cfg.server.max_sessions > 0:
+            return self.cfg.server.max_sessions
+        cost = self.per_session_load
+        return max(1, int(TARGET_LOAD / cost)) if cost > 0 else 1
+
+    @property
+    def load(self) -> float:
+        """Active sessions / capacity (what a load balancer or LiveKit's dispatcher reads)."""
+        return (len(self.sessions) + self._opening) / self.capacity
+
+    def status(self) -> dict[str, Any]:
+        """Load figures for /readyz and the status API."""
+        return {"sessions": len(self.sessions), "capacity": self.capacity,
+                "load": round(self.load, 3), "per_session_load": round(self.per_session_load, 4),
+                "inference_waiting": self.inference.waiting}
+
+    async def warm_up(self) -> None:
+        """Load/trace the models and time one session-second of work (the first cost estimate)."""
+        from .face.landmarks import load_image
+
+        image = await asyncio.to_thread(load_image, self.cfg.avatar_path())
+        now = self.clock.now()
+        avatar = await self.inference.run(now, self.renderer.prepare, image)
+        gen = self._fork()
+        await self.inference.run(now, gen.prepare, avatar)
+        fps = self.cfg.player.fps
+        rest = np.repeat(np.asarray(gen.rest_pose, np.float32)[None], fps, 0)
+        busy0 = self.inference.busy_s
+        await self.inference.run(now, gen.idle, fps, rest[0], 0.0)
+        await self.inference.run(now, self.renderer.render, avatar, rest)
+        self._cost_estimate = max(self.inference.busy_s - busy0, 1e-4) * 1.25   # + speech margin
+
+    # ---- sessions -------------------------------------------------------------------------------
+
+    async def open_session(self, *, avatar: str | None = None, emotion: str | None = None,
+                           voice: str | None = None, sinks: list[Sink] | None = None,
+                           image: np.ndarray | None = None) -> Session:
+        """Start a session fed by a speech queue (say / push); returns it once its face is ready.
+
+        Raises:
+            CapacityError: the engine is full (running sessions keep their budget).
+        """
+        from .audio.queue import SpeechQueueSource
+
+        if len(self.sessions) + self._opening + 1 > self.capacity:
+            raise CapacityError(f"at capacity ({self.capacity} sessions): retry later or add "
+                                "a machine", retry_after_s=5.0)
+        self._opening += 1
+        try:
+            cfg = self.cfg
+            a = cfg.audio
+            source = SpeechQueueSource(self.clock, voice=voice or a.voice, rate_wpm=a.tts_rate,
+                                       max_queued_s=a.max_queued_s)
+            agent = Agent(cfg, source=source, vad=self._make_vad(), motion=self._fork(),
+                          renderer=self.renderer, sinks=list(sinks or ()), clock=self.clock,
+                          inference=self.inference, image=image)
+            session = Session(agent, id=secrets.token_urlsafe(9))
+            if avatar is not None:
+                session.avatar_path = avatar
+            if emotion is not None:
+                session.set_emotion(emotion)
+            if image is None and avatar is not None:
+                from .face.landmarks import load_image
+
+                agent._image = await asyncio.to_thread(load_image, avatar)
+            await agent.warm_up()
+            task = asyncio.create_task(self._run(session), name=f"session-{session.id}")
+            self.sessions[session.id] = _Running(session, task, self.clock.now(),
+                                                 self.inference.busy_s)
+        finally:
+            self._opening -= 1
+        self._ensure_reaper()
+        log.info("session %s opened (%d/%d)", session.id, len(self.sessions), self.capacity)
+        return session
+
+    async def close_session(self, session_id: str) -> bool:
+        """Stop a session (its queued frames drain); False if there is no such session."""
+        run = self.sessions.get(session_id)
+        if run is None:
+            return False
+        run.session.agent.stop()
+        await asyncio.wait({run.task}, timeout=self.cfg.service.drain_s + 2.0)
+        if not run.task.done():
+            run.task.cancel()
+        return True
+
+    def get(self, session_id: str) -> Session | None:
+        """The running session with this id."""
+        run = self.sessions.get(session_id)
+        return run.session if run is not None else None
+
+    async def aclose(self) -> None:
+        """Close every session and the inference thread."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(*(self.close_session(i) for i in list(self.sessions)),
+                             return_exceptions=True)
+        self.inference.close()
+
+    async def _run(self, session: Session) -> None:
+        try:
+            await session.run()
+        except asyncio.CancelledError:
+            pass
+        except BaseException as e:  # one session's failure never touches the others
+            log.error("session %s ended by a failure: %s", session.id, e)
+        finally:
+            self.sessions.pop(session.id, None)
+            log.info("session %s closed (%d left)", session.id, len(self.sessions))
+
+    def _fork(self) -> MotionGenerator:
+        from .wiring import make_motion
+
+        if isinstance(self._base, Forkable):
+            return self._base.fork(next(self._seeds))
+        return make_motion(self.cfg)
+
+    def _ensure_reaper(self) -> None:
+        if self.cfg.server.session_idle_s > 0 and (self._reaper is None or self._reaper.done()):
+            self._reaper = asyncio.create_task(self._reap(), name="session-reaper")
+
+    async def _reap(self) -> None:
+        limit = self.cfg.server.session_idle_s
+        while self.sessions:
+            await self.clock.sleep_until(self.clock.now() + min(limit / 4, 5.0))
+            now = self.clock.now()
+            for sid, run in list(self.sessions.items()):
+                if now - run.session.last_activity > limit and not run.session.watched:
+                    log.info("session %s idle for %.0f s: closing", sid, limit)
+                    await self.close_session(sid)

@@ -1,0 +1,138 @@
+"""The inference thread: all model work of every session in a process, earliest deadline first.
+
+Design (ARCHITECTURE.md): one thread runs all torch/OpenCV work — one torch context, no GIL fights
+on 2 cores.  With several sessions in one process that thread is shared, so *which* job runs next
+matters: a job carries the clock time by which its result is needed (the due time of the first
+frame it produces), and the thread always takes the earliest.  A session that submits a long
+chunk therefore never makes another session's next frame late unless the machine is really full
+(admission control keeps it from being).
+
+The queue is bounded by construction: each session has at most one job in flight per task
+(listen/animate), so the heap holds at most a few jobs per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+from typing import Any, Callable, TypeVar
+
+from .clock import Clock
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+class InferenceClosed(RuntimeError):
+    """The inference thread was shut down; no more work is accepted."""
+
+
+class Inference:
+    """A single worker thread that runs submitted callables earliest-due first.
+
+    Args:
+        clock: the injected clock; virtual time is held while a job is in flight (FakeClock).
+        threads: torch/OpenCV intra-op threads for the worker.
+        name: thread name (shows in py-spy / top -H).
+    """
+
+    def __init__(self, clock: Clock, threads: int = 1, name: str = "inference") -> None:
+        self.clock = clock
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.busy_s = 0.0
+        """Seconds of work run so far (thread CPU is what admission control measures)."""
+        self.jobs = 0
+        self._thread = threading.Thread(target=self._work, args=(threads,), name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, due: float, fn: Callable[..., R], *args: Any) -> R:
+        """Run ``fn(*args)`` on the inference thread; ``due`` orders it among waiting jobs."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[R] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as e:  # handed to the awaiting task, never lost
+                _hand_back(loop, _set_exception, fut, e)
+            else:
+                _hand_back(loop, _set_result, fut, result)
+
+        with self._cv:
+            if self._closed:
+                raise InferenceClosed("the inference thread is shut down")
+            heapq.heappush(self._heap, (due, next(self._seq), job))
+            self._cv.notify()
+        with self.clock.hold():
+            return await fut
+
+    def close(self) -> None:
+        """Refuse new work and drop waiting jobs; a job already running finishes on its own.
+
+        Never waits for the running job: a stuck model call must not make shutdown hang (the
+        thread is a daemon, so it cannot keep the process alive either).
+        """
+        with self._cv:
+            self._closed = True
+            self._heap.clear()
+            self._cv.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued and not started."""
+        with self._cv:
+            return len(self._heap)
+
+    def _work(self, threads: int) -> None:
+        _init_thread(threads)
+        import time
+
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                _, _, job = heapq.heappop(self._heap)
+            t0 = time.thread_time()
+            job()
+            self.busy_s += time.thread_time() - t0
+            self.jobs += 1
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: nobody waits for this result any more
+        pass
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], e: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(e)
+
+
+def _init_thread(threads: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    except ImportError:
+        pass
+    try:
+        import cv2
+
+        cv2.setNumThreads(max(1, threads))
+    except ImportError:
+        pass

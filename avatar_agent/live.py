@@ -1,0 +1,221 @@
+"""``avatar-agent start``: one session plus its sinks, the local web server, signals and sd_notify.
+
+Signals: SIGTERM/SIGINT stop (drain, finalise sinks).  SIGHUP reloads the config when the agent
+runs as a service (no terminal); in a terminal SIGHUP means the terminal closed, so it stops.
+
+Reload is all-or-nothing: the new config is read and validated and the new portrait decoded
+before anything changes; then every section that can change live is applied (avatar, emotion,
+motion scales, log level) and the others are named as needing a restart.  Command-line overrides
+(``--set``, ``--avatar``) are re-applied on every reload, and an avatar swapped through the API is
+kept unless the config's portrait itself changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from typing import Any
+
+from .config import Config, load_config
+
+log = logging.getLogger("avatar_agent")
+
+LIVE_SECTIONS = ("avatar", "motion.expression_scale", "motion.head_scale", "service.log_level")
+"""What a reload applies without a restart."""
+
+
+async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) -> int:
+    """Run the live agent until stopped; returns the exit code (non-zero if a task failed)."""
+    from .agent import Agent
+    from .clock import SystemClock
+    from .service import Notifier
+    from .session import Session
+    from .wiring import make_motion, make_renderer, make_sinks, make_source, make_vad
+
+    clock = SystemClock()
+    notifier = Notifier()
+    notifier.status("warming up")
+    source = make_source(cfg, clock)
+    sinks, webrtc = make_sinks(cfg)
+    agent = Agent(cfg, source=source, vad=make_vad(cfg), motion=make_motion(cfg),
+                  renderer=make_renderer(cfg), sinks=sinks, clock=clock, notifier=notifier)
+    session = Session(agent)
+    runner = None
+    if webrtc is not None:
+        from .server.app import serve
+        from .server.local import make_local_app
+
+        runner = await serve(make_local_app(cfg, session, webrtc), cfg.server.host,
+                             cfg.server.port)               # prints the page's URL
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, agent.stop)
+    loop.add_signal_handler(signal.SIGINT, agent.stop)
+    reloader = Reloader(session, cfg, config_path, overrides, notifier)
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    loop.add_signal_handler(signal.SIGHUP, agent.stop if interactive else reloader.request)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            reloader.tasks = tg
+            stdin = None
+            if session.agent.segments is not None and sys.stdin is not None \
+                    and not sys.stdin.closed:
+                stdin = tg.create_task(_read_stdin(session), name="stdin")
+            await session.run()
+            if stdin is not None:
+                stdin.cancel()
+    except BaseException as e:  # a task crashed: the session is over, systemd restarts us
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        log.error("session ended by a failure: %s", _describe(e))
+        return 1
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+    log.info("stopped: %s", session.agent.player.status_line())
+    return 0
+
+
+class Reloader:
+    """SIGHUP → reload the config, all or nothing (see the module docstring)."""
+
+    def __init__(self, session: Any, cfg: Config, config_path: str | None,
+                 overrides: list[str], notifier: Any) -> None:
+        self.session, self.cfg = session, cfg
+        self.config_path, self.overrides, self.notifier = config_path, overrides, notifier
+        self.tasks: asyncio.TaskGroup | None = None
+        self._busy = False
+
+    def request(self) -> None:
+        """Signal handler: start one reload (a second SIGHUP during it is ignored)."""
+        if self._busy or self.tasks is None:
+            return
+        self._busy = True
+        self.tasks.create_task(self.reload(), name="reload")
+
+    async def reload(self) -> list[str]:
+        """Apply a reload; returns the changed sections that need a restart."""
+        from .face.landmarks import load_image
+
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path, self.overrides)
+            image = None
+            if new.avatar_path() != self.cfg.avatar_path():        # decode before changing anything
+                image = await asyncio.to_thread(load_image, new.avatar_path())
+            from .motion.emotion import emotion_label
+
+            emotion_label(new.avatar.emotion)
+        except Exception as e:
+            log.error("reload failed, nothing changed (keeping the running config): %s", e)
+            self.notifier.ready("reload failed")
+            self._busy = False
+            return []
+        try:
+            s = self.session
+            if image is not None:
+                await s.agent.set_avatar(image)
+                s.avatar_path = str(new.avatar_path())
+            s.set_emotion(new.avatar.emotion, new.avatar.intensity)
+            s.set_scales(new.motion.expression_scale, new.motion.head_scale)
+            logging.getLogger().setLevel(new.service.log_level.upper())
+            restart = _needs_restart(self.cfg, new)
+            self.cfg = new
+            log.info("reloaded config%s", "; these changes need a restart: " + ", ".join(restart)
+                     if restart else "")
+            return restart
+        finally:
+            self.notifier.ready("reloaded")
+            self._busy = False
+
+
+def _needs_restart(old: Config, new: Config) -> list[str]:
+    out = []
+    for f in dataclasses.fields(Config):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if f.name in ("avatar", "source_path") or a == b:
+            continue
+        if dataclasses.is_dataclass(a):
+            for g in dataclasses.fields(a):
+                key = f"{f.name}.{g.name}"
+                if getattr(a, g.name) != getattr(b, g.name) and key not in LIVE_SECTIONS:
+                    out.append(key)
+    return out
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, BaseExceptionGroup):
+        return "; ".join(_describe(x) for x in e.exceptions)
+    return f"{type(e).__name__}: {e}"
+
+
+async def _read_stdin(session: Any) -> None:
+    """Each line typed on stdin is spoken.
+
+    A daemon thread reads stdin: a blocked readline() must never hold up shutdown.
+    """
+    import threading
+
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue(64)   # a person types; 64 lines is plenty
+
+    def put(line: str | None) -> None:
+        if not lines.full():                                  # overflow: drop the newest line
+            lines.put_nowait(line)
+
+    def reader() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(put, line)
+        loop.call_soon_threadsafe(put, None)
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
+    print("avatar-agent: type text and press Enter to make the avatar speak it", flush=True)
+    while (line := await lines.get()) is not None:
+        if line.strip():
+            try:
+                session.say(line.strip())
+            except Exception as e:  # a bad line must not end the reader
+                log.error("cannot speak %r: %s", line.strip()[:40], e)
+
+
+async def run_serve(cfg: Config) -> int:
+    """``avatar-agent serve``: the session server (many sessions, one engine) until SIGTERM."""
+    from .engine import Engine
+    from .server.app import serve
+    from .server.control import settings_from_config
+    from .server.sessions import make_session_app
+    from .service import Notifier
+
+    notifier = Notifier()
+    notifier.status("warming up")
+    engine = Engine(cfg)
+    await engine.warm_up()
+    control, security = settings_from_config(cfg)
+    security = dataclasses.replace(security, public_paths=(*security.public_paths, "/readyz"))
+    runner = await serve(make_session_app(engine, control, security), cfg.server.host,
+                         cfg.server.port, page=False)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    notifier.ready(f"serving sessions (capacity {engine.capacity})")
+    log.info("session server ready: capacity %d sessions (measured %.3f of a core each)",
+             engine.capacity, engine.per_session_load)
+    try:
+        while not stop.is_set():
+            await _tick(stop)
+            notifier.watchdog(loop.time())
+    finally:
+        notifier.stopping()
+        await runner.cleanup()
+        notifier.close()
+    return 0
+
+
+async def _tick(stop: asyncio.Event) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=1.0)
+    except TimeoutError:
+        pass

@@ -1,0 +1,219 @@
+"""The session API: many faces on one server, one engine.
+
+Routes (JSON; errors ``{"error": "..."}``):
+
+    POST   /v1/sessions              {avatar?, emotion?, voice?} → 201 {id, urls…}; 503 + Retry-After
+                                     when the engine is at capacity (running sessions are untouched)
+    GET    /v1/sessions              [{id, …status}]
+    DELETE /v1/sessions/{id}         204 (queued frames drain); 404 unknown id
+    POST   /v1/sessions/{id}/whep    SDP offer (raw application/sdp, WHEP; or JSON {sdp, type})
+                                     → the session's own video + audio; 201 + Location
+    DELETE /v1/sessions/{id}/whep/{peer}
+    …      /v1/sessions/{id}/say | audio | audio/ws | interrupt | emotion | scales | gaze |
+           status | events | events/ws   — the control API of :mod:`avatar_agent.server.control`
+                                     for that session (same bodies, limits and rate limits)
+    GET    /healthz                  {"ok", sessions, capacity, load}; 503 when a session is frozen
+    GET    /readyz                   200 while a new session fits, else 503 (for a load balancer)
+
+Each WebRTC viewer sees only its own session: every session has its own WebRTC sink.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from ..engine import CapacityError, Engine
+from ..session import Session
+from ..sinks.webrtc import OfferError, UplinkBusyError, WebRtcError, WebRtcSink
+from ..types import EMOTIONS
+from .control import ControlSettings, EventHub, control_routes, validate
+from .security import SecuritySettings, install
+
+log = logging.getLogger(__name__)
+
+ENGINE_KEY = web.AppKey("engine", Engine)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+OPEN_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "avatar": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "emotion": {"type": "string", "enum": [*EMOTIONS, "none"]},
+        "voice": {"type": "string", "minLength": 1, "maxLength": 64,
+                  "pattern": r"^[A-Za-z0-9_+\-.]+$"},
+    },
+}
+"""Body of POST /v1/sessions."""
+
+
+class _Routes:
+    """One session's control handlers, keyed by (method, "/api/…" path)."""
+
+    def __init__(self, session: Session, settings: ControlSettings, sink: WebRtcSink) -> None:
+        self.session, self.sink = session, sink
+        self.hub = EventHub(session, settings)
+        self.handlers: dict[tuple[str, str], Handler] = {
+            (r.method, r.path): r.handler for r in control_routes(session, settings, hub=self.hub)}
+
+
+class SessionApi:
+    """The /v1 routes over an :class:`Engine` (handlers are methods; state lives here)."""
+
+    def __init__(self, engine: Engine, settings: ControlSettings) -> None:
+        self.engine, self.settings = engine, settings
+        self.routes: dict[str, _Routes] = {}
+
+    def route_table(self) -> list[web.RouteDef]:
+        """The aiohttp routes."""
+        return [web.post("/v1/sessions", self.open), web.get("/v1/sessions", self.list),
+                web.delete("/v1/sessions/{id}", self.close),
+                web.post("/v1/sessions/{id}/whep", self.whep),
+                web.delete("/v1/sessions/{id}/whep/{peer}", self.whep_close),
+                web.route("*", "/v1/sessions/{id}/{op:.+}", self.control),
+                web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)]
+
+    async def open(self, request: web.Request) -> web.Response:
+        """POST /v1/sessions."""
+        try:
+            body = json.loads(await request.text() or "{}")
+            validate(body, OPEN_SCHEMA)
+        except (ValueError, UnicodeDecodeError) as e:
+            return _error(400, f"bad session request: {e}")
+        avatar = body.get("avatar")
+        if avatar is not None:
+            from .security import PathNotAllowedError, check_avatar_path
+
+            try:
+                avatar = str(check_avatar_path(avatar, self.settings.avatar_dirs))
+            except (PathNotAllowedError, ValueError) as e:
+                return _error(403, str(e))
+        sink = WebRtcSink(name="webrtc")
+        try:
+            session = await self.engine.open_session(avatar=avatar, emotion=body.get("emotion"),
+                                                     voice=body.get("voice"), sinks=[sink])
+        except CapacityError as e:
+            return web.json_response({"error": str(e), **self.engine.status()}, status=503,
+                                     headers={"Retry-After": f"{e.retry_after_s:.0f}"})
+        except (ValueError, OSError) as e:
+            return _error(400, f"cannot open a session: {e}")
+        session.viewers = lambda: sink.viewers
+        session.stats_providers.append(lambda: {"viewers": sink.viewers})
+        self.routes[session.id] = _Routes(session, self.settings, sink)
+        base = f"/v1/sessions/{session.id}"
+        return web.json_response(
+            {"id": session.id, "whep": f"{base}/whep", "audio": f"{base}/audio",
+             "audio_ws": f"{base}/audio/ws", "say": f"{base}/say", "events": f"{base}/events",
+             "interrupt": f"{base}/interrupt", "fps": session.fps, "size": session.size},
+            status=201, headers={"Location": base})
+
+    async def list(self, request: web.Request) -> web.Response:
+        """GET /v1/sessions."""
+        return web.json_response([{"id": sid, "viewers": r.session.viewers(),
+                                   "avatar": r.session.avatar_path}
+                                  for sid, r in self.routes.items() if self.engine.get(sid)])
+
+    async def close(self, request: web.Request) -> web.Response:
+        """DELETE /v1/sessions/{id}."""
+        sid = request.match_info["id"]
+        r = self.routes.pop(sid, None)
+        if r is None or not await self.engine.close_session(sid):
+            return _error(404, "no such session (it ended already, or the id is wrong)")
+        r.hub.shutdown()
+        return web.Response(status=204)
+
+    def _get(self, request: web.Request) -> _Routes | None:
+        sid = request.match_info["id"]
+        r = self.routes.get(sid)
+        if r is not None and self.engine.get(sid) is None:   # ended by itself (idle, failure)
+            self.routes.pop(sid, None)
+            r.hub.shutdown()
+            return None
+        return r
+
+    async def whep(self, request: web.Request) -> web.Response:
+        """POST /v1/sessions/{id}/whep: a viewer of that session only."""
+        r = self._get(request)
+        if r is None:
+            return _error(404, "no such session")
+        raw = request.content_type == "application/sdp"
+        try:
+            text = await request.text()
+            body = {"sdp": text, "type": "offer"} if raw else json.loads(text)
+            sdp, kind = body["sdp"], body.get("type", "offer")
+            if not isinstance(sdp, str) or not isinstance(kind, str):
+                raise ValueError("sdp and type must be strings")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            return _error(400, f'body must be SDP or JSON {{"sdp": "...", "type": "offer"}}: {e}')
+        try:
+            answer = await r.sink.accept(sdp, kind)
+        except OfferError as e:
+            return _error(400, str(e))
+        except UplinkBusyError as e:
+            return _error(409, str(e))
+        except WebRtcError as e:
+            return _error(503, str(e))
+        r.session.last_activity = r.session.agent.clock.now()
+        loc = f"/v1/sessions/{request.match_info['id']}/whep/{answer.session}"
+        if raw:
+            return web.Response(status=201, text=answer.sdp, content_type="application/sdp",
+                                headers={"Location": loc})
+        return web.json_response({"sdp": answer.sdp, "type": answer.type,
+                                  "session": answer.session}, status=201, headers={"Location": loc})
+
+    async def whep_close(self, request: web.Request) -> web.Response:
+        """DELETE /v1/sessions/{id}/whep/{peer}."""
+        r = self._get(request)
+        if r is None or not await r.sink.close_session(request.match_info["peer"]):
+            return _error(404, "no such viewer")
+        return web.Response(status=204)
+
+    async def control(self, request: web.Request) -> web.StreamResponse:
+        """/v1/sessions/{id}/<op>: the control API route /api/<op> for that session."""
+        r = self._get(request)
+        if r is None:
+            return _error(404, "no such session (it ended already, or the id is wrong)")
+        handler = r.handlers.get((request.method, f"/api/{request.match_info['op']}"))
+        if handler is None:
+            return _error(404, f"no route {request.method} {request.path}")
+        return await handler(request)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """Alive, and no session's face is frozen."""
+        frozen = [sid for sid, r in self.routes.items()
+                  if self.engine.get(sid) is not None and not r.session.agent.producing]
+        ok = not frozen
+        return web.json_response({"ok": ok, "frozen": frozen, **self.engine.status()},
+                                 status=200 if ok else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """200 while another session fits (a load balancer sends new sessions here)."""
+        st = self.engine.status()
+        ready = st["sessions"] < st["capacity"]
+        return web.json_response({"ready": ready, **st}, status=200 if ready else 503)
+
+    async def shutdown(self, app: web.Application) -> None:
+        """Close every session (the app is stopping)."""
+        for r in self.routes.values():
+            r.hub.shutdown()
+            await r.sink.close_viewers()
+        await self.engine.aclose()
+
+
+def make_session_app(engine: Engine, control: ControlSettings,
+                     security: SecuritySettings) -> web.Application:
+    """The session server's application (``avatar-agent serve``)."""
+    app = web.Application(client_max_size=1024 * 1024)
+    app[ENGINE_KEY] = engine
+    api = SessionApi(engine, control)
+    app.add_routes(api.route_table())
+    install(app, security)
+    app.on_shutdown.append(api.shutdown)
+    return app
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)

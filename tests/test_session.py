@@ -1,0 +1,193 @@
+"""The session runtime: segment marks on played frames, interruption in one call, supervision.
+
+Real SpeechQueueSource and real Player/Chunker on a FakeClock; motion/renderer are the named
+fakes (these tests are about timing and control, not pixels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from avatar_agent.agent import Agent
+from avatar_agent.audio.queue import SpeechQueueSource
+from avatar_agent.clock import FakeClock
+from avatar_agent.config import load_config
+from avatar_agent.session import Session
+from avatar_agent.types import SAMPLE_RATE, AvatarSession, SegmentEnded, SegmentStarted
+from tests.fakes import EnergyVad, LevelMotion, LevelRenderer, MemorySink
+
+FPS = 25
+SPF = SAMPLE_RATE // FPS
+
+
+def _tone(seconds: float, amp: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (amp * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def _session(clock: FakeClock, sinks: list | None = None, motion: object | None = None,
+             **sets: object) -> tuple[Session, SpeechQueueSource]:
+    over = [f"{k}={v}" for k, v in sets.items()]
+    cfg = load_config(None, over)
+    source = SpeechQueueSource(clock, prebuffer_ms=0)
+    agent = Agent(cfg, source=source, vad=EnergyVad(), motion=motion or LevelMotion(),
+                  renderer=LevelRenderer(), sinks=sinks or [], clock=clock,
+                  image=np.zeros((64, 64, 3), np.uint8))
+    return Session(agent), source
+
+
+async def _run_until(session: Session, clock: FakeClock, t: float) -> None:
+    async def stopper() -> None:
+        await clock.sleep_until(t)
+        await session.aclose()
+
+    await asyncio.gather(session.run(), stopper())
+
+
+async def test_session_is_an_avatar_session_with_segment_marks_on_played_frames() -> None:
+    clock = FakeClock()
+    session, _ = _session(clock, **{"service.drain_s": 0.0})
+    assert isinstance(session, AvatarSession)
+    frames = session.frames()
+    got: list = []
+    events: list[tuple[str, dict]] = []
+    session.subscribe(lambda k, d: events.append((k, d)))
+
+    async def consume() -> None:
+        async for f in frames:
+            got.append(f)
+
+    async def talk() -> None:
+        await clock.sleep_until(0.5)
+        x = (_tone(1.0) * 32767).astype(np.int16)
+        uid = session.push_audio(x[:8000], 16000)       # a segment arrives in two pushes
+        assert session.push_audio(x[8000:], 16000) == uid
+        assert session.end_segment() == uid
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.gather(_run_until(session, clock, 3.0), talk())
+    await consumer
+    assert [f.index for f in got] == list(range(len(got)))     # every frame, in order
+    assert all(f.audio.shape == (SPF,) for f in got)
+    marks = [(m, f.index) for f in got for m in f.segments]
+    starts = [i for m, i in marks if isinstance(m, SegmentStarted)]
+    ends = [(m, i) for m, i in marks if isinstance(m, SegmentEnded)]
+    assert len(starts) == 1 and len(ends) == 1
+    end, at = ends[0]
+    assert not end.interrupted and abs(end.played_s - 1.0) < 1 / FPS
+    voiced = [f.index for f in got if np.abs(f.audio).max() > 0.01]
+    assert starts[0] == voiced[0] and at == voiced[-1]          # marks on the frames that play them
+    assert [k for k, _ in events if k.startswith("speech")] == ["speech_started", "speech_finished"]
+
+
+async def test_interrupt_is_one_call_and_ends_the_segment_at_the_next_frame() -> None:
+    clock = FakeClock()
+    sink = MemorySink()
+    motion = LevelMotion()
+    session, _ = _session(clock, [sink], motion, **{"service.drain_s": 0.0})
+    result = {}
+
+    async def talk() -> None:
+        await clock.sleep_until(0.2)
+        session.push_audio(_tone(3.0), 16000, final=True)
+        while not any(f.speech for f in sink.frames[-3:]):
+            await clock.sleep_until(clock.now() + 0.02)
+        await clock.sleep_until(clock.now() + 0.5)
+        result["r"] = session.interrupt()
+
+    await asyncio.gather(_run_until(session, clock, 4.0), talk())
+    r = result["r"]
+    frames = {f.index: f for f in sink.frames}
+    after = [frames[i] for i in range(r.frame, r.frame + 50)]
+    assert not any(f.speech or np.abs(f.audio).max() > 0 for f in after)   # silent, idle at once
+    assert frames[r.frame - 1].speech                                        # talking until then
+    ends = [m for f in sink.frames for m in f.segments if isinstance(m, SegmentEnded)]
+    assert len(ends) == 1 and ends[0].interrupted and ends[0].utterance == r.utterance
+    played = ends[0].played_s
+    voiced = sum(1 for f in sink.frames if np.abs(f.audio).max() > 0.01)
+    assert abs(played - voiced / FPS) <= 1.5 / FPS                          # the position heard
+    assert [m for f in after[1:] for m in f.segments] == []
+    assert ends[0] in frames[r.frame].segments
+    assert motion.resets == 2 and session.agent.player.stats.underruns == 0   # push + interrupt
+
+
+async def test_a_task_that_dies_ends_the_session_with_its_error() -> None:
+    clock = FakeClock()
+    sink = MemorySink()
+    session, _ = _session(clock, [sink])
+
+    async def play_breaks() -> None:                  # the clock task itself dies
+        await clock.sleep_until(1.0)
+        session.agent.player.sinks = None             # type: ignore[assignment]
+
+    events: list = []
+    session.subscribe(lambda k, d: events.append((k, d)))
+    with pytest.raises(BaseExceptionGroup):
+        await asyncio.wait_for(asyncio.gather(session.run(), play_breaks()), 10)
+    assert sink.closed                                 # sinks finalised on the way out
+    assert events[-1][0] == "session_ended" and "TypeError" in events[-1][1]["reason"]
+
+
+async def test_invalid_motion_never_becomes_continuity() -> None:
+    class NaNMotion(LevelMotion):
+        def generate(self, chunk, prev, emotion=8, intensity=1.0):  # type: ignore[override]
+            out = super().generate(chunk, prev, emotion, intensity)
+            out[:] = np.nan
+            return out
+
+    clock = FakeClock()
+    sink = MemorySink()
+    session, _ = _session(clock, [sink], NaNMotion(), **{"service.drain_s": 0.0})
+
+    async def talk() -> None:
+        await clock.sleep_until(0.2)
+        session.push_audio(_tone(1.0), 16000, final=True)
+
+    await asyncio.gather(_run_until(session, clock, 3.0), talk())
+    assert np.isfinite(session.agent._prev).all()
+    assert session.agent.player.stats.underruns == 0    # idle motion replaced the bad chunk
+
+
+async def test_motion_fps_must_match_the_player() -> None:
+    class Slow(LevelMotion):
+        fps = 20
+
+    with pytest.raises(ValueError, match="player.fps = 25.*20 fps"):
+        _session(FakeClock(), motion=Slow())
+
+
+@pytest.mark.parametrize("push_at", [1.0, 1.013, 2.471])
+async def test_pushed_speech_plays_within_120_ms_and_silence_never_underruns(push_at: float) -> None:
+    clock = FakeClock()
+    sink = MemorySink()
+    session, source = _session(clock, [sink], **{"service.drain_s": 0.0})
+    sent: dict[int, float] = {}
+
+    class Clocked(MemorySink):
+        async def send(self, frame):  # type: ignore[no-untyped-def]
+            sent[frame.index] = clock.now()
+            await super().send(frame)
+
+    session.agent.sinks[:] = [Clocked()]
+
+    async def talk() -> None:
+        await clock.sleep_until(push_at)
+        session.push_audio(_tone(0.5), 16000, final=True)
+
+    await asyncio.gather(_run_until(session, clock, push_at + 2.0), talk())
+    frames = session.agent.sinks[0].frames
+    first = next(f for f in frames if np.abs(f.audio).max() > 0.05)
+    assert any(isinstance(m, SegmentStarted) for m in first.segments)
+    delay = sent[first.index] - push_at
+    assert 0 <= delay <= 0.120 + 1e-9, delay
+    assert first.speech or frames[first.index + 1].speech          # the mouth moves with it
+    assert session.agent.player.stats.underruns == 0 and session.agent.player.stats.late_dropped == 0
+    heard = np.concatenate([f.audio for f in frames])
+    tone = _tone(0.5)
+    assert np.isclose(np.sum(heard ** 2), np.sum(tone ** 2), rtol=1e-4)   # nothing lost or doubled
+    k = int(np.argmax(np.abs(heard) > 0))
+    assert np.allclose(heard[k - 1:k - 1 + tone.size], tone, atol=1e-6)    # and in order
+    assert [f.index for f in frames] == list(range(len(frames)))
