@@ -100,22 +100,6 @@ class SpeechChunk:
 
 
 @dataclass(frozen=True, slots=True)
-class MotionClip:
-    """Motion for consecutive video frames.
-
-    Attributes:
-        motion: float32 [T, 70] in the profile's raw (denormalised) motion space,
-            layout [exp 63 | scale | tx ty tz | pitch yaw roll (deg)] (see motion/space.py).
-        start_frame: video frame index (player timeline) of motion[0].
-        speech: per-frame flag [T] bool, True where the frame animates speech.
-    """
-
-    motion: np.ndarray
-    start_frame: int
-    speech: np.ndarray
-
-
-@dataclass(frozen=True, slots=True)
 class SegmentStarted:
     """The first audio of a speech segment (utterance) plays in this frame."""
 
