@@ -107,7 +107,7 @@ def onnx_session(path: str | Path, threads: int = 1):
         import onnxruntime as ort
     except ImportError as e:
         raise ImportError("onnxruntime is needed to run exported graphs: "
-                          "pip install 'avatar-agent[official]'") from e
+                          "pip install 'avatar-agent[bench]'") from e
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
