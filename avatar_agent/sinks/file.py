@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from avatar_agent.audio.resample import Upsampler3
 from avatar_agent.types import SAMPLE_RATE, VideoFrame
 
 log = logging.getLogger(__name__)
@@ -48,39 +49,6 @@ def _import_av() -> Any:
     except ImportError as e:  # optional at import time, required to use the sink
         raise FileSinkError(f"the mp4 file sink needs PyAV: {_PIP_LINE}") from e
     return av
-
-
-class Upsampler3:
-    """Streaming ×3 upsampler (16 kHz → 48 kHz) with exact sample accounting.
-
-    Every call returns exactly ``3 * len(x)`` samples; the fixed group delay is
-    ``(taps - 1) / 2`` output samples (35.5 at 72 taps ≈ 0.74 ms at 48 kHz).  A windowed-sinc
-    low-pass at 7.6 kHz removes the images that zero-stuffing creates.
-    """
-
-    FACTOR = 3
-
-    def __init__(self, taps: int = 72) -> None:
-        if taps % self.FACTOR:
-            raise ValueError(f"Upsampler3 taps must be a multiple of 3, got {taps}")
-        n = np.arange(taps) - (taps - 1) / 2
-        cutoff = 7600.0 / 48000.0  # cycles per output sample
-        h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(taps, 8.0)
-        h *= self.FACTOR / h.sum()  # unit DC gain after zero-stuffing
-        self._phases = [h[p :: self.FACTOR].astype(np.float64) for p in range(self.FACTOR)]
-        self._hist = np.zeros(taps // self.FACTOR - 1, np.float64)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """float32 [N] at 16 kHz → float32 [3N] at 48 kHz."""
-        x = np.asarray(x, np.float64).reshape(-1)
-        if x.size == 0:
-            return np.zeros(0, np.float32)
-        xx = np.concatenate([self._hist, x])  # [K-1+N] history + new input
-        self._hist = xx[xx.size - self._hist.size :]
-        out = np.empty((x.size, self.FACTOR), np.float64)  # [N, 3] one column per phase
-        for p, hp in enumerate(self._phases):
-            out[:, p] = np.convolve(xx, hp, mode="valid")
-        return out.reshape(-1).astype(np.float32)
 
 
 @dataclass(slots=True)

@@ -44,7 +44,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from avatar_agent.sinks.file import Upsampler3
+from avatar_agent.audio.resample import Upsampler3
 from avatar_agent.types import SAMPLE_RATE, VideoFrame
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ import av
 import numpy as np
 import pytest
 
-from avatar_agent.sinks.file import FileSinkError, Mp4Sink, Upsampler3
+from avatar_agent.audio.resample import Upsampler3
+from avatar_agent.sinks.file import FileSinkError, Mp4Sink
 from avatar_agent.types import VideoFrame
 from tests.sinks.conftest import PY, child_env, pattern_frame, tone
 
