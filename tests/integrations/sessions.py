@@ -16,7 +16,7 @@ from avatar_agent.agent import Agent
 from avatar_agent.clock import SystemClock
 from avatar_agent.config import load_config
 from avatar_agent.session import Session
-from avatar_agent.types import SAMPLE_RATE, VideoFrame
+from avatar_agent.types import SAMPLE_RATE, Renderer, VideoFrame
 from avatar_agent.wiring import make_motion, make_renderer, make_source, make_vad
 
 SIZE = 128
@@ -24,23 +24,29 @@ SIZE = 128
 
 
 @contextlib.asynccontextmanager
-async def running_session(*overrides: str) -> AsyncIterator[Session]:
-    """A started session (first frame already produced); closed on exit."""
+async def running_session(*overrides: str, renderer: Renderer | None = None
+                          ) -> AsyncIterator[Session]:
+    """A started session (first frame already produced); closed on exit.
+
+    ``session.run_task`` is its running task; a test that makes it fail awaits it itself.
+    """
     cfg = load_config(None, ['audio.source="tts"', f"render.size={SIZE}", "sinks.enabled=[]",
                              *overrides], use_default_path=False)
     clock = SystemClock()
     agent = Agent(cfg, source=make_source(cfg, clock), vad=make_vad(cfg), motion=make_motion(cfg),
-                  renderer=make_renderer(cfg), sinks=[], clock=clock)
+                  renderer=renderer or make_renderer(cfg), sinks=[], clock=clock)
     session = Session(agent)
     first = session.frames()
     task = asyncio.create_task(session.run(), name="session")
+    session.run_task = task                     # type: ignore[attr-defined]
     await asyncio.wait_for(anext(first), 60)    # warmed up: models loaded, idle frames flowing
     await first.aclose()
     try:
         yield session
     finally:
         await session.aclose()
-        await asyncio.wait_for(task, 10)
+        if not task.done() or not task.exception():
+            await asyncio.wait_for(task, 10)
 
 
 def tone(seconds: float, rate: int, hz: float = 220.0, amp: float = 0.3) -> np.ndarray:
