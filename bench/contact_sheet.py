@@ -1,77 +1,89 @@
-"""Render the embedded avatar's contact sheet (PNG) and a short talking mp4 with audio.
+"""Render the embedded avatar's contact sheet (PNG) and optionally a short talking mp4 with audio.
 
-Rows: frames across a spoken sentence (viseme lip-sync from espeak-ng phonemes), a blink, and the
-eight emotion presets at full intensity.  Usage:
+Three portraits (the bundled photo, a painting, a black-and-white photo; see bench/portraits.py),
+two rows each: frames across a spoken sentence (viseme lip-sync from espeak-ng phonemes) and a
+blink; then the eight emotion presets at full intensity.  Usage:
 
-    python bench/contact_sheet.py [--image PORTRAIT] [--out docs/contact_sheet.png] [--mp4 out.mp4]
+    python bench/contact_sheet.py [--out docs/contact_sheet.png] [--mp4 out.mp4]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from avatar_agent.audio.tts import synthesize
-from avatar_agent.config import DEFAULT_AVATAR, load_config
-from avatar_agent.face.landmarks import load_image
-from avatar_agent.motion.emotion import emotion_offsets
-from avatar_agent.motion.procedural import ProceduralMotion
-from avatar_agent.motion.space import EXP, eye_opening, lip_opening
-from avatar_agent.render.warp import WarpRenderer
-from avatar_agent.types import EMOTIONS
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from portraits import portraits  # noqa: E402
+
+from avatar_agent.audio.tts import synthesize  # noqa: E402
+from avatar_agent.config import DEFAULT_AVATAR, load_config  # noqa: E402
+from avatar_agent.motion.emotion import emotion_offsets  # noqa: E402
+from avatar_agent.motion.procedural import ProceduralMotion  # noqa: E402
+from avatar_agent.motion.space import EXP, eye_opening, lip_opening  # noqa: E402
+from avatar_agent.render.warp import WarpRenderer  # noqa: E402
+from avatar_agent.types import EMOTIONS  # noqa: E402
 
 TEXT = "Hello! I am the embedded avatar. Watch my lips move while I speak."
-TILE = 192
+TILE = 160
+SHEET = (("photo", "photo"), ("painting", "painting"), ("hopper-gray", "b&w"))
 
 
 def _label(img: np.ndarray, text: str) -> np.ndarray:
-    out = cv2.resize(img, (TILE, TILE), interpolation=cv2.INTER_AREA).copy()
-    cv2.rectangle(out, (0, TILE - 18), (TILE, TILE), (0, 0, 0), -1)
-    cv2.putText(out, text, (4, TILE - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (255, 255, 255), 1,
+    # the face fills the middle of the crop: show that part
+    s = img.shape[0]
+    face = img[int(0.14 * s): int(0.86 * s), int(0.14 * s): int(0.86 * s)]
+    out = cv2.resize(face, (TILE, TILE), interpolation=cv2.INTER_AREA).copy()
+    cv2.rectangle(out, (0, TILE - 16), (TILE, TILE), (0, 0, 0), -1)
+    cv2.putText(out, text, (3, TILE - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1,
                 cv2.LINE_AA)
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--image", default=str(DEFAULT_AVATAR))
-    ap.add_argument("--out", default="docs/contact_sheet.png")
-    ap.add_argument("--mp4", default="", help="also render this mp4 with audio")
-    args = ap.parse_args()
-
-    renderer = WarpRenderer(size=512)
-    avatar = renderer.prepare(load_image(args.image))
+def rows_for(image: np.ndarray, name: str, renderer: WarpRenderer, utt) -> list[list[np.ndarray]]:
+    """[speech + blink row, emotion row] of tiles for one portrait."""
+    avatar = renderer.prepare(image)
     gen = ProceduralMotion(seed=1)
     gen.prepare(avatar)
     kp = avatar.kp_canonical
-
-    utt = synthesize(TEXT)
     speech = gen.generate_utterance(utt.audio, utt.phonemes, seed=1)
     lip = lip_opening(speech, kp)
-    picks = np.linspace(0, len(speech) - 1, 40).astype(int)
-    picks = sorted(picks[np.argsort(-lip[picks])[:8]])          # open and closed moments
-    row_speech = [_label(f, f"t={i / 25:.2f}s  open {lip[i]:.2f}")
-                  for i, f in zip(picks, renderer.render(avatar, speech[picks]))]
-
+    picks = np.linspace(0, len(speech) - 1, 36).astype(int)
+    picks = sorted(picks[np.argsort(-lip[picks])[:6]])          # open moments of the sentence
+    row1 = [_label(f, f"{name}: speech {i / 25:.2f}s")
+            for i, f in zip(picks, renderer.render(avatar, speech[picks]))]
     gen.prepare(avatar)
     idle = gen.idle(25 * 8, gen.rest_pose, 0.0)
-    eye = eye_opening(idle, kp)
-    k = int(np.argmin(eye))
-    blink_idx = [max(0, min(len(idle) - 1, k + d)) for d in (-12, -3, -2, -1, 0, 1, 2, 4)]
-    row_blink = [_label(f, f"blink {d:+d}") for d, f in
-                 zip((-12, -3, -2, -1, 0, 1, 2, 4), renderer.render(avatar, idle[blink_idx]))]
+    k = int(np.argmin(eye_opening(idle, kp)))
+    row1 += [_label(f, t) for f, t in zip(renderer.render(avatar, idle[[max(0, k - 6), k]]),
+                                          ("blink: open", "blink: shut"))]
+    rest = gen.rest_pose
+    emo = np.repeat(rest[None], len(EMOTIONS), 0)
+    for i, e in enumerate(EMOTIONS):
+        emo[i, EXP] += emotion_offsets(e, 1.0, kp, rest)
+    row2 = [_label(f, e) for e, f in zip(EMOTIONS, renderer.render(avatar, emo))]
+    return [row1, row2]
 
-    emo = np.repeat(gen.rest_pose[None], len(EMOTIONS), 0)
-    for i, name in enumerate(EMOTIONS):
-        emo[i, EXP] += emotion_offsets(name, 1.0, kp)
-    row_emotion = [_label(f, name) for name, f in zip(EMOTIONS, renderer.render(avatar, emo))]
 
-    sheet = np.concatenate([np.concatenate(r, 1) for r in (row_speech, row_blink, row_emotion)], 0)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="docs/contact_sheet.png")
+    ap.add_argument("--mp4", default="", help="also render this mp4 of the bundled portrait")
+    args = ap.parse_args()
+
+    renderer = WarpRenderer(size=512)
+    imgs = portraits()
+    utt = synthesize(TEXT)
+    rows: list[list[np.ndarray]] = []
+    for key, name in SHEET:
+        rows += rows_for(imgs[key], name, renderer, utt)
+    sheet = np.concatenate([np.concatenate(r, 1) for r in rows], 0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(args.out, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     print(f"wrote {args.out} ({sheet.shape[1]}×{sheet.shape[0]})")
@@ -81,7 +93,7 @@ def main() -> None:
 
         t = time.perf_counter()
         stats = asyncio.run(render_to_file(load_config(None, [], use_default_path=False),
-                                           Path(args.image), Path(args.mp4), text=TEXT))
+                                           Path(DEFAULT_AVATAR), Path(args.mp4), text=TEXT))
         print(f"wrote {args.mp4}: {stats['delivered']} frames in {time.perf_counter() - t:.1f} s")
 
 
