@@ -160,10 +160,13 @@ class AvatarClient:
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, prefix: str = "/api") -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.prefix = prefix
+        """Path of the control routes: "/api" (``start``) or "/v1/sessions/<id>" (a session)."""
+        self.session: dict[str, Any] = {}
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         h = {"Accept": "application/json"}
@@ -194,6 +197,22 @@ class AvatarClient:
             raise _error_of(e.code, e.read(), e.headers) from None
         return json.loads(raw) if raw else {}
 
+    def open_session(self, avatar: str | None = None, emotion: str | None = None,
+                     voice: str | None = None) -> "AvatarClient":
+        """Open a session on a session server (``avatar-agent serve``); returns its client
+        (``.session`` holds the server's answer: id, WHEP and audio URLs).
+
+        Raises ApiError 503 (``retry_after`` set) when the server is at capacity."""
+        body = {k: v for k, v in (("avatar", avatar), ("emotion", emotion), ("voice", voice)) if v}
+        info = self.request("POST", "/v1/sessions", body)
+        c = AvatarClient(self.base_url, self.token, self.timeout, f"/v1/sessions/{info['id']}")
+        c.session = info
+        return c
+
+    def close_session(self) -> None:
+        """Close the session this client drives (a client from :meth:`open_session`)."""
+        self.request("DELETE", self.prefix)
+
     def say(self, text: str, voice: str | None = None, emotion: str | None = None) -> int:
         """Speak ``text``; returns the utterance id (watch events for its end)."""
         body: dict[str, Any] = {"text": text}
@@ -201,45 +220,45 @@ class AvatarClient:
             body["voice"] = voice
         if emotion:
             body["emotion"] = emotion
-        return int(self.request("POST", "/api/say", body)["utterance"])
+        return int(self.request("POST", self.prefix + "/say", body)["utterance"])
 
     def push_audio(self, audio: np.ndarray | bytes | str | Path, rate: int = 16000,
                    channels: int = 1, format: str = "s16le") -> dict[str, Any]:
         """Upload speech (WAV file/bytes, raw PCM, or an array); returns {utterance, duration_s}."""
         data, query, ctype = audio_payload(audio, rate, channels, format)
-        return self.request("POST", "/api/audio", data=data, content_type=ctype, query=query)
+        return self.request("POST", self.prefix + "/audio", data=data, content_type=ctype, query=query)
 
     def interrupt(self) -> dict[str, Any]:
         """Drop queued speech now."""
-        return self.request("POST", "/api/interrupt", data=b"")
+        return self.request("POST", self.prefix + "/interrupt", data=b"")
 
     def set_emotion(self, name: str, intensity: float | None = None) -> None:
         """One of anger, contempt, disgust, fear, happiness, neutral, sadness, surprise, none."""
         body: dict[str, Any] = {"name": name}
         if intensity is not None:
             body["intensity"] = intensity
-        self.request("POST", "/api/emotion", body)
+        self.request("POST", self.prefix + "/emotion", body)
 
     def set_scales(self, expression: float | None = None, head: float | None = None) -> None:
         """Multiply expression / head motion (1 = as generated)."""
         body = {k: v for k, v in (("expression", expression), ("head", head)) if v is not None}
-        self.request("POST", "/api/scales", body)
+        self.request("POST", self.prefix + "/scales", body)
 
     def set_gaze(self, x: float, y: float) -> None:
         """Gaze direction, each axis -1..1."""
-        self.request("POST", "/api/gaze", {"x": x, "y": y})
+        self.request("POST", self.prefix + "/gaze", {"x": x, "y": y})
 
     def swap_avatar(self, path: str, wait: bool = False) -> dict[str, Any]:
         """Switch to another portrait (inside the server's avatar directories)."""
-        return self.request("POST", "/api/avatar", {"path": str(path), "wait": wait})
+        return self.request("POST", self.prefix + "/avatar", {"path": str(path), "wait": wait})
 
     def status(self) -> dict[str, Any]:
         """The agent's statistics."""
-        return self.request("GET", "/api/status")
+        return self.request("GET", self.prefix + "/status")
 
     def openapi(self) -> dict[str, Any]:
         """The API's OpenAPI document."""
-        return self.request("GET", "/api/openapi.json")
+        return self.request("GET", self.prefix + "/openapi.json")
 
     def events(self, types: Iterable[str] | None = None, timeout: float | None = None
                ) -> Iterator[Event]:
@@ -251,7 +270,7 @@ class AvatarClient:
                 pings every 15 s, so keep it above that).
         """
         query = {"types": ",".join(types)} if types else None
-        req = urllib.request.Request(self._url("/api/events", query),
+        req = urllib.request.Request(self._url(self.prefix + "/events", query),
                                      headers=self._headers({"Accept": "text/event-stream"}))
         try:
             resp = urllib.request.urlopen(req, timeout=timeout or self.timeout)
@@ -319,11 +338,16 @@ class AsyncAvatarClient:
     """asyncio client (aiohttp).  Use as ``async with AsyncAvatarClient(url) as c: ...``."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, prefix: str = "/api") -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.prefix = prefix
+        """Path of the control routes: "/api" (``start``) or "/v1/sessions/<id>" (a session)."""
         self._session: Any = None
+        self._shared = False
+        self.session: dict[str, Any] = {}
+        """For a session's client: the server's answer to POST /v1/sessions."""
 
     async def __aenter__(self) -> "AsyncAvatarClient":
         return self
@@ -332,8 +356,8 @@ class AsyncAvatarClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the HTTP session."""
-        if self._session is not None:
+        """Close the HTTP session (not one borrowed from the client that opened this session)."""
+        if self._session is not None and not self._shared:
             await self._session.close()
             self._session = None
 
@@ -363,6 +387,23 @@ class AsyncAvatarClient:
                 raise _error_of(r.status, raw, r.headers)
             return json.loads(raw) if raw else {}
 
+    async def open_session(self, avatar: str | None = None, emotion: str | None = None,
+                           voice: str | None = None) -> "AsyncAvatarClient":
+        """Open a session on a session server (``avatar-agent serve``); returns its client
+        (sharing this one's HTTP connection pool; ``.session`` holds the server's answer).
+
+        Raises ApiError 503 (``retry_after`` set) when the server is at capacity."""
+        body = {k: v for k, v in (("avatar", avatar), ("emotion", emotion), ("voice", voice)) if v}
+        info = await self.request("POST", "/v1/sessions", body)
+        c = AsyncAvatarClient(self.base_url, self.token, self.timeout,
+                              f"/v1/sessions/{info['id']}")
+        c._session, c._shared, c.session = self._get_session(), True, info
+        return c
+
+    async def close_session(self) -> None:
+        """Close the session this client drives (a client from :meth:`open_session`)."""
+        await self.request("DELETE", self.prefix)
+
     async def say(self, text: str, voice: str | None = None, emotion: str | None = None) -> int:
         """Speak ``text``; returns the utterance id."""
         body: dict[str, Any] = {"text": text}
@@ -370,43 +411,43 @@ class AsyncAvatarClient:
             body["voice"] = voice
         if emotion:
             body["emotion"] = emotion
-        return int((await self.request("POST", "/api/say", body))["utterance"])
+        return int((await self.request("POST", self.prefix + "/say", body))["utterance"])
 
     async def push_audio(self, audio: np.ndarray | bytes | str | Path, rate: int = 16000,
                          channels: int = 1, format: str = "s16le") -> dict[str, Any]:
         """Upload speech (see :func:`audio_payload`)."""
         data, query, ctype = audio_payload(audio, rate, channels, format)
-        return await self.request("POST", "/api/audio", data=data, content_type=ctype,
+        return await self.request("POST", self.prefix + "/audio", data=data, content_type=ctype,
                                   query=query)
 
     async def interrupt(self) -> dict[str, Any]:
         """Drop queued speech now."""
-        return await self.request("POST", "/api/interrupt", data=b"")
+        return await self.request("POST", self.prefix + "/interrupt", data=b"")
 
     async def set_emotion(self, name: str, intensity: float | None = None) -> None:
         """Set the emotion class (and intensity 0..1)."""
         body: dict[str, Any] = {"name": name}
         if intensity is not None:
             body["intensity"] = intensity
-        await self.request("POST", "/api/emotion", body)
+        await self.request("POST", self.prefix + "/emotion", body)
 
     async def set_scales(self, expression: float | None = None, head: float | None = None
                          ) -> None:
         """Multiply expression / head motion."""
         body = {k: v for k, v in (("expression", expression), ("head", head)) if v is not None}
-        await self.request("POST", "/api/scales", body)
+        await self.request("POST", self.prefix + "/scales", body)
 
     async def set_gaze(self, x: float, y: float) -> None:
         """Gaze direction, each axis -1..1."""
-        await self.request("POST", "/api/gaze", {"x": x, "y": y})
+        await self.request("POST", self.prefix + "/gaze", {"x": x, "y": y})
 
     async def swap_avatar(self, path: str, wait: bool = False) -> dict[str, Any]:
         """Switch to another portrait."""
-        return await self.request("POST", "/api/avatar", {"path": str(path), "wait": wait})
+        return await self.request("POST", self.prefix + "/avatar", {"path": str(path), "wait": wait})
 
     async def status(self) -> dict[str, Any]:
         """The agent's statistics."""
-        return await self.request("GET", "/api/status")
+        return await self.request("GET", self.prefix + "/status")
 
     def audio_stream(self, rate: int = 16000, channels: int = 1, format: str = "s16le"
                      ) -> "_StreamContext":
@@ -430,14 +471,14 @@ class AsyncAvatarClient:
         params = {"types": ",".join(types)} if types else None
         session = self._get_session()
         if websocket:
-            async with session.ws_connect(self.base_url + "/api/events/ws", params=params) as ws:
+            async with session.ws_connect(self.base_url + self.prefix + "/events/ws", params=params) as ws:
                 async for msg in ws:
                     if msg.type != aiohttp.WSMsgType.TEXT:
                         break
                     m = json.loads(msg.data)
                     yield Event(m.get("type", "message"), m.get("data") or {}, m.get("id"))
             return
-        async with session.get(self.base_url + "/api/events", params=params,
+        async with session.get(self.base_url + self.prefix + "/events", params=params,
                                headers={"Accept": "text/event-stream"}) as r:
             if r.status >= 400:
                 raise _error_of(r.status, await r.read(), r.headers)
@@ -460,7 +501,7 @@ class _StreamContext:
 
         try:
             self.ws = await self.client._get_session().ws_connect(
-                self.client.base_url + "/api/audio/ws")
+                self.client.base_url + self.client.prefix + "/audio/ws")
         except aiohttp.WSServerHandshakeError as e:
             raise ApiError(e.status, e.message or "WebSocket refused") from None
         await self.ws.send_str(json.dumps(self.header))

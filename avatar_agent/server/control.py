@@ -43,8 +43,8 @@ from ..audio.queue import QueueFullError, StreamError, TooLongError, pcm_to_arra
 from ..audio.resample import AudioFormatError, StreamResampler, to_pipeline
 from ..types import EMOTIONS, SAMPLE_RATE, Interrupted
 from .openapi import Endpoint, document
-from .security import (PathNotAllowedError, RateLimit, SecuritySettings, check_avatar_path,
-                       install, json_error, read_body)
+from .security import (PathNotAllowedError, RateLimit, SecuritySettings, canonical_path,
+                       check_avatar_path, install, json_error, read_body)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -478,7 +478,7 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
         if ctype not in ("application/json", ""):
             raise BadRequest(f"Content-Type {ctype!r}: send application/json")
         raw = await read_body(request)
-        schema = schemas[request.path]
+        schema = schemas[canonical_path(request.path)]   # a session's route is the same
         assert schema is not None
         return validate(parse_json(raw), schema)
 

@@ -14,12 +14,14 @@ Routes (JSON; errors ``{"error": "..."}``):
                                      for that session (same bodies, limits and rate limits)
     GET    /healthz                  {"ok", sessions, capacity, load}; 503 when a session is frozen
     GET    /readyz                   200 while a new session fits, else 503 (for a load balancer)
+    GET    /v1/openapi.json          this API (and every session's control routes) as OpenAPI 3.1
 
 Each WebRTC viewer sees only its own session: every session has its own WebRTC sink.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any, Awaitable, Callable
@@ -30,7 +32,8 @@ from ..engine import CapacityError, Engine
 from ..session import Session
 from ..sinks.webrtc import OfferError, UplinkBusyError, WebRtcError, WebRtcSink
 from ..types import EMOTIONS
-from .control import ControlSettings, EventHub, control_routes, validate
+from .control import ENDPOINTS, ControlSettings, EventHub, control_routes, validate
+from .openapi import Endpoint, document
 from .security import SecuritySettings, install
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,42 @@ OPEN_SCHEMA: dict[str, Any] = {
     },
 }
 """Body of POST /v1/sessions."""
+
+
+SESSION_ENDPOINTS = [
+    Endpoint("POST", "/v1/sessions", "Open a session (its own face, audio and viewers)",
+             body=OPEN_SCHEMA, kind="json",
+             responses={201: "opened: id and its URLs", 400: "bad request",
+                        403: "avatar outside avatar.directories",
+                        503: "at capacity (Retry-After)"},
+             result={"type": "object", "properties": {
+                 "id": {"type": "string"}, "whep": {"type": "string"},
+                 "audio": {"type": "string"}, "audio_ws": {"type": "string"},
+                 "say": {"type": "string"}, "events": {"type": "string"},
+                 "interrupt": {"type": "string"}, "fps": {"type": "integer"},
+                 "size": {"type": "integer"}}}),
+    Endpoint("GET", "/v1/sessions", "List the running sessions",
+             result={"type": "array", "items": {"type": "object"}}),
+    Endpoint("DELETE", "/v1/sessions/{id}", "Close a session (queued frames drain)",
+             responses={204: "closed", 404: "no such session"}),
+    Endpoint("POST", "/v1/sessions/{id}/whep", "WHEP: an SDP offer → the session's video + audio",
+             kind="none", responses={201: "SDP answer (Location: the viewer)", 400: "bad offer",
+                                     404: "no such session", 503: "viewer cap reached"}),
+    Endpoint("DELETE", "/v1/sessions/{id}/whep/{peer}", "End one viewer",
+             responses={204: "ended", 404: "no such viewer"}),
+    Endpoint("GET", "/healthz", "Alive, and no session's face is frozen",
+             responses={503: "a session is frozen"}),
+    Endpoint("GET", "/readyz", "Whether another session fits (for a load balancer)",
+             responses={503: "at capacity"}),
+]
+"""The session server's own routes; each session also has the control API under its id."""
+
+
+def session_document() -> dict[str, Any]:
+    """OpenAPI for the session server: its routes + every control route per session."""
+    per_session = [dataclasses.replace(ep, path=ep.path.replace("/api/", "/v1/sessions/{id}/", 1))
+                   for ep in ENDPOINTS if ep.path != "/api/openapi.json"]
+    return document([*SESSION_ENDPOINTS, *per_session], title="avatar-agent session server")
 
 
 class _Routes:
@@ -74,7 +113,8 @@ class SessionApi:
                 web.post("/v1/sessions/{id}/whep", self.whep),
                 web.delete("/v1/sessions/{id}/whep/{peer}", self.whep_close),
                 web.route("*", "/v1/sessions/{id}/{op:.+}", self.control),
-                web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)]
+                web.get("/healthz", self.healthz), web.get("/readyz", self.readyz),
+                web.get("/v1/openapi.json", self.openapi)]
 
     async def open(self, request: web.Request) -> web.Response:
         """POST /v1/sessions."""
@@ -194,6 +234,10 @@ class SessionApi:
         st = self.engine.status()
         ready = st["sessions"] < st["capacity"]
         return web.json_response({"ready": ready, **st}, status=200 if ready else 503)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """GET /v1/openapi.json."""
+        return web.json_response(session_document())
 
     async def shutdown(self, app: web.Application) -> None:
         """Close every session (the app is stopping)."""

@@ -131,3 +131,24 @@ async def test_idle_sessions_time_out_but_watched_ones_stay() -> None:
         await wait_for(lambda: engine.get(sid) is None, timeout=15)
         async with http.get(url + f"v1/sessions/{sid}/status") as r:
             assert r.status == 404
+
+
+async def test_python_client_and_openapi_cover_the_session_routes() -> None:
+    from avatar_agent.client import ApiError, AsyncAvatarClient
+
+    async with session_server("server.max_sessions=1") as (url, engine, http):
+        async with AsyncAvatarClient(url) as c:
+            s = await c.open_session(emotion="surprise")
+            assert s.session["id"] and engine.get(s.session["id"]) is not None
+            with pytest.raises(ApiError) as e:
+                await c.open_session()
+            assert e.value.status == 503 and e.value.retry_after
+            uid = await s.say("Hello there.")
+            st = await s.status()
+            assert st["session"] == s.session["id"] and uid >= 1
+            await s.close_session()
+            assert engine.get(s.session["id"]) is None
+            doc = await c.request("GET", "/v1/openapi.json")
+            for path in ("/v1/sessions", "/v1/sessions/{id}", "/v1/sessions/{id}/whep",
+                         "/v1/sessions/{id}/say", "/v1/sessions/{id}/audio/ws", "/readyz"):
+                assert path in doc["paths"], path
