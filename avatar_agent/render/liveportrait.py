@@ -35,6 +35,81 @@ CropFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """image uint8 [H, W, 3] → (crop uint8 [512, 512, 3], crop_to_image float64 [3, 3])."""
 
 
+# --------------------------------------------------------------------------------------------
+# The 70-d motion layout ↔ LivePortrait keypoints
+# --------------------------------------------------------------------------------------------
+
+def info_to_motion(info: dict[str, torch.Tensor]) -> np.ndarray:
+    """Refined kp-info → raw 70-d motion [B, 70] (moda.md §5.1 layout; tz set to 0)."""
+    b = info["kp"].shape[0]
+    m = np.zeros((b, space.DIM), dtype=np.float32)
+    m[:, space.EXP] = info["exp"].reshape(b, -1).cpu().numpy()
+    m[:, space.SCALE] = info["scale"].reshape(b).cpu().numpy()
+    m[:, 64:66] = info["t"].reshape(b, 3)[:, :2].cpu().numpy()
+    m[:, space.PITCH] = info["pitch"].reshape(b).cpu().numpy()
+    m[:, space.YAW] = info["yaw"].reshape(b).cpu().numpy()
+    m[:, space.ROLL] = info["roll"].reshape(b).cpu().numpy()
+    return m
+
+
+def _moda_copy_mask() -> np.ndarray:
+    mask = np.zeros((space.N_KP, 3), dtype=bool)
+    mask[[1, 2, 6, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], :] = True
+    mask[3:5, 1] = True                                              # kp3.y, kp4.y
+    mask[5, 2] = True                                                # kp5.z
+    mask[8, 2] = True                                                # kp8.z
+    mask[9, 1:3] = True                                              # kp9.y, kp9.z
+    return mask
+
+
+MODA_EXP_COPY_MASK: np.ndarray = _moda_copy_mask()
+"""[21, 3] bool: the exp entries MoDA takes from the generated motion; the rest stay the source's."""
+
+MODA_EYEBALL_BIAS: np.ndarray = np.zeros((space.N_KP, 3), dtype=np.float32)
+"""Fixed gaze/blink offset MoDA adds to every driving exp (``update_delta_new_eyeball_direction(0, −5)``)."""
+MODA_EYEBALL_BIAS[11, 1] = MODA_EYEBALL_BIAS[15, 1] = 0.0025
+MODA_EYEBALL_BIAS[13, 1] = MODA_EYEBALL_BIAS[16, 1] = 0.00075
+
+
+def moda_driving_keypoints(kp_canonical: torch.Tensor, exp_source: torch.Tensor,
+                           scale_source: torch.Tensor, motion: torch.Tensor,
+                           eyeball_bias: bool = True) -> torch.Tensor:
+    """Driving keypoints for raw motion frames, MoDA's absolute drive (before stitching).
+
+    ``δ = exp_s`` with the :data:`MODA_EXP_COPY_MASK` entries taken from the frame's exp (after
+    the fixed eyeball bias); ``R`` from the frame's pose; **scale = the source's** (the generated
+    scale is unused); ``t`` = the frame's (tx, ty), tz dropped.
+
+    Args:
+        kp_canonical: [21, 3] or [1, 21, 3] source canonical keypoints x_c.
+        exp_source: [21, 3] or [1, 21, 3] source expression.
+        scale_source: scalar / [1] / [1, 1] source scale.
+        motion: [B, 70] raw motion.
+    Returns: [B, 21, 3].
+    """
+    if motion.ndim != 2 or motion.shape[1] != space.DIM:
+        raise ValueError(f"motion must be [B, {space.DIM}], got {tuple(motion.shape)}")
+    b = motion.shape[0]
+    exp_d = motion[:, space.EXP].reshape(b, space.N_KP, 3)          # B×21×3
+    if eyeball_bias:
+        exp_d = exp_d + torch.as_tensor(MODA_EYEBALL_BIAS, dtype=motion.dtype, device=motion.device)
+    mask = torch.as_tensor(MODA_EXP_COPY_MASK, device=motion.device)
+    delta = torch.where(mask, exp_d, exp_source.reshape(1, space.N_KP, 3).to(motion.dtype))
+    rot = K.rotation_matrix(motion[:, space.PITCH], motion[:, space.YAW], motion[:, space.ROLL])
+    kc = kp_canonical.reshape(1, space.N_KP, 3).to(motion.dtype).expand(b, -1, -1)
+    scale = scale_source.reshape(1, 1).to(motion.dtype).expand(b, 1)
+    return K.transform_keypoints(kc, rot, delta, scale, motion[:, space.T])
+
+
+def plain_driving_keypoints(kp_canonical: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
+    """Driving keypoints using every field of the motion as is (x = s·(x_c·R + exp) + t)."""
+    b = motion.shape[0]
+    rot = K.rotation_matrix(motion[:, space.PITCH], motion[:, space.YAW], motion[:, space.ROLL])
+    kc = kp_canonical.reshape(1, space.N_KP, 3).to(motion.dtype).expand(b, -1, -1)
+    return K.transform_keypoints(kc, rot, motion[:, space.EXP], motion[:, space.SCALE],
+                                 motion[:, space.T])
+
+
 class RenderInputError(ValueError):
     """Bad image, avatar or motion given to the renderer."""
 
@@ -218,7 +293,7 @@ class LivePortraitRenderer:
         return Avatar(profile="official", image=np.ascontiguousarray(image), crop=crop512,
                       crop_to_image=np.asarray(crop_to_image, dtype=np.float64),
                       kp_canonical=info["kp"][0].cpu().numpy().astype(np.float32),
-                      rest_motion=K.info_to_motion(info)[0], extra=extra)
+                      rest_motion=info_to_motion(info)[0], extra=extra)
 
     # ----------------------------------------------------------------------------------------
     # Rendering
@@ -230,9 +305,9 @@ class LivePortraitRenderer:
         m = torch.as_tensor(np.asarray(motion, dtype=np.float32) if not isinstance(motion, torch.Tensor)
                             else motion, dtype=torch.float32, device=self.device)
         if self.drive == "moda":
-            x_d = K.moda_driving_keypoints(ex["kp"], ex["exp"], ex["scale"], m, self.eyeball_bias)
+            x_d = moda_driving_keypoints(ex["kp"], ex["exp"], ex["scale"], m, self.eyeball_bias)
         else:
-            x_d = K.plain_driving_keypoints(ex["kp"], m)
+            x_d = plain_driving_keypoints(ex["kp"], m)
         if self.stitching:
             with torch.no_grad():
                 x_d = self.nets.stitching.stitch(ex["x_s"].expand(m.shape[0], -1, -1), x_d)
