@@ -269,7 +269,8 @@ def list_models(dest: str | Path | None = None, manifest: str | Path = MANIFEST)
 # Verification
 # --------------------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (the project's one file-hash helper)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
@@ -307,7 +308,7 @@ def check_file(f: ModelFile, dest: Path, pins: dict[str, dict[str, Any]] | None 
     p = _found(f, dest)
     if p is None:
         return FileStatus(f, dest / f.name, "missing")
-    digest = _sha256(p)
+    digest = sha256_file(p)
     known = f.pinned_digests()
     if digest in known:
         return FileStatus(f, p, "ok", digest, f"= {known[digest].where()}")
@@ -710,7 +711,7 @@ def _fetch_one(f: ModelFile, d: Path, timeout: float, origins: dict[str, Origin]
             part.discard()
             raise ModelsError(f"{local}: got {got} bytes from {src.where()}, expected {size}; the "
                               "partial file was deleted, fetch again")
-        digest = _sha256(part.part)
+        digest = sha256_file(part.part)
         want = src.sha256 or server_sha
         if want and digest != want:
             part.discard()

@@ -34,3 +34,16 @@ def test_chunker_params_have_no_defaults_of_their_own():
             p.pre_roll_ms, p.hangover_ms) == (c.hop_ms, c.lookahead_ms, c.left_context_ms,
                                               c.window_ms, v.min_speech_ms, v.pre_roll_ms,
                                               v.hangover_ms)
+
+
+def test_one_file_hash_helper(tmp_path):
+    from avatar_agent import models
+
+    p = tmp_path / "x"
+    p.write_bytes(b"abc")
+    assert models.sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(256)) * 9000)                     # more than one 1 MiB block
+    import hashlib
+
+    assert models.sha256_file(big) == hashlib.sha256(big.read_bytes()).hexdigest()

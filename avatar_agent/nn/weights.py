@@ -18,7 +18,6 @@ Our own trained models are exports of :mod:`avatar_agent.train.loop` (``.safeten
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,15 +32,6 @@ MODA_WRAPPER_KEYS = ("scheduler.sigmas", "null_audio_feat", "null_motion_feat")
 
 class WeightsError(ValueError):
     """A weights file is missing, corrupt, or not the expected checkpoint."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _torch_load(path: Path, what: str) -> Any:

@@ -12,7 +12,7 @@ from avatar_agent.nn.hubert import HubertFeatures, build_hubert, hubert_config
 from avatar_agent.nn.moda import RELEASE_PREFIX, MoDADiT, MoDAParams
 from avatar_agent.nn.weights import (
     WeightsError, load_hubert, load_mean_std, load_moda_release, load_moda_state,
-    rename_hubert_keys, save_mean_std, sha256_file,
+    rename_hubert_keys, save_mean_std,
 )
 
 SMALL = MoDAParams(hidden=32, heads=2, audio_dim=8, audio_blocks=2, n_four=1, n_two=1, n_single=1,
@@ -113,9 +113,3 @@ def test_hubert_dir_with_old_weight_norm_names(tmp_path: Path) -> None:
         load_hubert(tmp_path)
     with pytest.raises(WeightsError, match="not found"):
         load_hubert(tmp_path / "nope")
-
-
-def test_sha256_file(tmp_path: Path) -> None:
-    p = tmp_path / "x"
-    p.write_bytes(b"abc")
-    assert sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
