@@ -41,7 +41,7 @@ async def test_row3_upload_that_cannot_fit_is_refused_from_its_size_without_deco
         assert status == 413, body
         assert "speech queue holds at most 120 s" in body["error"]
         assert took < 3.0                      # before: decoded + resampled for 18 s, then 503
-        assert probe.max_gap < 0.25            # the clock never stalled
+        assert probe.max_gap < 1.0             # the clock never stalled (before: 18 s)
         assert _rss_mb() - peak0 < 500         # before: 7.4 GB of decoded samples
         assert not api.ctl.calls               # nothing reached the speech queue
     finally:
@@ -49,11 +49,12 @@ async def test_row3_upload_that_cannot_fit_is_refused_from_its_size_without_deco
 
 
 async def test_row3_a_large_valid_upload_is_decoded_off_the_event_loop() -> None:
-    api = await start_api(max_queued_s=120.0)
-    rate, seconds = 44100, 100
-    t = np.arange(rate * seconds) / rate
+    api = await start_api(max_queued_s=400.0, max_upload_mb=64.0)
+    rate, seconds = 48000, 300
+    t = np.arange(rate * seconds, dtype=np.float32) / rate
     pcm = (np.sin(2 * np.pi * 220 * t) * 8000).astype(np.int16)
-    stereo = np.repeat(pcm[:, None], 2, axis=1).tobytes()              # 17.6 MB, 100 s
+    stereo = np.repeat(pcm[:, None], 2, axis=1).tobytes()              # 57.6 MB, 300 s
+    del t, pcm
     try:
         async with aiohttp.ClientSession() as s, LoopProbe() as probe:
             async with s.post(api.url + f"/api/audio?rate={rate}&channels=2", data=stereo,
@@ -61,8 +62,9 @@ async def test_row3_a_large_valid_upload_is_decoded_off_the_event_loop() -> None
                 body = await r.json()
                 assert r.status == 200, body
         assert body["duration_s"] == pytest.approx(seconds, abs=0.01)
-        # The resample of 4.4 M stereo samples runs in a worker thread; the loop keeps ticking.
-        assert probe.max_gap < 0.25, probe.max_gap
+        # Decoding and resampling 14.4 M stereo samples takes 1-3 s of CPU (all of it on the
+        # loop before); in a worker thread the loop keeps ticking.
+        assert probe.max_gap < 0.5, probe.max_gap
     finally:
         await stop_api(api)
 
