@@ -115,7 +115,7 @@ class Agent:
         await self.warm_up()
         await self._start_sinks()
         self.notifier.ready(f"running at {self.fps} fps")
-        log.info("session running: %d fps, latency %d ms, sinks: %s", self.fps,
+        log.info("agent running: %d fps, latency %d ms, sinks: %s", self.fps,
                  self.cfg.player.latency_ms, ", ".join(s.name for s in self.sinks) or "none")
         try:
             async with asyncio.TaskGroup() as tg:

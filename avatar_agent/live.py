@@ -23,8 +23,12 @@ from .config import Config, load_config
 
 log = logging.getLogger("avatar_agent")
 
-LIVE_SECTIONS = ("avatar", "motion.expression_scale", "motion.head_scale", "service.log_level")
-"""What a reload applies without a restart."""
+LIVE_SECTIONS = ("avatar", "motion.expression_scale", "motion.head_scale", "service.log_level",
+                 "server.token", "server.cors_origins", "server.max_body_kb",
+                 "server.max_upload_mb", "server.request_timeout_s", "server.rate_say_per_min",
+                 "server.rate_push_per_min", "server.rate_offer_per_min",
+                 "server.rate_interrupt_per_min")
+"""What a reload applies without a restart (everything else is named as needing one)."""
 
 
 async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) -> int:
@@ -43,17 +47,19 @@ async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) 
     agent = Agent(cfg, source=source, vad=make_vad(cfg), motion=make_motion(cfg),
                   renderer=make_renderer(cfg), sinks=sinks, clock=clock, notifier=notifier)
     session = Session(agent)
-    runner = None
+    runner = security = None
     if webrtc is not None:
         from .server.app import serve
         from .server.local import make_local_app
+        from .server.security import SECURITY_KEY
 
-        runner = await serve(make_local_app(cfg, session, webrtc), cfg.server.host,
-                             cfg.server.port)               # prints the page's URL
+        app = make_local_app(cfg, session, webrtc)
+        security = app[SECURITY_KEY]
+        runner = await serve(app, cfg.server.host, cfg.server.port)   # prints the page's URL
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.stop)
     loop.add_signal_handler(signal.SIGINT, agent.stop)
-    reloader = Reloader(session, cfg, config_path, overrides, notifier)
+    reloader = Reloader(session, cfg, config_path, overrides, notifier, security)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     loop.add_signal_handler(signal.SIGHUP, agent.stop if interactive else reloader.request)
     try:
@@ -82,8 +88,8 @@ class Reloader:
     """SIGHUP → reload the config, all or nothing (see the module docstring)."""
 
     def __init__(self, session: Any, cfg: Config, config_path: str | None,
-                 overrides: list[str], notifier: Any) -> None:
-        self.session, self.cfg = session, cfg
+                 overrides: list[str], notifier: Any, security: Any = None) -> None:
+        self.session, self.cfg, self.security = session, cfg, security
         self.config_path, self.overrides, self.notifier = config_path, overrides, notifier
         self.tasks: asyncio.TaskGroup | None = None
         self._busy = False
@@ -106,8 +112,10 @@ class Reloader:
             if new.avatar_path() != self.cfg.avatar_path():        # decode before changing anything
                 image = await asyncio.to_thread(load_image, new.avatar_path())
             from .motion.emotion import emotion_label
+            from .server.control import settings_from_config
 
             emotion_label(new.avatar.emotion)
+            _, security = settings_from_config(new)      # e.g. a LAN bind without a token fails
         except Exception as e:
             log.error("reload failed, nothing changed (keeping the running config): %s", e)
             self.notifier.ready("reload failed")
@@ -120,6 +128,9 @@ class Reloader:
                 s.avatar_path = str(new.avatar_path())
             s.set_emotion(new.avatar.emotion, new.avatar.intensity)
             s.set_scales(new.motion.expression_scale, new.motion.head_scale)
+            if self.security is not None and (new.server.host, new.server.port) == \
+                    (self.cfg.server.host, self.cfg.server.port):
+                self.security.replace(security)         # a rotated token holds from now on
             logging.getLogger().setLevel(new.service.log_level.upper())
             restart = _needs_restart(self.cfg, new)
             self.cfg = new

@@ -291,27 +291,47 @@ def canonical_path(path: str) -> str:
     return f"/api/{m.group(1)}" if m else path
 
 
-def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.monotonic
-                ) -> list[Callable[..., Any]]:
-    """The middleware chain for ``settings`` (outermost first); :func:`install` adds them."""
-    origins = set(settings.cors_origins)
-    buckets = {name: TokenBuckets(lim, now) for name, lim in settings.rate_limits.items()}
-    host_check = is_loopback(settings.host) and not settings.trust_host_header
+class SecurityState:
+    """The settings the middlewares enforce now.  :meth:`replace` swaps them at once (a config
+    reload: a rotated token is enforced from the next request on)."""
+
+    def __init__(self, settings: SecuritySettings, now: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self._now = now
+        self.buckets: dict[str, TokenBuckets] = {}
+        self.replace(settings)
+
+    def replace(self, settings: SecuritySettings) -> None:
+        """Enforce ``settings`` from now on (rate-limit buckets kept where a limit is unchanged)."""
+        old = getattr(self, "settings", None)
+        self.buckets = {name: (self.buckets[name] if old is not None
+                               and old.rate_limits.get(name) == lim else TokenBuckets(lim, self._now))
+                        for name, lim in settings.rate_limits.items()}
+        self.origins = set(settings.cors_origins)
+        self.host_check = is_loopback(settings.host) and not settings.trust_host_header
+        self.settings = settings
+
+
+def middlewares(settings: SecuritySettings | SecurityState,
+                now: Callable[[], float] = time.monotonic) -> list[Callable[..., Any]]:
+    """The middleware chain (outermost first) enforcing ``settings`` — or a live
+    :class:`SecurityState`, read at every request; :func:`install` adds them."""
+    st = settings if isinstance(settings, SecurityState) else SecurityState(settings, now)
 
     @web.middleware
     async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
-        limit = settings.body_limits.get(canonical_path(request.path), settings.max_body_bytes)
+        limit = st.settings.body_limits.get(canonical_path(request.path), st.settings.max_body_bytes)
         request[LIMIT_KEY] = limit
         if request.content_length is not None and request.content_length > limit:
             return json_error(413, f"request body of {request.content_length} bytes is larger "
                                    f"than the {limit}-byte limit of {request.path}")
-        if _path_match(canonical_path(request.path), settings.long_lived_paths):
+        if _path_match(canonical_path(request.path), st.settings.long_lived_paths):
             return await handler(request)
         try:
-            async with asyncio.timeout(settings.request_timeout_s):
+            async with asyncio.timeout(st.settings.request_timeout_s):
                 return await handler(request)
         except TimeoutError:
-            return json_error(408, f"request took longer than {settings.request_timeout_s:g} s")
+            return json_error(408, f"request took longer than {st.settings.request_timeout_s:g} s")
         except web.HTTPException:
             raise
         except (asyncio.CancelledError, ConnectionResetError):
@@ -322,7 +342,7 @@ def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.mono
 
     @web.middleware
     async def host(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if host_check:
+        if st.host_check:
             name = request.host.rsplit(":", 1)[0] if not request.host.startswith("[") \
                 else request.host.split("]")[0] + "]"
             if not is_loopback(name):
@@ -335,7 +355,7 @@ def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.mono
         origin = request.headers.get("Origin")
         if origin is None:                     # not a browser cross-origin request
             return await handler(request)
-        allowed = origin in origins
+        allowed = origin in st.origins
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             if not allowed:
                 return json_error(403, "origin not allowed")
@@ -354,9 +374,9 @@ def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.mono
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if settings.token and not _path_match(request.path, settings.public_paths):
+        if st.settings.token and not _path_match(request.path, st.settings.public_paths):
             given = _bearer(request)
-            if given is None or not _token_ok(given, settings.token):
+            if given is None or not _token_ok(given, st.settings.token):
                 return json_error(401, "missing or wrong bearer token "
                                        "(Authorization: Bearer <server.token>)",
                                   headers={"WWW-Authenticate": 'Bearer realm="avatar-agent"'})
@@ -364,12 +384,12 @@ def middlewares(settings: SecuritySettings, now: Callable[[], float] = time.mono
 
     @web.middleware
     async def rate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        bucket = settings.rate_limited_paths.get(canonical_path(request.path))
+        bucket = st.settings.rate_limited_paths.get(canonical_path(request.path))
         if bucket is not None and request.method != "OPTIONS":
-            wait = buckets[bucket].take(request.remote or "?")
+            wait = st.buckets[bucket].take(request.remote or "?")
             if wait > 0:
                 return json_error(429, f"rate limit for {bucket} exceeded "
-                                       f"({settings.rate_limits[bucket].per_min:g}/min); "
+                                       f"({st.settings.rate_limits[bucket].per_min:g}/min); "
                                        f"retry in {wait:.1f} s",
                                   headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return await handler(request)
@@ -416,10 +436,17 @@ class MalformedRequestLogFilter(logging.Filter):
 _MALFORMED_FILTER = MalformedRequestLogFilter()
 
 
+SECURITY_KEY = web.AppKey("security", SecurityState)
+
+
 def install(app: web.Application, settings: SecuritySettings,
-            now: Callable[[], float] = time.monotonic) -> None:
-    """Add the security middlewares and CORS response headers to ``app`` (before it starts)."""
-    app.middlewares.extend(middlewares(settings, now))
+            now: Callable[[], float] = time.monotonic) -> SecurityState:
+    """Add the security middlewares and CORS response headers to ``app`` (before it starts).
+
+    Returns the live state (also ``app[SECURITY_KEY]``): ``replace()`` it on a config reload."""
+    state = SecurityState(settings, now)
+    app[SECURITY_KEY] = state
+    app.middlewares.extend(middlewares(state, now))
     server_log = logging.getLogger("aiohttp.server")
     if _MALFORMED_FILTER not in server_log.filters:
         server_log.addFilter(_MALFORMED_FILTER)
@@ -430,8 +457,10 @@ def install(app: web.Application, settings: SecuritySettings,
             response.headers.update(_cors_headers(origin))
 
     app.on_response_prepare.append(add_cors)
+    return state
 
 
 __all__ = ["SecuritySettings", "RateLimit", "TokenBuckets", "InsecureBindError",
            "PathNotAllowedError", "check_avatar_path", "read_body", "json_error", "install",
-           "middlewares", "is_loopback", "LIMIT_KEY", "MalformedRequestLogFilter"]
+           "middlewares", "is_loopback", "LIMIT_KEY", "MalformedRequestLogFilter", "SecurityState",
+           "SECURITY_KEY", "canonical_path"]
