@@ -377,10 +377,11 @@ class Config:
         bad = [s for s in self.sinks.enabled if s not in known_sinks]
         if bad:
             raise ConfigError(f"sinks.enabled: unknown sink(s) {bad}; choose from {sorted(known_sinks)}")
-        from .types import EMOTIONS
-        if self.avatar.emotion not in EMOTIONS + ("none",):
-            raise ConfigError(f"avatar.emotion = {self.avatar.emotion!r}: choose one of "
-                              f"{', '.join(EMOTIONS + ('none',))}")
+        from .motion.emotion import EmotionError, emotion_label
+        try:
+            emotion_label(self.avatar.emotion)
+        except EmotionError as e:
+            raise ConfigError(f"avatar.emotion = {self.avatar.emotion!r}: {e}") from None
         if self.server.token and len(self.server.token) < 16:
             raise ConfigError("server.token is too short: use at least 16 random characters "
                               "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(24))')")

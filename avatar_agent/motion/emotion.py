@@ -164,7 +164,8 @@ def emotion_label(emotion: int | str) -> int:
         if emotion == "none":
             return EMOTION_NONE
         if emotion not in EMOTIONS:
-            raise EmotionError(f"unknown emotion {emotion!r}; use one of {EMOTIONS + ('none',)}")
+            raise EmotionError(f"unknown emotion {emotion!r}: choose one of "
+                               f"{', '.join(EMOTIONS + ('none',))}")
         return EMOTIONS.index(emotion)
     if isinstance(emotion, (bool,)) or not isinstance(emotion, (int, np.integer)):
         raise EmotionError(f"emotion must be an int label or a name, got {emotion!r}")

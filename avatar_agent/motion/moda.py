@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from avatar_agent.motion import space
+from avatar_agent.motion.emotion import emotion_label
 from avatar_agent.nn.hubert import HOP
 from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
 from avatar_agent.nn.sampling import Conditions, Guidance, guided_velocity, sample_flow
@@ -37,14 +38,6 @@ Features = Callable[[np.ndarray], "torch.Tensor | np.ndarray"]
 # --------------------------------------------------------------------------------------------
 # Motion-space helpers (numpy, raw ↔ model space)
 # --------------------------------------------------------------------------------------------
-
-
-def check_emotion(emotion: int, n_classes: int = 8) -> int:
-    """Validate an emotion label 0..n_classes (n_classes = none)."""
-    if not isinstance(emotion, (int, np.integer)) or not 0 <= int(emotion) <= n_classes:
-        raise ValueError(f"emotion label must be an int in 0..{n_classes} (0 anger … 7 surprise, "
-                         f"{n_classes} none), got {emotion!r}")
-    return int(emotion)
 
 
 def rescale_ratio(source_scale: float, mean: np.ndarray) -> float:
@@ -295,8 +288,7 @@ class MoDAMotion:
         """
         if self.identity is None or self.rest is None:
             raise RuntimeError("MoDAMotion.generate called before prepare(avatar)")
-        p = self.params
-        emotion = check_emotion(emotion, p.n_emotions)
+        emotion = emotion_label(emotion)
         n_new = chunk.n_new // HOP
         if n_new < 1:
             raise ValueError(f"chunk has {chunk.n_new} new samples, less than one frame ({HOP})")

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from avatar_agent.motion import space
-from avatar_agent.motion.moda import (OVERLAP, Features, check_emotion, from_model_space,
-                                      rescale_ratio, smooth_pose, to_model_space)
+from avatar_agent.motion.emotion import emotion_label
+from avatar_agent.motion.moda import (OVERLAP, Features, from_model_space, rescale_ratio,
+                                      smooth_pose, to_model_space)
 from avatar_agent.nn.moda import MoDADiT
 from avatar_agent.nn.sampling import Conditions, Guidance, sample
 from avatar_agent.types import EMOTION_NONE
@@ -85,7 +86,7 @@ def make_segment_sampler(model: MoDADiT, identity: torch.Tensor, emotion: int,
     """
     p = model.params
     dev = next(model.parameters()).device
-    emo = torch.tensor([check_emotion(emotion, p.n_emotions)], device=dev)
+    emo = torch.tensor([emotion_label(emotion)], device=dev)
 
     def run(i: int, prev: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         n = audio.shape[1]
