@@ -143,3 +143,29 @@ def test_unreachable_server_is_one_clear_error() -> None:
     msg = str(e.value)
     assert "\n" not in msg
     assert "ws://127.0.0.1:9" in msg and "cannot register" in msg
+
+
+@pytest.mark.parametrize("name", ["livekit_in_job.py", "livekit_remote_avatar.py"])
+def test_examples_define_an_agent_server(name: str) -> None:
+    """The examples load against the installed livekit-agents and register their entrypoint
+    (running them needs a LiveKit server)."""
+    import runpy
+
+    from livekit.agents import AgentServer
+
+    ns = runpy.run_path(str(AVATARS.parent / "examples" / name), run_name="example")
+    server = ns["server"]
+    assert isinstance(server, AgentServer)
+    assert server._entrypoint_fnc is ns["entrypoint"]
+
+
+def test_cli_subcommand_reports_missing_server_in_one_line(capsys) -> None:
+    from avatar_agent.cli import build_parser, main
+
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None)
+               and "start" in a.choices)
+    if "livekit-worker" not in sub.choices:
+        pytest.skip("cli.py does not dispatch livekit-worker yet (the lead's edit)")
+    assert main(["livekit-worker"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--url / $LIVEKIT_URL" in err

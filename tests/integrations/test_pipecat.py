@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -206,3 +207,17 @@ async def test_audio_passes_through_when_the_session_stops() -> None:
     assert any(isinstance(f, TTSStoppedFrame) for f in down)
     first = down.index(through[0])
     assert not any(isinstance(f, OutputImageRawFrame) for f in down[first:])  # video had ended
+
+
+async def test_loopback_example_runs(tmp_path) -> None:
+    """examples/pipecat_loopback.py end to end on a short WAV (its own engine, its own viewer)."""
+    import runpy
+    import soundfile as sf
+
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, tone(1.0, 22_050), 22_050)
+    ns = runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples" /
+                            "pipecat_loopback.py"), run_name="example")
+    got = await ns["main"](str(wav), overrides=[f"render.size={SIZE}"])
+    assert 22 < got["fps"] < 28
+    assert 0.8 < got["speech_s"] < 1.3
