@@ -1,16 +1,20 @@
 """Emotion presets as a face tracker sees them on rendered frames (issue 12, item 2).
 
-For each portrait: render the rest pose in silence with each of the 8 emotions, track every frame
-with FaceMesh and print, relative to the "neutral" render and as % of the inter-ocular distance
-(IOD): the mean motion of the 40 expression landmarks, the motion of each defining region (brows,
-lid midpoints, lip corners), the closest other emotion, and the same at intensity 0.5.  Targets:
-defining region ≥ 6 %, 40-landmark mean ≥ 3 %, any two emotions ≥ 2 % apart.
+For each portrait (bench/portraits.py): render the rest pose in silence with each of the 8
+emotions, track every frame with FaceMesh and print, relative to the "neutral" render and as % of
+the inter-ocular distance (IOD), after removing head motion: the mean motion of the 40 expression
+landmarks (avatar_agent.face.measure), the motion of each region (brows, lid midpoints, lip
+corners: mean of the region's more-moved half of landmarks), the emotion's defining region(s),
+the closest other emotion, and the 40-landmark mean at intensity 0.5 (relative to "neutral" at
+0.5: intensity blends from the portrait's own expression to the full preset on its relaxed
+face).  Targets: defining region ≥ 6 %, 40-landmark mean ≥ 3 %, any two emotions ≥ 2 % apart.
 
 With ``--speech`` it also checks that speech keeps the emotion: the default embedded generator
-speaks a sentence with each emotion, and the brow/lid landmarks (which speech does not move) are
-compared with the silent render of the same emotion.
+(``avatar_agent.wiring.make_motion`` on the default config) speaks a sentence in live-like 160 ms
+chunks after 1 s of silence, once per emotion; brows and lip corners are compared with the
+neutral run's frame at the same time, in silence and while speaking.
 
-    python bench/emotion_check.py [--portraits photo,painting,...] [--speech]
+    python bench/emotion_check.py [--portraits photo,photo-gray,painting,hopper-gray] [--speech]
 """
 
 from __future__ import annotations
@@ -74,9 +78,57 @@ def check_portrait(name: str, image: np.ndarray, renderer: WarpRenderer) -> dict
     return res
 
 
+def speech_check(image: np.ndarray, renderer: WarpRenderer) -> None:
+    """Brows and corners vs the neutral run, in silence and in speech, per emotion."""
+    import torch
+
+    from avatar_agent.audio.tts import synthesize
+    from avatar_agent.config import load_config
+    from avatar_agent.motion.emotion import emotion_label
+    from avatar_agent.types import Phoneme, SpeechChunk
+    from avatar_agent.wiring import make_motion
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, [], use_default_path=False)
+    avatar = renderer.prepare(image)
+    u = synthesize("Hello there, I am speaking to you with a lot of feeling today.")
+    audio = np.concatenate([np.zeros(8000, np.float32), u.audio, np.zeros(16000, np.float32)])
+    phon = tuple(Phoneme(p.symbol, p.start + 0.5, p.end + 0.5) for p in u.phonemes)
+    hop, left, right = 2560, 4800, 640
+    pad = np.concatenate([np.zeros(left, np.float32), audio, np.zeros(right + hop, np.float32)])
+
+    def run(emotion: str) -> list:
+        g = make_motion(cfg)
+        g.prepare(avatar)
+        label = emotion_label(emotion)
+        g.set_emotion(label, 1.0)
+        out = [g.idle(25, g.rest_pose, 0.0)]
+        for s in range(0, len(audio) - hop, hop):
+            chunk = SpeechChunk(pad[s: s + left + hop + right], s, hop, left, right, speech=True,
+                                phonemes=phon)
+            out.append(g.generate(chunk, out[-1][-1], label, 1.0))
+        m = np.concatenate(out)
+        idx = list(range(5, 25, 5)) + list(range(40, len(m), 12))   # 4 silent, then speech
+        return [measure.track(f) for f in renderer.render(avatar, m[idx])]
+
+    print(f"\nspeech keeps the emotion ({type(make_motion(cfg)).__name__}): % IOD vs neutral")
+    neutral = run("neutral")
+    for e in ("surprise", "sadness", "anger", "happiness", "disgust"):
+        pts = run(e)
+        ch = [measure.expression_change(p, n).regions for p, n in zip(pts, neutral)]
+
+        def avg(rows: list, key: str) -> float:
+            return 100 * float(np.mean([r[key] for r in rows]))
+
+        print(f"{e:10s} silence: brows {avg(ch[:4], 'brows'):5.2f} corners "
+              f"{avg(ch[:4], 'corners'):5.2f} | speech: brows {avg(ch[4:], 'brows'):5.2f} "
+              f"corners {avg(ch[4:], 'corners'):5.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--portraits", default="photo,photo-gray,painting,hopper-gray")
+    ap.add_argument("--speech", action="store_true", help="also check emotion while speaking")
     args = ap.parse_args()
     renderer = WarpRenderer(size=512)
     imgs = portraits()
@@ -94,9 +146,14 @@ def main() -> None:
             worst["defining"] = min(worst["defining"], r["defining"])
             worst["mean"] = min(worst["mean"], r["mean"])
             worst["closest"] = min(worst["closest"], r["closest"][0])
+        print(f"worst on {name}: defining {100 * min(r['defining'] for r in res.values()):.2f}, "
+              f"mean40 {100 * min(r['mean'] for r in res.values()):.2f}, closest pair "
+              f"{100 * min(r['closest'][0] for r in res.values()):.2f}")
     print(f"\nworst over portraits: defining region {100 * worst['defining']:.2f} % (target ≥ 6), "
           f"40-landmark mean {100 * worst['mean']:.2f} % (≥ 3), closest pair "
           f"{100 * worst['closest']:.2f} % (≥ 2)")
+    if args.speech:
+        speech_check(imgs["photo"], renderer)
 
 
 if __name__ == "__main__":
