@@ -167,7 +167,7 @@ class Engine:
             if image is None and avatar is not None:
                 from .face.landmarks import load_image
 
-                agent._image = await asyncio.to_thread(load_image, avatar)
+                agent.image = await asyncio.to_thread(load_image, avatar)
             await agent.warm_up()
             task = asyncio.create_task(self._run(session), name=f"session-{session.id}")
             self.sessions[session.id] = _Running(session, task, self.clock.now(),

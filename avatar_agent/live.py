@@ -66,7 +66,7 @@ async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) 
         async with asyncio.TaskGroup() as tg:
             reloader.tasks = tg
             stdin = None
-            if session.agent.segments is not None and sys.stdin is not None \
+            if session.agent.marks.from_source and sys.stdin is not None \
                     and not sys.stdin.closed:
                 stdin = tg.create_task(_read_stdin(session), name="stdin")
             await session.run()

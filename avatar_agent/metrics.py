@@ -43,6 +43,13 @@ class Metrics:
         self.speaking = Gauge("avatar_speaking", "1 while speech is being animated", registry=r)
         self.rss.set_function(rss_bytes)
 
+    def frame_sent(self, speech: bool, lateness: float, av_offset: float) -> None:
+        """Count one delivered frame (speech or idle), its lateness and its A/V offset."""
+        self.frames.labels("delivered").inc()
+        self.frames.labels("speech" if speech else "idle").inc()
+        self.clock_lateness.set(lateness)
+        self.av_offset.set(av_offset)
+
     def render(self) -> bytes:
         """The text exposition format for GET /metrics."""
         return generate_latest(self.registry)

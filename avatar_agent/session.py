@@ -197,8 +197,8 @@ class Session:
         """Counters for `check`, logs and the status API."""
         a = self.agent
         s: dict[str, Any] = dataclasses.asdict(a.player.stats)
-        s.update(session=self.id, chunks_dropped=a.chunks_dropped,
-                 frames_buffered=a.player.buffered(), chunks_queued=a._chunks.qsize(),
+        s.update(session=self.id, chunks_dropped=a.chunks.dropped,
+                 frames_buffered=a.player.buffered(), chunks_queued=len(a.chunks),
                  timeline_drift_s=a.timeline.drift_s, producing=a.producing,
                  emotion=self.steering.emotion, avatar=self.avatar_path)
         src = a.source

@@ -144,7 +144,7 @@ async def test_motion_continuity_prev_is_last_emitted_frame():
     motion.generate = spy
     await agent.run()
     assert len(seen) > 3
-    assert np.array_equal(agent._prev, spy.last)
+    assert np.array_equal(agent.animator.prev, spy.last)
 
 
 async def test_interrupt_mutes_next_frame_and_returns_to_idle_without_gaps():

@@ -147,7 +147,7 @@ async def test_invalid_motion_never_becomes_continuity() -> None:
         session.push_audio(_tone(1.0), 16000, final=True)
 
     await asyncio.gather(_run_until(session, clock, 3.0), talk())
-    assert np.isfinite(session.agent._prev).all()
+    assert np.isfinite(session.agent.animator.prev).all()
     assert session.agent.player.stats.underruns == 0    # idle motion replaced the bad chunk
 
 

@@ -15,7 +15,7 @@ from .control import mount, settings_from_config
 def make_local_app(cfg: Config, session: Any, webrtc: Any) -> web.Application:
     """The app for one session (``session``: :class:`avatar_agent.session.Session`)."""
     uplink = None
-    if session.agent.segments is not None:          # a peer's uplink audio is spoken like a push
+    if session.agent.marks.from_source:             # a peer's uplink audio is spoken like a push
         def uplink(samples: Any, final: bool) -> int:
             return session.push_audio(samples, final=final)
 
