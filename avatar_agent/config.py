@@ -232,6 +232,9 @@ class ServerConfig:
     POST /v1/sessions answers 503 with Retry-After."""
     session_idle_s: float = 300.0
     """A session with no API call and no viewer for this long is closed (0 = never)."""
+    inference_workers: int = 1
+    """Inference threads of the session server, sharing one earliest-due-first queue (1 = the
+    design's single model thread; on a CPU-only machine serving many sessions, one per core)."""
     rate_offer_per_min: float = 30.0
     """WebRTC offers (POST /offer) per minute per client."""
     rate_interrupt_per_min: float = 120.0
@@ -315,6 +318,9 @@ class Config:
             raise ConfigError(f"player.latency_ms = {p.latency_ms}: must be at least "
                               f"chunker.hop_ms + chunker.lookahead_ms = {need} ms (no frame could "
                               "ever be ready in time); `avatar-agent check` shows the budget")
+        if not 0 <= p.speech_latency_ms <= 1000:
+            raise ConfigError(f"player.speech_latency_ms = {p.speech_latency_ms}: must be 0..1000 "
+                              "(0 = pushed speech waits like the mic; the default is 60)")
         if p.queue_frames < 1:
             raise ConfigError(f"player.queue_frames = {p.queue_frames}: must be ≥ 1 (the default "
                               "is 50)")
@@ -347,7 +353,12 @@ class Config:
             raise ConfigError("sinks.file is empty but sinks.enabled has \"file\": set sinks.file "
                               "to an .mp4 path")
         _positive(self, "service.drain_s", self.service.drain_s, zero_ok=True)
+        _positive(self, "service.frozen_s", self.service.frozen_s)
         sv = self.server
+        _positive(self, "server.max_sessions", sv.max_sessions, zero_ok=True)
+        _positive(self, "server.session_idle_s", sv.session_idle_s, zero_ok=True)
+        if not 1 <= sv.inference_workers <= 64:
+            raise ConfigError(f"server.inference_workers = {sv.inference_workers}: must be 1..64")
         if not 0 <= sv.port <= 65535:
             raise ConfigError(f"server.port = {sv.port}: must be 0..65535 (0 = any free port)")
         if sv.max_body_kb < 1:

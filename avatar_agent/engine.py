@@ -4,8 +4,8 @@ each session holds only its own state (audio timeline, chunker, motion history, 
 * Motion generators are *forked* per session from one loaded generator (same weights, fresh state).
 * All sessions' model work goes through one :class:`~avatar_agent.inference.Inference` thread,
   earliest due frame first, so a session with a long chunk does not make another's frame late.
-* Admission control: capacity is ``server.max_sessions`` when set, else measured — the inference
-  thread is one core, so sessions fit while their summed share of it stays below
+* Admission control: capacity is ``server.max_sessions`` when set, else measured — each inference
+  worker is one core, so sessions fit while their summed share of the workers stays below
   :data:`TARGET_LOAD` (each session's share is measured on the running sessions; before any
   has run long enough, from a warm-up timing of one chunk).  Beyond capacity
   :class:`CapacityError` carries a Retry-After; running sessions are never degraded.
@@ -81,7 +81,8 @@ class Engine:
         self.renderer = renderer or make_renderer(cfg)
         self._base = motion or make_motion(cfg)
         self._make_vad = vad or (lambda: make_vad(cfg))
-        self.inference = Inference(self.clock, cfg.render.threads)
+        self.inference = Inference(self.clock, cfg.render.threads,
+                                   workers=cfg.server.inference_workers)
         self.sessions: dict[str, _Running] = {}
         self._seeds = itertools.count(cfg.motion.seed + 1)
         self._opening = 0
@@ -106,7 +107,7 @@ class Engine:
         if self.cfg.server.max_sessions > 0:
             return self.cfg.server.max_sessions
         cost = self.per_session_load
-        return max(1, int(TARGET_LOAD / cost)) if cost > 0 else 1
+        return max(1, int(TARGET_LOAD * self.inference.workers / cost)) if cost > 0 else 1
 
     @property
     def load(self) -> float:

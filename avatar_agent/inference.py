@@ -37,9 +37,13 @@ class Inference:
         clock: the injected clock; virtual time is held while a job is in flight (FakeClock).
         threads: torch/OpenCV intra-op threads for the worker.
         name: thread name (shows in py-spy / top -H).
+        workers: worker threads taking jobs from the one earliest-due-first queue.  One is the
+            design's default (one torch context, no GIL fights); a CPU session server with many
+            sessions may use one per core — the renderer's OpenCV work releases the GIL.
     """
 
-    def __init__(self, clock: Clock, threads: int = 1, name: str = "inference") -> None:
+    def __init__(self, clock: Clock, threads: int = 1, name: str = "inference",
+                 workers: int = 1) -> None:
         self.clock = clock
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -48,8 +52,12 @@ class Inference:
         self.busy_s = 0.0
         """Seconds of work run so far (thread CPU is what admission control measures)."""
         self.jobs = 0
-        self._thread = threading.Thread(target=self._work, args=(threads,), name=name, daemon=True)
-        self._thread.start()
+        self.workers = max(1, workers)
+        self._threads = [threading.Thread(target=self._work, args=(threads,),
+                                          name=f"{name}-{k}" if k else name, daemon=True)
+                         for k in range(self.workers)]
+        for t in self._threads:
+            t.start()
 
     async def run(self, due: float, fn: Callable[..., R], *args: Any) -> R:
         """Run ``fn(*args)`` on the inference thread; ``due`` orders it among waiting jobs."""
@@ -102,8 +110,9 @@ class Inference:
                 _, _, job = heapq.heappop(self._heap)
             t0 = time.thread_time()
             job()
-            self.busy_s += time.thread_time() - t0
-            self.jobs += 1
+            with self._cv:
+                self.busy_s += time.thread_time() - t0
+                self.jobs += 1
 
 
 def _hand_back(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
