@@ -40,6 +40,8 @@ class IdleSource(Protocol):
 
     def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray: ...
 
+    def fork(self, seed: int) -> "IdleSource": ...
+
 
 class SpeechGenerator(Protocol):
     """What serves speech in a :class:`SpeechAndIdle` (a :class:`MoDAMotion`)."""
@@ -53,6 +55,8 @@ class SpeechGenerator(Protocol):
                  intensity: float = 1.0) -> np.ndarray: ...
 
     def reset(self) -> None: ...
+
+    def fork(self, seed: int) -> "SpeechGenerator": ...
 
 
 class SpeechAndIdle:
@@ -89,6 +93,10 @@ class SpeechAndIdle:
     def reset(self) -> None:
         """Forget the speech history; the idle timeline (blinks, sway) goes on."""
         self.moda.reset()
+
+    def fork(self, seed: int) -> "SpeechAndIdle":
+        """Another session's generator: the same networks, fresh state, its own seed."""
+        return type(self)(self.moda.fork(seed), self.idle_gen.fork(seed))
 
     def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
                  intensity: float = 1.0) -> np.ndarray:
@@ -212,6 +220,10 @@ class LivePortraitIdle:
         if self._rest is None:
             raise RuntimeError("LivePortraitIdle: prepare(avatar) first")
         return self._rest
+
+    def fork(self, seed: int) -> "LivePortraitIdle":
+        """The same settings for another session, its own seed, no avatar yet."""
+        return LivePortraitIdle(seed, self.fps, self.idle_params, self.params)
 
     def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
         """Accepted for the protocol: LivePortrait's keypoints have no emotion basis to apply in

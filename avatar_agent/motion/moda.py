@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from avatar_agent.motion import space
+from avatar_agent.motion.compose import SpeechAndIdle
 from avatar_agent.motion.emotion import emotion_label
 from avatar_agent.nn.hubert import HOP
 from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
@@ -121,8 +122,6 @@ class MoDAMotion:
             to :meth:`prepare`), no rescale ratio — how the embedded tiny model is trained.
         identity: a fixed identity condition [63] used instead of the avatar's keypoints
             (relative models are trained identity-agnostic).
-        idle: optional ``(n, prev [70], t0) -> [n, 70]`` idle-motion callable; without it idle
-            frames hold ``prev``.
         device: torch device for the DiT.
         seed: seed of the noise generator (reproducible sessions).
     """
@@ -137,7 +136,6 @@ class MoDAMotion:
                  feature_context: int | None = None, crossfade: int = 0, min_hop_ms: int = 0,
                  context: int = 0,
                  relative: bool = False, identity: np.ndarray | None = None,
-                 idle: Callable[[int, np.ndarray, float], np.ndarray] | None = None,
                  device: torch.device | str = "cpu", seed: int = 0) -> None:
         p = model.params
         if isinstance(model, MoDADiT):
@@ -155,7 +153,7 @@ class MoDAMotion:
             raise ValueError(f"crossfade must be in 0..window-1={self.window - 1}, got {crossfade}")
         self.null_audio = (null_audio if null_audio is not None
                            else torch.zeros(1, 1, 1, 1, p.audio_dim)).float()
-        self.guidance, self.steps, self.idle_fn = guidance, steps, idle
+        self.guidance, self.steps = guidance, steps
         self.crossfade, self.min_hop_ms = crossfade, min_hop_ms
         self.final_step, self.feature_context = final_step, feature_context
         self.relative = relative
@@ -343,15 +341,16 @@ class MoDAMotion:
         return raw
 
     def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray:
-        """Idle frames from the injected idle callable, else ``prev`` held."""
-        if self.idle_fn is not None:
-            return np.asarray(self.idle_fn(n, prev, t0), np.float32)
+        """``prev`` held: the bare generator has no idle motion.  Products wrap it in
+        :class:`~avatar_agent.motion.compose.SpeechAndIdle`, whose idle layer serves silence."""
         return np.repeat(np.asarray(prev, np.float32).reshape(1, space.DIM), n, axis=0)
 
 
-class EmbeddedMoDA:
+class EmbeddedMoDA(SpeechAndIdle):
     """The embedded profile's MoDA: a trained tiny DiT for speech, the procedural idle layer for
     silence (blinks, sway, breathing, emotion) — one :class:`~avatar_agent.types.MotionGenerator`.
+    The composition is :class:`~avatar_agent.motion.compose.SpeechAndIdle`'s, which the official
+    profile uses with :class:`~avatar_agent.motion.compose.LivePortraitIdle`.
 
     Args:
         moda: a streaming MoDA generator (profile "embedded").

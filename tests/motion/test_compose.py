@@ -120,12 +120,11 @@ def test_speech_to_silence_has_no_jump_and_relaxes_to_rest() -> None:
     assert more.shape == (10, 70) and np.isfinite(more).all()
 
 
-def test_reset_keeps_the_idle_timeline_and_bad_inputs() -> None:
+def test_idle_timeline_continues_across_calls_and_bad_inputs() -> None:
     gen = official_generator()
     av = official_avatar()
     gen.prepare(av)
     a = gen.idle(30, av.rest_motion, 0.0)
-    gen.reset()                                           # after an interruption: speech only
     b = gen.idle(30, a[-1], 1.2)
     ref = official_generator()
     ref.prepare(av)
@@ -140,3 +139,16 @@ def test_reset_keeps_the_idle_timeline_and_bad_inputs() -> None:
         gen.idle(3, np.zeros(5, np.float32), 0.0)
     assert gen.idle(0, av.rest_motion, 0.0).shape == (0, 70)
 
+
+
+def test_embedded_profile_uses_the_same_composition_and_idle_forks() -> None:
+    from avatar_agent.motion.moda import EmbeddedMoDA
+
+    assert issubclass(EmbeddedMoDA, SpeechAndIdle)
+    idle = LivePortraitIdle(seed=1)
+    other = idle.fork(7)
+    av = official_avatar()
+    idle.prepare(av)
+    other.prepare(av)
+    a, b = idle.idle(100, av.rest_motion, 0.0), other.idle(100, av.rest_motion, 0.0)
+    assert other.params == idle.params and not np.allclose(a, b)   # its own blinks and sway

@@ -213,16 +213,9 @@ def test_streaming_intensity_and_errors() -> None:
         gen.prepare(official)
 
 
-def test_idle_uses_injected_layer_or_holds() -> None:
-    calls: list[tuple[int, float]] = []
-
-    def idle(n: int, prev: np.ndarray, t0: float) -> np.ndarray:
-        calls.append((n, t0))
-        return np.repeat(prev[None] + 1, n, 0)
-
+def test_bare_generator_idle_holds_prev() -> None:
+    """Living silence comes from motion.compose.SpeechAndIdle (tests/motion/test_compose.py)."""
     prev = np.arange(70, dtype=np.float32)
-    assert np.array_equal(make_gen(idle=idle).idle(3, prev, 1.5), np.repeat(prev[None] + 1, 3, 0))
-    assert calls == [(3, 1.5)]
     assert np.array_equal(make_gen().idle(2, prev, 0.0), np.stack([prev, prev]))
 
 
