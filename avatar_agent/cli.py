@@ -49,6 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                                           "~/.config/avatar-agent/config.toml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (repeatable)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also show native libraries' logs (mediapipe, TensorFlow Lite, absl)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     sub.add_parser("devices", help="list audio inputs and virtual cameras")
+
+    p = sub.add_parser("service", help="install | uninstall the systemd user unit for this install")
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("--config", "-c", help="config file the service starts with (install)")
 
     p = sub.add_parser("bench", help="measure the pipeline and print figures")
     _common(p)
@@ -124,9 +130,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return (train_main if argv[0] == "train" else prep_main)(argv[1:])
     args = build_parser().parse_args(argv)
+    from .quiet import native_log_filter
+
+    with native_log_filter(enabled=not getattr(args, "verbose", False)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become one line on stderr and an exit code."""
     try:
         if args.cmd == "devices":
             return cmd_devices()
+        if args.cmd == "service":
+            from .service_install import cmd_service
+
+            return cmd_service(args.action, args.config)
         if args.cmd == "models":
             return cmd_models(args)
         overrides = list(args.set)
