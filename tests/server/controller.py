@@ -14,7 +14,7 @@ import numpy as np
 
 from avatar_agent.audio.queue import SpeechQueueSource
 from avatar_agent.clock import Clock, SystemClock
-from avatar_agent.types import EMOTIONS, AudioFrame
+from avatar_agent.types import EMOTIONS, SAMPLE_RATE, AudioFrame, Interrupted
 
 
 class QueueController:
@@ -65,10 +65,10 @@ class QueueController:
         assert samples.dtype == np.float32 and samples.ndim == 1
         return self.source.push(samples, final=final)
 
-    def interrupt(self) -> dict:
+    def interrupt(self) -> Interrupted:
         self.calls.append("interrupt")
         uid, pos = self.source.interrupt()
-        return {"interrupted": uid, "sample": pos}
+        return Interrupted(utterance=uid, frame=pos // (SAMPLE_RATE // 25))
 
     def set_emotion(self, name: str, intensity: float | None = None) -> None:
         if name not in EMOTIONS + ("none",):

@@ -127,9 +127,10 @@ async def test_interrupt_cuts_speech_and_events_over_websocket_say_so(api: Api) 
         fin = await collect(events, lambda e: e.kind == "speech_finished"
                             and e.data["utterance"] == second)
         await events.aclose()
-    assert res["interrupted"] == uid
-    cut = res["sample"]
+    assert res["utterance"] == uid
     by_id = {e.data["utterance"]: e.data for e in fin if e.kind == "speech_finished"}
+    cut = by_id[uid]["sample"]
+    assert res["frame"] == cut // (2 * FRAME_SAMPLES)              # the first frame cut (25 fps)
     assert by_id[uid] == {"utterance": uid, "sample": cut, "interrupted": True, "started": True}
     assert by_id[second]["started"] is False and by_id[second]["interrupted"] is True
     await wait_for(lambda: len(api.ctl.frames) * FRAME_SAMPLES >= cut + 10 * FRAME_SAMPLES)
