@@ -93,7 +93,7 @@ class ControlSettings:
     finished, so queued say() and uploads go on) and the socket closed."""
     ws_first_audio_s: float = 30.0
     """Longest wait for the header and for the first audio of an /api/audio/ws stream."""
-    interrupt_coalesce_s: float = 0.25
+    interrupt_coalesce_s: float = 1.0
     """An interrupt this soon after the previous one, with no speech accepted in between, returns
     the previous result instead of interrupting again (a flood costs one interrupt)."""
     decode_concurrency: int = 2

@@ -171,13 +171,13 @@ async def test_row13_an_interrupt_flood_costs_one_interrupt_and_is_rate_limited(
         assert statuses.count(429) >= 900          # the per-client bucket holds 20
         ok = [b for st, b in results if st == 200]
         real = sum(not b.get("coalesced") for b in ok)          # the rest repeat an answer
-        # At most one real interrupt per coalescing window (0.25 s) of the flood: before, each of
+        # At most one real interrupt per coalescing window (1 s) of the flood: before, each of
         # the 1000 dropped frames and queued an idle refill on the inference thread.
-        assert real == api.ctl.calls.count("interrupt") <= 1 + int(flood_s / 0.25)
-        assert real <= 6 and len(ok) > real
+        assert real == api.ctl.calls.count("interrupt") <= 1 + int(flood_s / 1.0)
+        assert real <= 3 and len(ok) > real
         assert probe.max_gap < 0.5
         # Speech accepted after it makes the next interrupt real again.
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.1)
         async with aiohttp.ClientSession() as s:
             async with s.post(api.url + "/api/say", json={"text": "again"}) as r:
                 assert r.status == 200
