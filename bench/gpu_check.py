@@ -183,9 +183,34 @@ def portrait() -> np.ndarray:
     return np.ascontiguousarray(img[..., ::-1])
 
 
-def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0,
-                 half: bool | None = None) -> tuple[Any, Any]:
-    """(motion generator, renderer) of one official session, as wiring builds them."""
+PRECISIONS = {"release": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""``--precision``: "release" = the release's choice (DiT and HuBERT float32, the LivePortrait
+networks under fp16 autocast on CUDA); the others put all three under that autocast dtype."""
+
+PRECISION = "release"
+"""The run's ``--precision`` (set once by :func:`main`)."""
+
+
+def autocast(dev: torch.device) -> Any:
+    """The run's autocast context for DiT/HuBERT/LivePortrait calls (a no-op for release/fp32)."""
+    import contextlib
+
+    dtype = PRECISIONS[PRECISION]
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=dtype)
+
+
+def _under_autocast(fn: Callable[..., Any], dev: torch.device) -> Callable[..., Any]:
+    def run(*a: Any, **k: Any) -> Any:
+        with autocast(dev):
+            return fn(*a, **k)
+    return run
+
+
+def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0) -> tuple[Any, Any]:
+    """(motion generator, renderer) of one official session, as wiring builds them, with the
+    run's precision applied to every network call."""
     from avatar_agent.motion.compose import LivePortraitIdle, SpeechAndIdle
     from avatar_agent.motion.moda import MoDAMotion
     from avatar_agent.nn.hubert import HubertFeatures
@@ -198,7 +223,12 @@ def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0,
                       device=dev, seed=seed)
     motion = SpeechAndIdle(moda, LivePortraitIdle(seed=seed))
     renderer = LivePortraitRenderer(m.liveportrait, device=dev, crop=center_crop, output="crop",
-                                    size=512, max_batch=8 if quick else 25, half=half)
+                                    size=512, max_batch=8 if quick else 25,
+                                    half=None if PRECISION == "release" else False)
+    if PRECISIONS[PRECISION] not in (None, torch.float32):
+        for obj, names in ((motion, ("generate", "idle", "prepare")), (renderer, ("render", "prepare"))):
+            for name in names:
+                setattr(obj, name, _under_autocast(getattr(obj, name), dev))
     return motion, renderer
 
 
@@ -229,7 +259,7 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
     secs = audio.size / 16000
     feats = HubertFeatures(m.hubert, dev)
     out: dict[str, Any] = {}
-    out["hubert_per_audio_s"] = time_ms(lambda: feats(audio), dev, reps) / secs
+    out["hubert_per_audio_s"] = time_ms(_under_autocast(lambda: feats(audio), dev), dev, reps) / secs
     moda = motion.moda
     hop = moda.hop
     window_chunk = chunk_for(audio, 4, min(hop, audio.size // 640 - 8))
@@ -239,7 +269,8 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
                           device=dev, seed=0)
     moda_pre.prepare(avatar)
     rest = avatar.rest_motion
-    out["dit_window"] = time_ms(lambda: moda_pre.generate(window_chunk, rest), dev, reps)
+    out["dit_window"] = time_ms(_under_autocast(lambda: moda_pre.generate(window_chunk, rest), dev),
+                                dev, reps)
     out["dit_window_frames"] = int(window_chunk.n_new // 640)
     out["dit_window_steps"] = int(moda.steps)
     ex = renderer._extra(avatar)
@@ -247,13 +278,13 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
     nets = renderer.nets
 
     def warp() -> Any:
-        with torch.no_grad(), renderer._autocast():
+        with torch.no_grad(), renderer._autocast(), autocast(dev):
             return nets.warping(ex["f_s"], kp_driving=x_d, kp_source=ex["x_s"])
 
     feat = warp()["out"]
 
     def gen() -> Any:
-        with torch.no_grad(), renderer._autocast():
+        with torch.no_grad(), renderer._autocast(), autocast(dev):
             return nets.spade(feat)
 
     out["warping_per_frame"] = time_ms(warp, dev, reps)
@@ -451,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions")
     ap.add_argument("--models", help="models directory with the official files (default: the "
                                      "avatar-agent models directory; recipe weights if incomplete)")
-    ap.add_argument("--half", choices=["auto", "on", "off"], default="auto",
-                    help="fp16 autocast in the renderer (auto: on for CUDA, as the release)")
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="release",
+                    help="release (default): DiT/HuBERT fp32, LivePortrait fp16 autocast on CUDA; "
+                         "fp32/fp16/bf16: all three networks under that autocast dtype")
     ap.add_argument("--skip-tests", action="store_true", help="no conformance tests")
     ap.add_argument("--skip-live", action="store_true", help="no live session")
     args = ap.parse_args(argv)
@@ -481,8 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     m = load_models(dev, args.quick, models_dir)
     result["weights"] = m.weights
     reps = 2 if args.quick else 20
-    half = None if args.half == "auto" else args.half == "on"
-    result["renderer_fp16"] = (dev.type == "cuda") if half is None else (half and dev.type == "cuda")
+    global PRECISION
+    PRECISION = args.precision
+    result["precision"] = (f"{args.precision}: DiT+HuBERT fp32, LivePortrait "
+                           f"{'fp16' if dev.type == 'cuda' else 'fp32'}" if args.precision == "release"
+                           else args.precision)
     log("stages")
     stages = measure_stages(m, dev, args.quick, reps)
     result["stages_ms"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stages.items()}
