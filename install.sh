@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up on Debian/Ubuntu: system packages, a venv in .venv, avatar-agent and its models.
 #   ./install.sh          runtime (embedded profile, microphone, virtual camera, local web page)
-#   ./install.sh --dev    + the test, official-profile and ONNX-bench extras (what .ci/run uses)
+#   ./install.sh --dev    + the test, official-profile, ONNX-bench, LiveKit and pipecat extras
+#                         (what .ci/run uses)
 #   VENV=/path ./install.sh  to put the venv elsewhere
 #   TORCH_INDEX=https://download.pytorch.org/whl/cpu ./install.sh
 #                         a CPU-only torch on a machine without a GPU (PyPI's default build
@@ -31,7 +32,7 @@ PY="$VENV/bin/python"
 # The pinned CPU torch first, on its own: an unpinned resolve could pull a multi-GB CUDA build.
 "$PY" -m pip install -q torch==2.13.0 ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} \
   2> >(grep -v "is ignored" >&2)
-EXTRAS="webrtc,vcam"; [ "$DEV" = 1 ] && EXTRAS="webrtc,vcam,official,bench,dev"
+EXTRAS="webrtc,vcam"; [ "$DEV" = 1 ] && EXTRAS="webrtc,vcam,official,bench,livekit,pipecat,dev"
 "$PY" -m pip install -q -e ".[$EXTRAS]" 2> >(grep -v "is ignored" >&2)
 # mediapipe 0.10.21 is the last release with the face models inside the wheel; --no-deps keeps
 # numpy 2 and skips jax/jaxlib, which the legacy FaceMesh path does not use.

@@ -205,7 +205,9 @@ async def test_clear_buffer_idles_within_one_frame(session) -> None:
     print(f"livekit clear_buffer: position {ev.playback_position:.3f} s, session played_s "
           f"{ended.played_s:.3f} s")
     assert ev.interrupted is True
-    assert ev.playback_position == pytest.approx(n_at_clear * FRAME_S, abs=1e-6)
+    # the runner counts audio once its AudioSource took it: the frame it was still pushing
+    # (blocked on the 100 ms source queue) when the clear came is not counted as played
+    assert round(ev.playback_position / FRAME_S) in (n_at_clear - 1, n_at_clear)
     assert 0.9 < ev.playback_position < 1.5
     # after clear_buffer: at most the frame already in flight, then video only
     after = [x for t, x in rec.log if t > rec.cleared_at]

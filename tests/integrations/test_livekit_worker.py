@@ -4,6 +4,7 @@ real engine, job requests (LiveKit's own JobRequest), and a clear error when no 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -169,3 +170,35 @@ def test_cli_subcommand_reports_missing_server_in_one_line(capsys) -> None:
     assert main(["livekit-worker"]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--url / $LIVEKIT_URL" in err
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_jobs_on_their_own_threads_share_the_engine(engine) -> None:
+    """The worker runs each LiveKit job on a thread with its own event loop: sessions opened
+    there on the shared engine produce paced frames alongside one on the main loop."""
+    import threading
+
+    def job(out: dict) -> None:
+        async def run() -> None:
+            s = await engine.open_session()
+            frames = s.frames()
+            t0 = time.monotonic()
+            out["n"] = len([await anext(frames) for _ in range(25)])
+            out["s"] = time.monotonic() - t0
+            await engine.close_session(s.id)
+        try:
+            asyncio.run(run())
+        except BaseException as e:   # reported to the test thread
+            out["error"] = e
+
+    main_s = await engine.open_session()
+    frames = main_s.frames()
+    out: dict = {}
+    t = threading.Thread(target=job, args=(out,))
+    t.start()
+    got = [await anext(frames) for _ in range(50)]
+    await asyncio.to_thread(t.join, 30)
+    await engine.close_session(main_s.id)
+    assert "error" not in out, out.get("error")
+    assert out["n"] == 25 and out["s"] == pytest.approx(1.0, abs=0.2)
+    assert [f.index for f in got] == list(range(got[0].index, got[0].index + 50))
