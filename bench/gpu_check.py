@@ -25,7 +25,9 @@ Figures (JSON keys):
   earliest the mouth can open; with real weights the same frame is reported.
 * ``sessions_at_25fps``: how many sessions one device holds at 25 fps: the largest N with
   N · (motion ms per frame) + (W+G+copy of N frames in one batch) ≤ 40 ms, from measured
-  costs (frames of N sessions batched into one W+G call).
+  costs (frames of N sessions batched into one W+G call).  Motion per frame is a live chunk's
+  cost (HuBERT over its context + one DiT window) divided by the frames of a chunk hop
+  (``chunker.hop_ms``): live chunking runs a whole window per hop.
 * ``gpu_memory_mb``: weights and workspace shared by all sessions, and the extra one more
   session needs (its avatar features, its motion history, its frames in flight); CUDA only.
 * ``conformance``: the pytest summary of tests/test_cuda_conformance.py on this device.
@@ -273,6 +275,16 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
                                 dev, reps)
     out["dit_window_frames"] = int(window_chunk.n_new // 640)
     out["dit_window_steps"] = int(moda.steps)
+    # A live chunk as the default config cuts it: left context + hop + lookahead, HuBERT over all
+    # of it and one DiT window for the hop's few new frames.
+    from avatar_agent.config import load_config
+
+    ch = load_config(None, []).chunker
+    hop_f, left_f, right_f = ch.hop_ms // 40, ch.left_context_ms // 40, ch.lookahead_ms // 40
+    live_chunk = chunk_for(audio, left_f, hop_f, left=left_f, right=right_f)
+    out["live_chunk_motion"] = time_ms(_under_autocast(lambda: moda.generate(live_chunk, rest), dev),
+                                       dev, reps)
+    out["live_chunk_frames"] = hop_f
     ex = renderer._extra(avatar)
     x_d = renderer.driving_keypoints(avatar, rest[None])
     nets = renderer.nets
@@ -342,9 +354,11 @@ def measure_session(m: Models, dev: torch.device, quick: bool) -> dict[str, floa
 
 def measure_capacity(stages: dict[str, Any], m: Models, dev: torch.device, quick: bool,
                      reps: int) -> dict[str, Any]:
-    """Largest N with N · motion_ms_per_frame + render_ms(N frames in one batch) ≤ 40 ms."""
-    motion_pf = (stages["dit_window"] / stages["dit_window_frames"]
-                 + stages["hubert_per_audio_s"] / 25)
+    """Largest N with N · motion_ms_per_frame + render_ms(N frames in one batch) ≤ 40 ms, with
+    the motion cost of live chunking (features + one DiT window per chunk hop)."""
+    motion_pf = stages["live_chunk_motion"] / stages["live_chunk_frames"]
+    offline_pf = (stages["dit_window"] / stages["dit_window_frames"]
+                  + stages["hubert_per_audio_s"] / 25)
     _, renderer = make_session(m, dev, quick)
     avatar = renderer.prepare(portrait())
     rest = avatar.rest_motion
@@ -359,6 +373,7 @@ def measure_capacity(stages: dict[str, Any], m: Models, dev: torch.device, quick
         elif n > 1:
             break
     return {"sessions_at_25fps": best, "motion_ms_per_frame_per_session": motion_pf,
+            "motion_ms_per_frame_offline_chunking": offline_pf,
             "render_ms_per_batch": table,
             "method": "measured per-stage costs, frames of N sessions batched into one W+G call, "
                       "motion of each session serial on the device"}
