@@ -219,10 +219,14 @@ class Agent:
             self.chunks.put(SpeechChunk(np.zeros(n, np.float32), nxt * self.spf, n, 0, 0, False))
         return nxt, dropped
 
-    def _rewind(self, sample: int) -> int:
+    def _rewind(self, sample: int, buffered: int) -> int:
         """New speech after silence at ``sample`` (ahead of the clock): start it at the earliest
-        frame compute can still make instead, dropping what was made of the silence from there."""
-        f, ready = self.player.next_index, self.clock.now() + self.cfg.player.speech_latency_ms / 1000
+        frame compute can still make instead, dropping what was made of the silence from there.
+        A live stream (``buffered`` ≥ 0 samples there) also needs its lookahead to arrive."""
+        wait = self.cfg.player.speech_latency_ms / 1000
+        if buffered >= 0:
+            wait = max(wait, self.chunker.latency_ms / 1000 + _COMPUTE_S - buffered / SAMPLE_RATE)
+        f, ready = self.player.next_index, self.clock.now() + wait
         while self.player.due(f) < ready:
             f += 1
         if f * self.spf >= sample:

@@ -220,9 +220,10 @@ class SpeechSource(AudioSource, Interruptible, Protocol):
         """Id of the utterance being emitted now (None while silent)."""
         ...
 
-    def schedule(self, lead_s: float, rewind: Callable[[int], int] | None = None) -> None:
-        """Emit frames ``lead_s`` ahead of real time; ``rewind(sample) -> sample`` moves a new
-        utterance after silence to the earliest sample the consumer can still show."""
+    def schedule(self, lead_s: float, rewind: Callable[[int, int], int] | None = None) -> None:
+        """Emit frames ``lead_s`` ahead of real time; ``rewind(sample, buffered) -> sample``
+        moves a new utterance after silence to the earliest sample the consumer can still show
+        (``buffered``: samples of it already there, −1 = all)."""
         ...
 
     def stats(self) -> dict[str, Any]:

@@ -242,7 +242,8 @@ async def _cycle(url: str, watch: bool, delete: bool) -> None:
 
 
 async def test_200_connect_disconnect_cycles_keep_memory_bounded_and_the_player_steady() -> None:
-    with agent_process(WEBRTC) as (proc, url), loopback_ice():
+    # One client reconnecting 200 times in a row: lift the per-client /offer rate limit.
+    with agent_process(WEBRTC, "server.rate_offer_per_min=100000") as (proc, url), loopback_ice():
         watcher = await connect(url)                 # stays all along
         try:
             await wait_for(lambda: watcher.frames >= 25, timeout=60)

@@ -165,7 +165,7 @@ class SpeechQueueSource:
         self._tasks: set[asyncio.Task[None]] = set()
         self._index = 0                               # next timeline sample to emit
         self._lead = 0.0                              # seconds frames are emitted ahead of time
-        self._rewind: Callable[[int], int] | None = None
+        self._rewind: Callable[[int, int], int] | None = None
         self._silent = True                           # the last frame emitted was silence
         self._closed = False
         self.underruns = 0
@@ -351,14 +351,16 @@ class SpeechQueueSource:
     # The timeline
     # -------------------------------------------------------------------------------------------
 
-    def schedule(self, lead_s: float, rewind: Callable[[int], int] | None = None) -> None:
+    def schedule(self, lead_s: float, rewind: Callable[[int, int], int] | None = None) -> None:
         """Emit frames ``lead_s`` ahead of real time (queued audio needs no capture wait).
 
-        ``rewind(sample) -> sample``: called when an utterance is about to start after silence
-        at ``sample``, which lies up to ``lead_s`` in the future; it returns the earliest sample
-        the consumer can still show (after dropping what it made of the silence beyond it), and
-        the utterance starts there instead — so new speech is seen and heard at once, not
-        ``lead_s`` later.
+        ``rewind(sample, buffered) -> sample``: called when an utterance is about to start after
+        silence at ``sample``, which lies up to ``lead_s`` in the future; ``buffered`` is how
+        much of it is there (−1: all of it; a live stream has only its pre-buffer).  It returns
+        the earliest sample the consumer can still show (after dropping what it made of the
+        silence beyond it), and the utterance starts there instead — so new speech is seen and
+        heard at once, not ``lead_s`` later.  A live stream that runs dry while ahead of real
+        time is waited for; a gap is inserted only once its real time has come.
         """
         if lead_s < 0:
             raise ValueError(f"lead_s={lead_s} must be ≥ 0")
@@ -371,14 +373,26 @@ class SpeechQueueSource:
         """
         t0 = self.clock.now()
         while not self._closed:
-            due = t0 + (self._index + FRAME_SAMPLES) / SAMPLE_RATE - self._lead
-            await self.clock.sleep_until(due)
+            real = t0 + (self._index + FRAME_SAMPLES) / SAMPLE_RATE   # its capture time
+            await self.clock.sleep_until(real - self._lead)
             if self._closed:
                 return
+            if self._starved() and self.clock.now() < real:
+                # A live stream ran dry while we are ahead of time: wait for more of it (a gap
+                # is inserted only once its real time has come, as for a microphone).
+                await self.clock.sleep_until(min(real, self.clock.now() + 0.01))
+                continue
             with self._lock:
                 frame, events = self._next_frame()
             self._emit(events)
             yield frame
+
+    def _starved(self) -> bool:
+        """True while the utterance playing is an open stream with less than a frame buffered."""
+        with self._lock:
+            head = self._queue[0] if self._queue else None
+            return (head is not None and head.start is not None and not head.final
+                    and head.available < FRAME_SAMPLES)
 
     def _next_frame(self) -> tuple[AudioFrame, list[tuple[str, dict[str, Any]]]]:
         """The frame at ``self._index`` and the events it causes (lock held)."""
@@ -400,7 +414,8 @@ class SpeechQueueSource:
                                        or head.available == 0):
                     break                                  # not ready yet: silence
                 if self._silent and self._rewind is not None:   # start as early as still visible
-                    index = self._index = min(index, self._rewind(index))
+                    buffered = head.available if not head.final else -1   # -1: all of it
+                    index = self._index = min(index, self._rewind(index, buffered))
                 head.start = index
                 events.append(("speech_started", {"utterance": head.id, "sample": index}))
             if head.available >= FRAME_SAMPLES or (head.final and head.available > 0):
