@@ -219,8 +219,13 @@ def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0) -> tu
     from avatar_agent.nn.sampling import Guidance
     from avatar_agent.render.liveportrait import LivePortraitRenderer
 
-    feats = HubertFeatures(m.hubert, dev)
-    moda = MoDAMotion(m.dit, feats, m.mean, m.std, profile="official", null_audio=m.null_audio,
+    feats: Any = HubertFeatures(m.hubert, dev)
+    dit: Any = m.dit
+    if PRECISION not in ("release", "fp32"):        # the product's wrappers (nn/precision.py)
+        from avatar_agent.nn.precision import AutocastDiT, AutocastFeatures
+
+        dit, feats = AutocastDiT(m.dit, PRECISION), AutocastFeatures(feats, dev, PRECISION)
+    moda = MoDAMotion(dit, feats, m.mean, m.std, profile="official", null_audio=m.null_audio,
                       guidance=Guidance(audio=0.2, emotion=0.0), steps=2 if quick else 10,
                       device=dev, seed=seed)
     motion = SpeechAndIdle(moda, LivePortraitIdle(seed=seed))
@@ -228,9 +233,8 @@ def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0) -> tu
                                     size=512, max_batch=8 if quick else 25,
                                     half=None if PRECISION == "release" else False)
     if PRECISIONS[PRECISION] not in (None, torch.float32):
-        for obj, names in ((motion, ("generate", "idle", "prepare")), (renderer, ("render", "prepare"))):
-            for name in names:
-                setattr(obj, name, _under_autocast(getattr(obj, name), dev))
+        for name in ("render", "prepare"):          # the renderer has only its fp16 switch
+            setattr(renderer, name, _under_autocast(getattr(renderer, name), dev))
     return motion, renderer
 
 
@@ -252,27 +256,24 @@ def chunk_for(audio: np.ndarray, start_frame: int, n_frames: int, left: int = 4,
 
 
 def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict[str, Any]:
-    from avatar_agent.nn.hubert import HubertFeatures
-
     motion, renderer = make_session(m, dev, quick)
     avatar = renderer.prepare(portrait())
     motion.prepare(avatar)
     audio = speechlike(1.0 if quick else 2.0)
     secs = audio.size / 16000
-    feats = HubertFeatures(m.hubert, dev)
-    out: dict[str, Any] = {}
-    out["hubert_per_audio_s"] = time_ms(_under_autocast(lambda: feats(audio), dev), dev, reps) / secs
     moda = motion.moda
+    feats = moda.features                      # HuBERT (under the run's precision)
+    out: dict[str, Any] = {}
+    out["hubert_per_audio_s"] = time_ms(lambda: feats(audio), dev, reps) / secs
     hop = moda.hop
     window_chunk = chunk_for(audio, 4, min(hop, audio.size // 640 - 8))
     pre = torch.as_tensor(feats(window_chunk.audio)).float()
-    moda_pre = type(moda)(m.dit, lambda a: pre[: a.size // 640], m.mean, m.std, profile="official",
+    moda_pre = type(moda)(moda.model, lambda a: pre[: a.size // 640], m.mean, m.std, profile="official",
                           null_audio=m.null_audio, guidance=moda.guidance, steps=moda.steps,
                           device=dev, seed=0)
     moda_pre.prepare(avatar)
     rest = avatar.rest_motion
-    out["dit_window"] = time_ms(_under_autocast(lambda: moda_pre.generate(window_chunk, rest), dev),
-                                dev, reps)
+    out["dit_window"] = time_ms(lambda: moda_pre.generate(window_chunk, rest), dev, reps)
     out["dit_window_frames"] = int(window_chunk.n_new // 640)
     out["dit_window_steps"] = int(moda.steps)
     # A live chunk as the default config cuts it: left context + hop + lookahead, HuBERT over all
@@ -282,8 +283,7 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
     ch = load_config(None, []).chunker
     hop_f, left_f, right_f = ch.hop_ms // 40, ch.left_context_ms // 40, ch.lookahead_ms // 40
     live_chunk = chunk_for(audio, left_f, hop_f, left=left_f, right=right_f)
-    out["live_chunk_motion"] = time_ms(_under_autocast(lambda: moda.generate(live_chunk, rest), dev),
-                                       dev, reps)
+    out["live_chunk_motion"] = time_ms(lambda: moda.generate(live_chunk, rest), dev, reps)
     out["live_chunk_frames"] = hop_f
     ex = renderer._extra(avatar)
     x_d = renderer.driving_keypoints(avatar, rest[None])
