@@ -30,7 +30,7 @@ def test_project_manifest_pins_what_is_published() -> None:
           "liveportrait/base_models/spade_generator.pth",
           "liveportrait/retargeting_models/stitching_retargeting_module.pth"]
     assert {"moda/net-200.pth", "moda/mean.pt", "audio/chinese-hubert-base/config.json",
-            "audio/chinese-hubert-base/pytorch_model.bin", *lp} <= set(files)
+            "audio/chinese-hubert-base/model.safetensors", *lp} <= set(files)
     assert all(f.license and f.check for f in files.values())
     for name in lp:                  # MoDA's copy first (what the release loads), upstream pinned
         moda, up = models.candidate_sources(files[name])
@@ -42,11 +42,15 @@ def test_project_manifest_pins_what_is_published() -> None:
     assert [s.size for s in spade.values()] == [221_813_590]
     mean = files["moda/mean.pt"].sources[0]
     assert "/70490302d8a5bb404258f65a9c3a315c26996e48/" in mean.url and mean.sha256.startswith("db742e76")
-    hub = files["audio/chinese-hubert-base/pytorch_model.bin"]
-    assert hub.alternatives == ("audio/chinese-hubert-base/model.safetensors",)
+    # Either weights format; the entry is named after the one load_hubert prefers.
+    hub = files["audio/chinese-hubert-base/model.safetensors"]
+    assert hub.alternatives == ("audio/chinese-hubert-base/pytorch_model.bin",)
     up = [s for s in hub.sources if s.origin == "upstream"]
-    assert [(s.repo, s.revision, s.size) for s in up] == [
-        ("TencentGameMate/chinese-hubert-base", "fce0375452b1dd6c080ac3248d423d4d037bc831", 377_552_987)]
+    assert [(s.repo, s.revision, s.size, s.save_as) for s in up] == [
+        ("TencentGameMate/chinese-hubert-base", "fce0375452b1dd6c080ac3248d423d4d037bc831", 377_552_987,
+         "audio/chinese-hubert-base/pytorch_model.bin")]
+    assert [s.path.rsplit("/", 1)[-1] for s in models.candidate_sources(hub)] == [
+        "pytorch_model.bin", "model.safetensors", "pytorch_model.bin"]
     assert not files["moda/net-200.pth"].pinned_digests()      # unknown: loader-checked
 
 
