@@ -469,7 +469,14 @@ def run_conformance(dev: torch.device, quick: bool) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-s", "-p", "no:cacheprovider",
            "tests/test_cuda_conformance.py"]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:      # keep the time for the benchmark
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        sys.stderr.write(out[-4000:])
+        return {"exit_code": -1, "summary": "timed out after 300 s", "seconds": 300.0,
+                "half_precision_errors": [ln.strip() for ln in out.splitlines()
+                                          if "max |diff| / max |ref|" in ln]}
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     summary = lines[-1] if lines else r.stderr.strip().splitlines()[-1:]
     measured = [ln.strip() for ln in r.stdout.splitlines() if "max |diff| / max |ref|" in ln]
@@ -548,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(_finite(result)))
     conf = result.get("conformance", {}).get("exit_code", 0)
-    return 0 if conf in (0, 5) else 1            # 5: pytest collected nothing to run
+    return 0 if conf in (0, 5) else 1            # 5: pytest collected nothing to run; -1: timeout
 
 
 if __name__ == "__main__":
