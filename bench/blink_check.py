@@ -1,11 +1,15 @@
 """Blinks an independent tracker counts on rendered frames (issue 12, item 5).
 
-For each portrait: 60 s of espeak-ng speech with pauses drives the procedural generator (idle
-layer blinks, sway, drift; viseme lip-sync), frames are rendered at 256², tracked with FaceMesh,
-and blinks are counted as dips of the eye opening below 55 % of its median.  Prints blinks per
-minute as made (motion) and as seen (tracker).  Target: 10–25 per minute on every portrait.
+For each portrait: 60 s of espeak-ng speech with pauses drives a motion generator — the default
+embedded one (``wiring.make_motion`` on the default config: the tiny MoDA for speech, the idle
+layer for silence; fed live-like 160 ms chunks with the VAD decision taken from the TTS timing)
+or ``--generator procedural`` (offline, one utterance) — frames are rendered at 256², tracked with
+FaceMesh, and blinks are counted as dips of the eye opening below 55 % of its median.  Prints
+blinks per minute as made (motion) and as seen (tracker).  Target: 10–25 per minute on every
+portrait.
 
     python bench/blink_check.py [--seconds 60] [--portraits photo,painting,hopper-gray]
+                                [--generator default|procedural]
 """
 
 from __future__ import annotations
@@ -47,20 +51,54 @@ def speech(seconds: float) -> tuple[np.ndarray, list[Phoneme]]:
     return a, [p for p in phon if p.end <= seconds]
 
 
+def default_motion(avatar, audio: np.ndarray, phon: list[Phoneme]) -> np.ndarray:
+    """The default generator over ``audio`` in 160 ms chunks (speech where the TTS spoke)."""
+    import torch
+
+    from avatar_agent.config import load_config
+    from avatar_agent.types import SpeechChunk
+    from avatar_agent.wiring import make_motion
+
+    torch.set_num_threads(1)
+    g = make_motion(load_config(None, [], use_default_path=False))
+    g.prepare(avatar)
+    hop, left, right = 2560, 4800, 640
+    pad = np.concatenate([np.zeros(left, np.float32), audio, np.zeros(right + hop, np.float32)])
+    voiced = np.zeros(len(audio) // hop + 1, bool)
+    for p in phon:
+        voiced[int(p.start * SAMPLE_RATE) // hop: int(p.end * SAMPLE_RATE) // hop + 1] = True
+    out, prev = [], g.rest_pose
+    for k, s in enumerate(range(0, len(audio) - hop + 1, hop)):
+        if voiced[k]:
+            chunk = SpeechChunk(pad[s: s + left + hop + right], s, hop, left, right, speech=True,
+                                phonemes=tuple(phon))
+            m = g.generate(chunk, prev, 5, 1.0)
+        else:
+            m = g.idle(hop // 640, prev, s / SAMPLE_RATE)
+        out.append(m)
+        prev = m[-1]
+    return np.concatenate(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--portraits", default="photo,painting,hopper-gray")
+    ap.add_argument("--generator", choices=("default", "procedural"), default="default")
     args = ap.parse_args()
     audio, phon = speech(args.seconds)
     r = WarpRenderer(size=256)
     imgs = portraits()
+    print(f"generator: {args.generator}, {args.seconds:.0f} s of speech with pauses")
     print(f"{'portrait':12s} {'made/min':>8s} {'seen/min':>8s} {'lost':>5s}")
     for name in args.portraits.split(","):
         av = r.prepare(imgs[name])
-        g = ProceduralMotion(seed=0)
-        g.prepare(av)
-        m = g.generate_utterance(audio, phon, seed=0)
+        if args.generator == "procedural":
+            g = ProceduralMotion(seed=0)
+            g.prepare(av)
+            m = g.generate_utterance(audio, phon, seed=0)
+        else:
+            m = default_motion(av, audio, phon)
         made = measure.count_blinks(eye_opening(m, av.kp_canonical), threshold=0.5)
         opening, lost = [], 0
         for i in range(0, len(m), 50):

@@ -10,9 +10,12 @@ advances on every call, speech or idle) and of its seed, plus two smoothing filt
 kept, so splitting a stretch of frames into calls of any size gives the same frames, and switching
 between speech and idle never restarts the sway or the blink schedule.
 
-Gaze: the embedded space has no iris keypoint, so gaze is shown the way it shows on the lids:
-looking down lowers the upper lids a little, looking up raises lids and brows a little.  Horizontal
-gaze is not represented (a small yaw drift in the sway stands in for it).
+Gaze: a slow vertical gaze (−1 up … +1 down) shows on the lids (looking down lowers the upper
+lids a little, looking up raises lids and brows a little), and the eyes move in saccades:
+fixations of 0.3–2 s separated by one-frame jumps of a few degrees (micro-saccades around the
+point looked at), now and then a look away and back.  The embedded space has no iris keypoint;
+the iris shift travels in the lid keypoints' depth offsets (x: upper lids, y: lower lids), which
+the embedded warp renderer reads as gaze (it has no other use for lid depth).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from avatar_agent.motion.space import DIM, KP, N_KP, PITCH, ROLL, SCALE
+from avatar_agent.motion.space import DIM, KP, LID_KEYPOINTS, N_KP, PITCH, ROLL, SCALE
 from avatar_agent.motion.visemes import face_unit
 
 
@@ -48,6 +51,11 @@ class IdleParams:
         breath_ty: vertical offset of a breath in crop units.
         gaze_lid: upper-lid shift at full down-gaze, as a fraction of the lid gap.
         gaze_brow: brow raise at full up-gaze, in face units (eye distances).
+        saccade_interval: (min, max) seconds of a fixation between two saccades.
+        saccade_micro: standard deviation of a micro-saccade's iris shift, face units.
+        look_away_p: probability that a saccade looks away (or back, when looking away).
+        look_away: (min, max) iris shift of a look away, face units.
+        gaze_iris: vertical iris shift at full slow down-gaze, face units.
     """
 
     blink_interval: tuple[float, float] = (2.0, 6.0)
@@ -64,6 +72,11 @@ class IdleParams:
     breath_ty: float = 0.003
     gaze_lid: float = 0.12
     gaze_brow: float = 0.012
+    saccade_interval: tuple[float, float] = (0.3, 2.0)
+    saccade_micro: float = 0.006
+    look_away_p: float = 0.2
+    look_away: tuple[float, float] = (0.02, 0.035)
+    gaze_iris: float = 0.012
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +89,7 @@ class IdleTrack:
         scale: [T] relative scale change (0 = none).
         ty: [T] vertical offset in crop units.
         gaze: [T] vertical gaze, −1 up … +1 down.
+        iris: [T, 2] iris shift (x right, y down) in face units, or None (eyes fixed).
     """
 
     blink: np.ndarray
@@ -83,6 +97,7 @@ class IdleTrack:
     scale: np.ndarray
     ty: np.ndarray
     gaze: np.ndarray
+    iris: np.ndarray | None = None
 
 
 def blink_shape(tau: np.ndarray, duration: float) -> np.ndarray:
@@ -112,6 +127,9 @@ class _IdleState:
     level_fast: float = 0.0
     level_slow: float = 0.0
     drift_raw: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    iris: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    look: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    next_saccade: float = 0.5
     drift: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
 
@@ -149,6 +167,7 @@ class IdleLayer:
         self._breath_ph = rng.uniform(0, 2 * np.pi)
         self._blink_rng = np.random.default_rng([self.seed, 1])
         self._drift_rng = np.random.default_rng([self.seed, 2])
+        self._saccade_rng = np.random.default_rng([self.seed, 3])
         self._state = _IdleState(next_blink=float(self._blink_rng.uniform(0.5, lo + 0.5)))
 
     @property
@@ -219,11 +238,30 @@ class IdleLayer:
         breath = np.sin(2 * np.pi * p.breath_hz * t + self._breath_ph)
         gaze = 0.6 * np.sin(2 * np.pi * self._gaze_f[0] * t + self._gaze_ph[0]) + \
             0.4 * np.sin(2 * np.pi * self._gaze_f[1] * t + self._gaze_ph[1])
+        iris = self._saccades(t) + (p.gaze_iris * gaze)[:, None] * np.array([0.0, 1.0])
         st.frame += n
         return IdleTrack(blink=blink.astype(np.float32), pose=pose.astype(np.float32),
                          scale=(p.breath_scale * breath).astype(np.float32),
                          ty=(p.breath_ty * breath).astype(np.float32),
-                         gaze=gaze.astype(np.float32))
+                         gaze=gaze.astype(np.float32), iris=iris.astype(np.float32))
+
+    def _saccades(self, t: np.ndarray) -> np.ndarray:
+        """Iris shift [n, 2] at times ``t``: fixations held, one-frame jumps between them."""
+        p, st, rng = self.params, self._state, self._saccade_rng
+        out = np.empty((t.shape[0], 2))
+        for k, tk in enumerate(t):
+            while tk >= st.next_saccade:
+                if rng.random() < p.look_away_p:
+                    if np.any(st.look):                             # look back
+                        st.look = np.zeros(2)
+                    else:                                           # look away, mostly sideways
+                        a = rng.uniform(0, 2 * np.pi)
+                        st.look = rng.uniform(*p.look_away) * np.array([np.cos(a),
+                                                                          0.5 * np.sin(a)])
+                st.iris = st.look + rng.normal(0.0, p.saccade_micro, 2)
+                st.next_saccade += float(rng.uniform(*p.saccade_interval))
+            out[k] = st.iris
+        return out
 
 
 def embedded_idle_offsets(track: IdleTrack, kp_canonical: np.ndarray, rest_motion: np.ndarray,
@@ -253,7 +291,34 @@ def embedded_idle_offsets(track: IdleTrack, kp_canonical: np.ndarray, rest_motio
     for name in ("brow_inner_l", "brow_outer_l", "brow_inner_r", "brow_outer_r"):
         # Brows dip slightly with a blink (orbicularis pulls them) and rise on up-gaze.
         out[:, 3 * KP[name] + 1] = -p.gaze_brow * u * gaze_up + 0.01 * u * track.blink
+    if track.iris is not None:
+        # the iris shift rides on the lids' depth offsets (see the module docstring)
+        for name in ("upper_lid_l", "upper_lid_r"):
+            out[:, 3 * KP[name] + 2] = track.iris[:, 0] * u
+        for name in ("lower_lid_l", "lower_lid_r"):
+            out[:, 3 * KP[name] + 2] = track.iris[:, 1] * u
     out[:, PITCH:ROLL + 1] = track.pose
     out[:, SCALE] = rest[SCALE] * track.scale
     out[:, 65] = track.ty
     return out.astype(np.float32)
+
+
+EYE_DIMS = np.array([3 * k + a for k in LID_KEYPOINTS for a in (1, 2)])
+"""Motion dims of the lids (y: opening, z: the gaze they carry)."""
+
+
+def impose_idle_eyes(motion: np.ndarray, track: IdleTrack, kp_canonical: np.ndarray,
+                     rest_motion: np.ndarray, expression: np.ndarray | None = None) -> None:
+    """In place: the lids of ``motion`` [n, 70] show the idle track's blinks and gaze on the rest
+    pose plus ``expression`` [n, 63] (an emotion's lid offsets), whatever they showed before.
+
+    For a speech generator whose own blinks are faint (the tiny MoDA learned them from a random
+    schedule it cannot predict from audio, so it smears them): the idle layer's timeline then
+    runs through speech too.
+    """
+    rest = np.asarray(rest_motion, dtype=np.float64)
+    off = embedded_idle_offsets(track, kp_canonical, rest)                    # [n, 70]
+    val = rest[EYE_DIMS][None] + off[:, EYE_DIMS]
+    if expression is not None:
+        val = val + np.asarray(expression, dtype=np.float64)[:, EYE_DIMS]
+    motion[:, EYE_DIMS] = val

@@ -494,6 +494,7 @@ class WarpRenderer:
             "triangles": triangles,                                           # [T, 3] into those
             "mouth_gap_px": self._gap(mesh_px[:, :2], 13, 14),
             "palette": mouth_palette(crop, mesh_px[:, :2]),
+            "lid_rgb": self._under_eye(crop, mesh_px[:, :2]),
             "eye_gap_px": (self._gap(mesh_px[:, :2], 159, 145), self._gap(mesh_px[:, :2], 386, 374)),
         }
 
@@ -567,8 +568,56 @@ class WarpRenderer:
             frame = cv2.remap(avatar.crop, disp, None, cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
         self._mouth(frame, vd, ex)
+        shift = self._iris_shift(avatar, motion)
+        if np.abs(shift).max() > 0.05:
+            self._irises(frame, vd, ex, shift)
         self._lids(frame, vd, vh, ex, avatar.crop)
         return frame
+
+    def _iris_shift(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
+        """Gaze as an iris shift (x, y) in crop pixels: the embedded space carries it in the lid
+        keypoints' depth offsets (x: upper lids, y: lower lids; see motion/idle.py), relative to
+        the portrait's own."""
+        ex = avatar.extra
+        m = np.asarray(motion, dtype=np.float64)
+        rot = space.rotation_matrix(m[space.PITCH], m[space.YAW], m[space.ROLL])
+        corr = m[space.EXP].reshape(space.N_KP, 3) - ex["delta_rest"] @ ex["rot0"].T @ rot
+        kp = space.KP
+        x = 0.5 * (corr[kp["upper_lid_l"], 2] + corr[kp["upper_lid_r"], 2])
+        y = 0.5 * (corr[kp["lower_lid_l"], 2] + corr[kp["lower_lid_r"], 2])
+        return np.array([x, y]) * (m[space.SCALE] * self.size / 2.0)
+
+    def _irises(self, frame: np.ndarray, vd: np.ndarray, ex: dict, shift: np.ndarray) -> None:
+        """Move each iris by ``shift`` px inside its eye opening (the sclera around it follows
+        softly; lids and skin stay)."""
+        S = self.size
+        for eye, iris in ((EYE_L, IRIS_L), (EYE_R, IRIS_R)):
+            c = vd[iris[0]].astype(np.float64)
+            r = float(np.linalg.norm(vd[list(iris[1:])] - c, axis=1).mean())
+            if r < 1.0:
+                continue
+            sh = shift * min(1.0, 0.45 * r / max(float(np.linalg.norm(shift)), 1e-9))
+            poly = vd[list(eye)]
+            pad = 3 + int(np.ceil(np.abs(sh).max()))
+            x0, y0 = np.floor(poly.min(0)).astype(int) - pad
+            x1, y1 = np.ceil(poly.max(0)).astype(int) + pad + 1
+            x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+            if x1 - x0 < 4 or y1 - y0 < 4:
+                continue
+            mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.fillPoly(mask, [np.round((poly - [x0, y0]) * 8).astype(np.int32)], 255,
+                         lineType=cv2.LINE_AA, shift=3)
+            m = cv2.GaussianBlur(mask, (0, 0), 0.5 + S / 1024).astype(np.float32) / 255.0
+            gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32),
+                                 np.arange(y0, y1, dtype=np.float32))
+            d = np.hypot(gx - c[0], gy - c[1])
+            u = np.clip((d - 1.0 * r) / (0.9 * r), 0.0, 1.0)
+            w = (1.0 - u * u * (3.0 - 2.0 * u)) * m                       # 1 on the iris
+            src = frame[y0:y1, x0:x1].copy()
+            mx = (gx - x0 - sh[0] * w).astype(np.float32)
+            my = (gy - y0 - sh[1] * w).astype(np.float32)
+            frame[y0:y1, x0:x1] = cv2.remap(src, mx, my, cv2.INTER_LINEAR,
+                                            borderMode=cv2.BORDER_REPLICATE)
 
     def _jacobian(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(J [g, g, 4] = dDx/dx, dDy/dx, dDx/dy, dDy/dy;  det(I + J) [g, g]) of a grid field."""
@@ -774,7 +823,11 @@ class WarpRenderer:
                     skin = cv2.copyMakeBorder(skin, y1 - y0 - skin.shape[0], 0, 0, 0,
                                               cv2.BORDER_REPLICATE)
                 skin = cv2.GaussianBlur(skin, (0, 0), 1.0 + S / 256)
-                col = 0.5 * skin + 0.5 * self._lid_colour(frame, vd, eye)[None, None]
+                # lid skin: the portrait's under-eye skin tone, with the texture from above the
+                # lid where that is skin too (not a brow, a lash line or a spectacle frame)
+                lid = ex["lid_rgb"]
+                like = np.exp(-((skin.mean(-1, keepdims=True) - lid.mean()) / 25.0) ** 2)
+                col = 0.5 * like * skin + (1.0 - 0.5 * like) * lid[None, None]
                 swept = np.concatenate([upper_h, upper_d[::-1]])
                 ms = np.zeros_like(mask)
                 cv2.fillPoly(ms, [np.round((swept - [x0, y0]) * (1 << shift)).astype(np.int32)],
@@ -794,15 +847,10 @@ class WarpRenderer:
             frame[y0:y1, x0:x1] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
     @staticmethod
-    def _lid_colour(frame: np.ndarray, vd: np.ndarray, eye: tuple[int, ...]) -> np.ndarray:
-        """Lid skin colour of this frame: median over points just above the driven upper lid."""
-        upper = vd[list(eye[1:8])]                                            # upper-lid arc
-        width = float(np.ptp(vd[list(eye), 0]))
-        down = vd[152] - vd[168]
-        down = down / (np.linalg.norm(down) + 1e-9)
-        S = frame.shape[0]
-        samples = []
-        for lift in (0.18, 0.26, 0.34):
-            p = np.clip(np.round(upper - down * lift * width).astype(int), 0, S - 1)
-            samples.append(frame[p[:, 1], p[:, 0]])
-        return np.median(np.concatenate(samples).astype(np.float32), axis=0)
+    def _under_eye(crop: np.ndarray, mesh: np.ndarray) -> np.ndarray:
+        """Eyelid skin colour: the median of the skin just under both eyes (cheek top), a little
+        darker (lids are in the brow's shade).  Sampled below the eye, not above it, where brows
+        and spectacle frames are."""
+        p = np.clip(np.round(mesh[[118, 119, 100, 347, 348, 329, 117, 346]]).astype(int), 0,
+                    crop.shape[0] - 1)
+        return np.median(crop[p[:, 1], p[:, 0]].astype(np.float32), axis=0) * 0.93

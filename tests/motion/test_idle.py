@@ -68,7 +68,7 @@ def test_same_frames_whatever_the_call_sizes():
     for n in (1, 7, 50, 3, 139, 200):
         parts.append(b.track(n, level[i : i + n]))
         i += n
-    for name in ("blink", "pose", "scale", "ty", "gaze"):
+    for name in ("blink", "pose", "scale", "ty", "gaze", "iris"):
         np.testing.assert_allclose(np.concatenate([getattr(p, name) for p in parts]),
                                    getattr(whole, name), atol=1e-6)
     c = IdleLayer(seed=10).track(400, level)
@@ -137,3 +137,41 @@ def test_embedded_offsets_close_the_eyes_and_move_brows_with_gaze():
     assert eye_opening(down, kp)[0] < eye_opening(rest, kp) < eye_opening(up, kp)[0]
     brow_y = [3 * k + 1 for k in BROW_KEYPOINTS]
     assert np.all(up[0, brow_y] < rest[brow_y])                       # brows rise on up-gaze
+
+
+def test_eyes_move_in_saccades():
+    """Fixations held for 0.3–2 s, one-frame jumps between them, now and then a look away."""
+    p = IdleParams()
+    tr = IdleLayer(seed=7).track(25 * 60)
+    sacc = tr.iris - np.stack([0 * tr.gaze, p.gaze_iris * tr.gaze], 1)   # minus the slow gaze
+    step = np.linalg.norm(np.diff(sacc, axis=0), axis=1)
+    jumps = np.flatnonzero(step > 1e-6)
+    assert 30 <= len(jumps) <= 200                                 # ~1 per second
+    assert np.diff(jumps).min() >= int(p.saccade_interval[0] * 25) - 1
+    assert np.abs(sacc).max() > p.look_away[0]                       # it looks away at times
+    assert np.linalg.norm(tr.iris, axis=1).max() < p.look_away[1] + 5 * p.saccade_micro + \
+        p.gaze_iris
+
+
+def test_iris_rides_on_the_lid_depths_and_impose_keeps_blinks_in_speech():
+    from avatar_agent.motion.idle import EYE_DIMS, IdleTrack, impose_idle_eyes
+    from avatar_agent.motion.space import KP
+    from avatar_agent.motion.visemes import face_unit
+
+    kp, rest = neutral_template(), template_rest_motion()
+    u = face_unit(kp)
+    n = 3
+    z = np.zeros(n, np.float32)
+    iris = np.array([[0.02, -0.01]] * n, np.float32)
+    tr = IdleTrack(blink=np.array([0, 0.5, 1], np.float32), pose=np.zeros((n, 3), np.float32),
+                   scale=z, ty=z, gaze=z, iris=iris)
+    off = embedded_idle_offsets(tr, kp, rest)
+    assert off[0, 3 * KP["upper_lid_l"] + 2] == pytest.approx(0.02 * u)
+    assert off[0, 3 * KP["lower_lid_r"] + 2] == pytest.approx(-0.01 * u)
+    # a speech generator's motion with smeared lids gets the track's blink, the rest untouched
+    speech = np.repeat(rest[None], n, 0) + np.random.default_rng(0).normal(0, 0.01, (n, 70))
+    before = speech.copy()
+    impose_idle_eyes(speech, tr, kp, rest)
+    assert eye_opening(speech[2], kp) == pytest.approx(0.0, abs=1e-6)      # shut
+    others = np.setdiff1d(np.arange(70), EYE_DIMS)
+    np.testing.assert_array_equal(speech[:, others], before[:, others])

@@ -46,7 +46,7 @@ def test_emotions_are_visible_and_distinct_on_a_smiling_portrait(setup):
     for e, region in DEFINING.items():
         ch = measure.expression_change(pts[e], ref)
         assert ch.regions[region] >= 0.06, (e, ch)
-        assert ch.mean >= 0.025, (e, ch)
+        assert ch.mean >= 0.03, (e, ch)
     names = [e for e in EMOTIONS]
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -89,3 +89,28 @@ def test_blinks_are_seen_by_the_tracker():
     made = measure.count_blinks(truth, threshold=0.5)
     assert made >= 2
     assert seen >= made - 1 and seen <= made + 1, (seen, made)
+
+
+def test_gaze_moves_the_irises(setup):
+    """The iris shift carried by the lids' depth offsets moves the irises the tracker sees,
+    and nothing else of the face."""
+    from avatar_agent.motion.idle import IdleTrack, embedded_idle_offsets
+
+    r, av, g = setup
+    z = np.zeros(3, np.float32)
+    iris = np.array([[0, 0], [0.03, 0], [0, 0.02]], np.float32)
+    tr = IdleTrack(blink=z, pose=np.zeros((3, 3), np.float32), scale=z, ty=z, gaze=z, iris=iris)
+    m = g.rest_pose[None] + embedded_idle_offsets(tr, av.kp_canonical, g.rest_pose)
+    frames = r.render(av, m)
+    p = [measure.track(f) for f in frames]
+    iod = measure.iod(p[0])
+    eyes = np.zeros(frames[0].shape[:2], bool)
+    vd = r.driven_mesh(av, m[0])
+    for eye in ((33, 133, 159, 145, 160, 144), (263, 362, 386, 374, 387, 373)):
+        (x0, y0), (x1, y1) = vd[list(eye)].min(0) - 4, vd[list(eye)].max(0) + 4
+        eyes[int(y0):int(y1) + 1, int(x0):int(x1) + 1] = True
+    for k, axis, least in ((1, 0, 0.015), (2, 1, 0.006)):         # lids hide vertical motion
+        for c in (468, 473):
+            assert (p[k][c, axis] - p[0][c, axis]) / iod > least, (k, c)
+        diff = np.abs(frames[k].astype(int) - frames[0]).sum(-1)
+        assert diff[eyes].max() > 30 and diff[~eyes].max() == 0          # only the eyes changed
