@@ -130,6 +130,10 @@ class LivePortraitIdleParams:
     Keypoint y grows downwards (LivePortrait's warping grid is in image orientation), so closing
     lids move the upper-lid keypoints by +y and the lower-lid keypoints by −y.
 
+    The keypoints and directions follow LivePortrait's own expression edits (its wink and
+    eyeball-direction sliders); the depth of a full blink is an estimate from the same edits and
+    has not yet been checked on a render with the real weights (none are available here).
+
     Attributes:
         blink_depth: upper-lid keypoint y shift of a full blink (keypoint units; LivePortrait's
             editing moves these keypoints by 0.001 per slider step; a closed eye is ~30 steps).
