@@ -503,19 +503,31 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
         if ws_busy:
             # push_audio continues the open stream's utterance: an upload now would end it.
             return json_error(409, "an audio stream is active on /api/audio/ws; upload after it")
-        raw = await read_body(request)
+        try:
+            # Raw PCM with a Content-Length declares its duration before its body arrives:
+            # what cannot fit is refused before the body is even read.
+            head = b""
+            n = request.content_length
+            if n:
+                try:
+                    head = await request.content.readexactly(min(12, n))
+                except asyncio.IncompleteReadError as e:
+                    head = e.partial
+                if not _is_wav(head):
+                    early = _pcm_format(n, request)
+                    if early.frames / early.rate > s.max_audio_s:
+                        return _too_long(early, s.max_audio_s)
+            raw = head + await read_body(request)
+        except BadRequest as e:
+            return json_error(400, str(e))
         if not raw:
             return json_error(400, "empty body: send a WAV file or raw PCM")
         try:
             # Limits first, from the header/query alone: what cannot fit is refused before a
             # sample is decoded.  The decode and resample then run in a worker thread.
             fmt = _upload_format(raw, request)
-            seconds = fmt.frames / fmt.rate
-            if seconds > s.max_audio_s:
-                return json_error(413, f"the upload holds {seconds:.0f} s of audio "
-                                       f"({fmt.frames} frames at {fmt.rate:g} Hz); the speech "
-                                       f"queue holds at most {s.max_audio_s:g} s "
-                                       "(audio.max_queued_s): send shorter parts")
+            if fmt.frames / fmt.rate > s.max_audio_s:
+                return _too_long(fmt, s.max_audio_s)
             if not fmt.frames:
                 return json_error(400, "the upload holds no audio samples")
             async with decoding:
@@ -743,9 +755,20 @@ class _UploadFormat:
     pcm: str = "s16le"
 
 
+def _is_wav(head: bytes) -> bool:
+    return head[:4] == b"RIFF" and head[8:12] == b"WAVE"
+
+
+def _too_long(fmt: _UploadFormat, max_s: float) -> web.Response:
+    seconds = fmt.frames / fmt.rate
+    return json_error(413, f"the upload holds {seconds:.0f} s of audio ({fmt.frames} frames at "
+                           f"{fmt.rate:g} Hz); the speech queue holds at most {max_s:g} s "
+                           "(audio.max_queued_s): send shorter parts")
+
+
 def _upload_format(raw: bytes, request: web.Request) -> _UploadFormat:
     """Read an upload's format and length from its WAV header or the query (cheap: no decode)."""
-    if raw[:4] == b"RIFF" and raw[8:12] == b"WAVE":
+    if _is_wav(raw):
         import soundfile as sf
 
         try:
@@ -756,6 +779,11 @@ def _upload_format(raw: bytes, request: web.Request) -> _UploadFormat:
             raise BadRequest(f"WAV with {info.samplerate} Hz, {info.channels} channels is not "
                              "supported")
         return _UploadFormat(True, float(info.samplerate), int(info.channels), int(info.frames))
+    return _pcm_format(len(raw), request)
+
+
+def _pcm_format(nbytes: int, request: web.Request) -> _UploadFormat:
+    """Raw PCM of ``nbytes`` as the query string describes it (?rate=&channels=&format=)."""
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if ctype.startswith("audio/") and ctype not in ("audio/l16", "audio/pcm", "audio/raw"):
         raise BadRequest(f"Content-Type {ctype}: send WAV or raw PCM "
@@ -766,13 +794,13 @@ def _upload_format(raw: bytes, request: web.Request) -> _UploadFormat:
     if fmt not in _PCM_WIDTH:
         raise BadRequest(f"?format={fmt[:20]!r}: use s16le, s32le, f32le or u8")
     width = _PCM_WIDTH[fmt]
-    if len(raw) % width:
-        raise BadRequest(f"{len(raw)} bytes is not a whole number of {fmt} samples "
+    if nbytes % width:
+        raise BadRequest(f"{nbytes} bytes is not a whole number of {fmt} samples "
                          f"({width} bytes each)")
-    if (len(raw) // width) % channels:
-        raise BadRequest(f"{len(raw) // width} samples is not a whole number of "
+    if (nbytes // width) % channels:
+        raise BadRequest(f"{nbytes // width} samples is not a whole number of "
                          f"{channels}-channel frames")
-    return _UploadFormat(False, float(rate), channels, len(raw) // width // channels, fmt)
+    return _UploadFormat(False, float(rate), channels, nbytes // width // channels, fmt)
 
 
 def _decode_to_pipeline(raw: bytes, fmt: _UploadFormat) -> np.ndarray:
