@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import AsyncIterator
 
 import numpy as np
@@ -43,8 +44,11 @@ except ImportError as e:  # pragma: no cover - depends on the extra
     raise ImportError("the LiveKit integration needs the livekit extra: "
                       f"pip install 'avatar-agent[livekit]' ({e})") from e
 
-from ..audio.queue import QueueFullError
-from ..types import SAMPLE_RATE, AvatarSession, SegmentEnded, SegmentStarted
+from ..audio.queue import QueueFullError, StreamError
+from ..audio.resample import AudioFormatError
+from ..clock import Clock, SystemClock
+from ..types import (SAMPLE_RATE, AvatarSession, SegmentEnded, SegmentStarted,
+                     VideoFrame)
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +65,32 @@ def avatar_options(session: AvatarSession) -> AvatarOptions:
 class SessionVideoGenerator(VideoGenerator):
     """A LiveKit ``VideoGenerator`` driven by one avatar session.
 
+    The runner consumes at most one frame per 1/fps (its AVSynchronizer paces video, its
+    AudioSource plays audio in real time), exactly the session's rate, so a backlog that forms
+    while the runner is held up (publishing waits for a subscriber; a loaded loop) would stay as
+    added latency for good.  Idle frames that arrive more than ``max_lag_frames`` behind the
+    best-timed frame seen are therefore skipped (they carry no audio: nothing is lost but a
+    repeated idle face); speech frames are always yielded.
+
     Args:
-        session: the session; its frame stream is tapped here, at construction, so no frame
-            between construction and the runner's first read is lost.
+        session: the session; its frame stream is tapped when the runner starts iterating.
+        clock: the clock frames are timed on (default: the system clock, as the runner's).
+        max_lag_frames: lateness beyond which idle frames are skipped.
     """
 
-    def __init__(self, session: AvatarSession) -> None:
+    def __init__(self, session: AvatarSession, *, clock: Clock | None = None,
+                 max_lag_frames: int = 2) -> None:
         self.session = session
-        self._frames = session.frames()
+        self._clock = clock or SystemClock()
+        self._max_lag = max_lag_frames / session.fps
+        self._frames: AsyncIterator[VideoFrame] | None = None
+        self._best = math.inf      # smallest (arrival − index / fps) seen: the on-time offset
         self._playing = False      # a segment's audio is playing: its frames carry rtc.AudioFrames
         self._idle_from = 0        # frames before this index predate an interrupt: no audio
         self._epoch = 0            # bumped by clear_buffer: a push waiting for room is dropped
         self._played = asyncio.Event()   # set on every frame: room may have freed in the queue
         self.frames_out = 0
+        self.frames_skipped = 0
 
     async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
         """Append the agent's audio to the open segment, or close it.
@@ -97,6 +114,9 @@ class SessionVideoGenerator(VideoGenerator):
                 await self._played.wait()
                 if epoch != self._epoch:
                     return
+            except (StreamError, AudioFormatError) as e:   # one bad frame must not end the
+                log.warning("avatar dropped an audio frame: %s", e)   # runner's audio task
+                return
 
     def clear_buffer(self) -> None:
         """Interrupt: drop all unplayed speech; the next frame yielded is idle and silent."""
@@ -110,8 +130,12 @@ class SessionVideoGenerator(VideoGenerator):
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
+        if self._frames is None:
+            self._frames = self.session.frames()
         async for f in self._frames:
             self._played.set()
+            offset = self._clock.now() - f.index / self.session.fps
+            self._best = min(self._best, offset)
             audio_on, finished = self._playing, False
             for mark in f.segments:
                 if isinstance(mark, SegmentStarted):
@@ -124,6 +148,9 @@ class SessionVideoGenerator(VideoGenerator):
                         finished = True
             if f.index < self._idle_from:  # rendered before an interrupt, delivered after it
                 audio_on = finished = False
+            if not audio_on and not finished and offset - self._best > self._max_lag:
+                self.frames_skipped += 1   # catching up after a stall: drop a late idle frame
+                continue
             h, w = f.image.shape[:2]
             yield rtc.VideoFrame(w, h, rtc.VideoBufferType.RGB24,
                                  np.ascontiguousarray(f.image, np.uint8).tobytes())
