@@ -226,8 +226,9 @@ def _check_sinks(r: Report, cfg: Config) -> None:
         from .offline import OutputError, check_output
 
         path = cfg.resolve(cfg.sinks.file)
+        inputs = [cfg.avatar_path()] + ([cfg.resolve(cfg.audio.file)] if cfg.audio.file else [])
         try:
-            check_output(path)
+            check_output(path, inputs)
             r.ok(f"file sink can write {path}")
             usable.add("file")
         except OutputError as e:

@@ -84,3 +84,12 @@ def test_row11_check_reports_when_no_sink_can_start() -> None:
     assert r.returncode == 1
     assert "file sink: sinks.file = /proc/none/x.mp4" in r.stdout
     assert "can start: the avatar would be shown nowhere" in r.stdout
+
+
+def test_row1_check_refuses_a_file_sink_that_would_overwrite_the_portrait(tmp_path: Path) -> None:
+    portrait = tmp_path / "me.png"
+    portrait.write_bytes((Path(__file__).parents[2] / "avatars" / "default.png").read_bytes())
+    r = cli("check", "--set", f"avatar.image={portrait}", "--set", f"sinks.file={portrait}",
+            "--set", 'sinks.enabled=["file", "webrtc"]', "--set", "server.port=0")
+    assert r.returncode == 1
+    assert f"sinks.file = {portrait} is the input {portrait}" in r.stdout
