@@ -79,6 +79,9 @@ class ControlSettings:
     """Largest audio upload (POST /api/audio)."""
     max_ws_message_bytes: int = 1024 * 1024
     """Largest single WebSocket message on /api/audio/ws."""
+    max_event_streams: int = 64
+    """Event subscribers (SSE + WebSocket) at once; more are refused with 503 (each one is a
+    queue and a task, and the stats events go to every one of them)."""
     event_queue: int = 256
     """Events buffered per slow subscriber (overflow: drop oldest, the client gets a notice)."""
     heartbeat_s: float = 15.0
@@ -190,11 +193,11 @@ ENDPOINTS: list[Endpoint] = [
              description="Events: speech_started {utterance, sample}, speech_finished "
                          "{utterance, sample, interrupted, started}, frame_stats {...}, "
                          "avatar_ready/avatar_failed {path}, events_dropped {count}.",
-             responses={200: "text/event-stream"}),
+             responses={200: "text/event-stream", 503: "too many event streams"}),
     Endpoint("GET", "/api/events/ws", "Events over a WebSocket (JSON text messages)",
              kind="websocket",
              query={"types": ({"type": "string"}, "comma-separated event kinds to receive")},
-             responses={101: "upgraded"}),
+             responses={101: "upgraded", 503: "too many event streams"}),
     Endpoint("GET", "/api/openapi.json", "This document", kind="none",
              responses={200: "OpenAPI 3.1 document"}),
 ]
@@ -631,13 +634,21 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
         st.setdefault("event_listeners", hub.listeners)
         return ok(st)
 
+    def events_full() -> web.Response | None:
+        if hub.listeners < s.max_event_streams:
+            return None
+        return json_error(503, f"{s.max_event_streams} event streams are open already; close "
+                               "one or retry later", headers={"Retry-After": "5"})
+
     async def events_sse(request: web.Request) -> web.StreamResponse:
+        if (full := events_full()) is not None:
+            return full
+        sub = hub.open(_types(request))           # counted from now: no await since the check
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
-        sub = hub.open(_types(request))
         try:
+            await resp.prepare(request)
             await resp.write(b"retry: 2000\n: connected\n\n")
             while True:
                 try:
@@ -659,9 +670,15 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
         return resp
 
     async def events_ws(request: web.Request) -> web.StreamResponse:
+        if (full := events_full()) is not None:
+            return full
+        sub = hub.open(_types(request))           # counted from now: no await since the check
         ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, max_msg_size=4096)
-        await ws.prepare(request)
-        sub = hub.open(_types(request))
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            hub.close(sub)
+            raise
 
         async def drain_incoming() -> None:
             async for _ in ws:                        # clients do not talk; just notice close

@@ -218,3 +218,31 @@ async def test_row15_a_request_without_host_logs_one_line_not_a_traceback(
         assert recs[0].exc_info is None and "Missing 'Host' header" in recs[0].getMessage()
     finally:
         await stop_api(api)
+
+
+async def test_event_streams_are_capped_even_when_opened_at_once() -> None:
+    api = await start_api(ControlSettings(max_event_streams=3, stats_interval_s=0))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def open_sse() -> aiohttp.ClientResponse:
+                return await s.get(api.url + "/api/events")
+
+            got = await asyncio.gather(*(open_sse() for _ in range(6)),
+                                       s.ws_connect(api.url + "/api/events/ws"),
+                                       return_exceptions=True)
+            sse = [r for r in got[:6] if isinstance(r, aiohttp.ClientResponse)]
+            assert sorted(r.status for r in sse) == [200] * 3 + [503] * 3
+            assert isinstance(got[6], aiohttp.WSServerHandshakeError) and got[6].status == 503
+            for r in sse:
+                if r.status == 503:
+                    assert "event streams are open already" in (await r.json())["error"]
+                    r.release()
+            open_ = [r for r in sse if r.status == 200]
+            open_[0].close()                          # one leaves: a new one is welcome
+            await asyncio.sleep(0.2)
+            async with s.ws_connect(api.url + "/api/events/ws") as ws:
+                assert not ws.closed
+            for r in open_[1:]:
+                r.close()
+    finally:
+        await stop_api(api)
