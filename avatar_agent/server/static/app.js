@@ -1,4 +1,6 @@
-// Viewer page: receive-only WebRTC session with the avatar-agent server.
+// Viewer page: receive-only WebRTC session with the avatar-agent server, plus the controls of
+// the control API: say text (POST /api/say), set one of the 8 emotions (POST /api/emotion),
+// interrupt speech (POST /api/interrupt) and live figures (GET /api/status, once a second).
 // Query: ?token=T when the server requires a bearer token (sent as Authorization on every call).
 // Test flags: ?report=1&frames=N&endpoint=/report POSTs playback figures once N frames have been
 // shown (or after 20 s), so a headless browser can prove it decoded the stream.
@@ -114,6 +116,112 @@ async function report(endpoint, wanted) {
   }, await stats());
   await fetch(endpoint, { method: "POST", headers: jsonHeaders, body: JSON.stringify(body) });
 }
+
+// ---- control API ------------------------------------------------------------------------------
+
+const sayForm = document.getElementById("say-form");
+const sayText = document.getElementById("say-text");
+const interruptBtn = document.getElementById("interrupt");
+const messageEl = document.getElementById("message");
+const statsEl = document.getElementById("stats");
+const emotionBtns = Array.from(document.querySelectorAll("#emotions button[data-emotion]"));
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+function showMessage(text, isError = false) {
+  messageEl.textContent = text;
+  messageEl.className = isError ? "error" : "";
+}
+
+// One JSON call; a refusal becomes an ApiError carrying the server's {"error": ...} text.
+async function api(method, path, body) {
+  const init = { method, headers: jsonHeaders };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (e) {
+    throw new ApiError(0, "the avatar-agent server is not reachable");
+  }
+  let data = {};
+  try { data = await resp.json(); } catch (e) { /* an empty or non-JSON body */ }
+  if (!resp.ok) throw new ApiError(resp.status, data.error || resp.statusText || "request failed");
+  return data;
+}
+
+function refused(what, e) {
+  // 404: this server has no control API mounted (an old server or one without it).
+  const why = e.status === 404 ? "this server has no control API" : e.message;
+  showMessage(`Could not ${what}: ${why}` + (e.status ? ` (HTTP ${e.status})` : ""), true);
+}
+
+async function say() {
+  const text = sayText.value;
+  try {
+    const r = await api("POST", "/api/say", { text });
+    showMessage(`Speaking (utterance ${r.utterance}).`);
+    sayText.value = "";
+  } catch (e) {
+    refused("say that", e);
+  }
+}
+
+sayForm.addEventListener("submit", (ev) => { ev.preventDefault(); say(); });
+sayText.addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); say(); }
+});
+
+interruptBtn.addEventListener("click", async () => {
+  try {
+    const r = await api("POST", "/api/interrupt");
+    showMessage(r.utterance != null ? `Interrupted utterance ${r.utterance}.` : "Nothing was playing.");
+  } catch (e) {
+    refused("interrupt", e);
+  }
+});
+
+function markEmotion(name) {
+  emotionBtns.forEach((b) => b.setAttribute("aria-pressed", String(b.dataset.emotion === name)));
+}
+
+emotionBtns.forEach((btn) => btn.addEventListener("click", async () => {
+  try {
+    await api("POST", "/api/emotion", { name: btn.dataset.emotion, intensity: 1.0 });
+    markEmotion(btn.dataset.emotion);
+    showMessage(`Emotion: ${btn.dataset.emotion}.`);
+  } catch (e) {
+    refused(`set ${btn.dataset.emotion}`, e);
+  }
+}));
+
+const EMOTIONS = emotionBtns.map((b) => b.dataset.emotion);
+
+// Live figures.  /api/status carries the player's counters; unknown or missing keys are skipped.
+async function pollStatus() {
+  try {
+    const st = await api("GET", "/api/status");
+    const parts = [];
+    const add = (label, v) => { if (v !== undefined && v !== null) parts.push(`${label} ${v}`); };
+    add("frames", st.delivered);
+    add("speech", st.speech);
+    add("idle", st.idle);
+    add("late", st.late_dropped);
+    add("dropped", st.overflow_dropped);
+    add("underruns", st.underruns);
+    add("buffered", st.frames_buffered);
+    if (st.lateness_max_s !== undefined) add("max lateness", `${Math.round(st.lateness_max_s * 1000)} ms`);
+    const q = st.speech_queue;
+    if (q && q.queued_s !== undefined) add("queued", `${Number(q.queued_s).toFixed(1)} s`);
+    if (typeof st.emotion === "number" && EMOTIONS[st.emotion]) markEmotion(EMOTIONS[st.emotion]);
+    statsEl.textContent = parts.join(" · ");
+  } catch (e) {
+    statsEl.textContent = e.status === 404 ? "" : `status unavailable: ${e.message}`;
+  }
+}
+setInterval(pollStatus, 1000);
+pollStatus();
 
 unmuteBtn.addEventListener("click", () => { video.muted = false; video.play(); unmuteBtn.hidden = true; });
 reconnectBtn.addEventListener("click", () => { if (pc) pc.close(); connect().catch(console.error); });
