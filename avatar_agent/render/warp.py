@@ -569,7 +569,7 @@ class WarpRenderer:
                               borderMode=cv2.BORDER_REPLICATE)
         self._mouth(frame, vd, ex)
         shift = self._iris_shift(avatar, motion)
-        if np.abs(shift).max() > 0.05:
+        if np.abs(shift).max() > 0.2:                     # less is not visible
             self._irises(frame, vd, ex, shift)
         self._lids(frame, vd, vh, ex, avatar.crop)
         return frame
@@ -598,16 +598,17 @@ class WarpRenderer:
                 continue
             sh = shift * min(1.0, 0.45 * r / max(float(np.linalg.norm(shift)), 1e-9))
             poly = vd[list(eye)]
-            pad = 3 + int(np.ceil(np.abs(sh).max()))
-            x0, y0 = np.floor(poly.min(0)).astype(int) - pad
-            x1, y1 = np.ceil(poly.max(0)).astype(int) + pad + 1
+            # only the iris and the sclera right around it move: a box of 2 radii about it
+            reach = 1.9 * r + float(np.abs(sh).max()) + 2
+            x0, y0 = np.floor(np.maximum(poly.min(0) - 2, c - reach)).astype(int)
+            x1, y1 = np.ceil(np.minimum(poly.max(0) + 2, c + reach)).astype(int) + 1
             x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
             if x1 - x0 < 4 or y1 - y0 < 4:
                 continue
             mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
             cv2.fillPoly(mask, [np.round((poly - [x0, y0]) * 8).astype(np.int32)], 255,
                          lineType=cv2.LINE_AA, shift=3)
-            m = cv2.GaussianBlur(mask, (0, 0), 0.5 + S / 1024).astype(np.float32) / 255.0
+            m = mask.astype(np.float32) * (1.0 / 255.0)
             gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32),
                                  np.arange(y0, y1, dtype=np.float32))
             d = np.hypot(gx - c[0], gy - c[1])

@@ -127,3 +127,43 @@ def test_generator_applies_the_emotion(avatar):
     steps = np.abs(np.diff(y))
     assert steps.max() < 0.3 * abs(target)
     assert y[-1] == pytest.approx(y[0] + target, abs=0.05 * abs(target))
+
+
+def test_emotion_layer_glides_and_strips():
+    """The layer a speech generator without emotion gets on top: first use jumps, changes glide
+    (time constant 0.3 s), strip() removes exactly what was last added."""
+    from avatar_agent.motion.emotion import EmotionLayer
+    from avatar_agent.motion.template import template_rest_motion
+
+    rest = template_rest_motion()
+    layer = EmotionLayer(KPC, rest)
+    first = layer.frames(3, "surprise")
+    np.testing.assert_allclose(first, np.repeat(layer.table[7][None], 3, 0), atol=1e-6)
+    frame = rest.copy()
+    frame[:63] += first[-1]
+    np.testing.assert_allclose(layer.strip(frame), rest, atol=1e-6)
+    glide = layer.frames(50, "sadness", 0.5)
+    target = layer.table[EMOTIONS.index("sadness")] * 0.5
+    assert np.abs(np.diff(glide, axis=0)).max() < 0.2 * np.abs(target - first[-1]).max()
+    np.testing.assert_allclose(glide[-1], target, atol=0.01 * np.abs(target).max())
+    with pytest.raises(EmotionError):
+        layer.frames(1, "joy")
+
+
+def test_smiling_rest_is_neutralised():
+    """A rest pose with raised lip corners (a smile) gets them lowered and narrowed by every
+    preset (neutral included); "none" keeps the portrait's own expression."""
+    from avatar_agent.motion.template import template_rest_motion
+
+    rest = template_rest_motion()
+    smile = rest.copy()
+    for side, sx in (("l", -1), ("r", 1)):
+        smile[3 * KP[f"lip_corner_{side}"] + 1] -= 0.06                # corners up
+        smile[3 * KP[f"lip_corner_{side}"]] += sx * 0.03                # and out
+    table = emotion_table(KPC, smile)
+    for name in ("neutral", "sadness", "anger"):
+        row = table[EMOTIONS.index(name)]
+        assert dy(row, "lip_corner_l") > 0.05 and dy(row, "lip_corner_r") > 0.05, name
+    assert dx_out(table[EMOTIONS.index("neutral")], "lip_corner_l") < -0.02
+    assert np.all(table[EMOTION_NONE] == 0)
+    assert np.all(emotion_table(KPC, rest)[EMOTIONS.index("neutral")] == 0)   # relaxed: no change
