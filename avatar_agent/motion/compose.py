@@ -115,7 +115,7 @@ class SpeechAndIdle:
 LID_UPPER = (11, 15)
 """LivePortrait implicit keypoints that move with the upper lids (and the iris): LivePortrait's own
 expression editing moves them for gaze, blink and wink, and MoDA's fixed eyeball bias
-(:data:`avatar_agent.nn.liveportrait.keypoints.MODA_EYEBALL_BIAS`) is made of the same ones."""
+(:data:`avatar_agent.render.liveportrait.MODA_EYEBALL_BIAS`) is made of the same ones."""
 LID_LOWER = (13, 16)
 """LivePortrait implicit keypoints that move with the lower lids (opposite to the upper, ~0.3×)."""
 MOUTH = (6, 12, 14, 17, 19, 20)
