@@ -182,7 +182,7 @@ async def test_pushed_speech_plays_within_120_ms_and_silence_never_underruns(pus
     first = next(f for f in frames if np.abs(f.audio).max() > 0.05)
     assert any(isinstance(m, SegmentStarted) for m in first.segments)
     delay = sent[first.index] - push_at
-    assert 0 <= delay <= 0.120 + 1e-9, delay
+    assert 0 <= delay <= 0.100 + 1e-9, delay   # speech_latency_ms 60 + at most one frame
     assert first.speech or frames[first.index + 1].speech          # the mouth moves with it
     assert session.agent.player.stats.underruns == 0 and session.agent.player.stats.late_dropped == 0
     heard = np.concatenate([f.audio for f in frames])

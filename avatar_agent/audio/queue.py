@@ -167,6 +167,8 @@ class SpeechQueueSource:
         self._lead = 0.0                              # seconds frames are emitted ahead of time
         self._rewind: Callable[[int, int], int] | None = None
         self._silent = True                           # the last frame emitted was silence
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()                  # set when speech is queued (see _poke)
         self._closed = False
         self.underruns = 0
         """Frames of silence inserted inside a pushed stream that ran dry."""
@@ -294,7 +296,8 @@ class SpeechQueueSource:
                 self._stream = utt
             if new:
                 self._enqueue(utt)
-            return utt.id
+        self._poke()
+        return utt.id
 
     def end_stream(self) -> int | None:
         """Mark the open push stream complete (e.g. its WebSocket closed); returns its id."""
@@ -372,9 +375,13 @@ class SpeechQueueSource:
         Frame ``k`` (samples from ``i = k·320``) is due at ``t0 + (i + 320) / 16000 − lead``.
         """
         t0 = self.clock.now()
+        self._loop = asyncio.get_running_loop()
         while not self._closed:
             real = t0 + (self._index + FRAME_SAMPLES) / SAMPLE_RATE   # its capture time
-            await self.clock.sleep_until(real - self._lead)
+            if self._silent and self._rewind is not None:
+                await self._sleep_or_wake(real - self._lead)   # new speech need not wait 20 ms
+            else:
+                await self.clock.sleep_until(real - self._lead)
             if self._closed:
                 return
             if self._starved() and self.clock.now() < real:
@@ -386,6 +393,33 @@ class SpeechQueueSource:
                 frame, events = self._next_frame()
             self._emit(events)
             yield frame
+
+    async def _sleep_or_wake(self, t: float) -> None:
+        """Sleep until ``t`` on the clock, or until speech is queued (:meth:`_poke`)."""
+        self._wake.clear()
+        if self._queue:
+            return await self.clock.sleep_until(t)
+        sleep = asyncio.ensure_future(self.clock.sleep_until(t))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleep, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleep, woken):
+                task.cancel()
+
+    def _poke(self) -> None:
+        """Speech was queued: wake :meth:`frames` (from any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
 
     def _starved(self) -> bool:
         """True while the utterance playing is an open stream with less than a frame buffered."""
@@ -562,6 +596,7 @@ class SpeechQueueSource:
                 utt.phonemes = tuple(u.phonemes)
                 utt.append(np.ascontiguousarray(u.audio, np.float32))
             utt.final = True
+        self._poke()
 
 
 __all__ = ["SpeechQueueSource", "QueueFullError", "TooLongError", "StreamError", "pcm_to_array", "MAX_TEXT_CHARS"]
