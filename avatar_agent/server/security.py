@@ -283,10 +283,14 @@ def _cors_headers(origin: str) -> dict[str, str]:
 
 
 _SESSION_ROUTE = re.compile(r"^/v1/sessions/[^/]+/(?!whep\b)(.+)$")
+_WHEP_ROUTE = re.compile(r"^/v1/sessions/[^/]+/whep$")
 
 
 def canonical_path(path: str) -> str:
-    """A session's control route ``/v1/sessions/<id>/say`` is limited like ``/api/say``."""
+    """A session's control route ``/v1/sessions/<id>/say`` is limited like ``/api/say``, and
+    its WHEP offer ``/v1/sessions/<id>/whep`` like ``/offer`` (each builds a peer connection)."""
+    if _WHEP_ROUTE.match(path):
+        return "/offer"
     m = _SESSION_ROUTE.match(path)
     return f"/api/{m.group(1)}" if m else path
 

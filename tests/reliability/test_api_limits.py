@@ -149,6 +149,11 @@ def test_row4_the_idle_timeout_and_rate_limits_come_from_the_config() -> None:
     assert security.rate_limits["interrupt"].per_min == 9
     assert security.rate_limited_paths["/offer"] == "offer"
     assert security.rate_limited_paths["/api/interrupt"] == "interrupt"
+    # A session's WHEP offer and interrupt route share those buckets (the session server).
+    from avatar_agent.server.security import canonical_path
+
+    assert security.rate_limited_paths[canonical_path("/v1/sessions/s1/whep")] == "offer"
+    assert security.rate_limited_paths[canonical_path("/v1/sessions/s1/interrupt")] == "interrupt"
 
 
 async def test_row13_an_interrupt_flood_costs_one_interrupt_and_is_rate_limited() -> None:
