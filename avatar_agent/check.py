@@ -71,8 +71,8 @@ def run_check(cfg: Config, out: Callable[[str], None] = print) -> int:
     settings = _moda_settings(r, cfg)
     if settings:
         out("\nMoDA inference settings (the model's own, then [motion] overrides):")
-        for k, v in settings.items():
-            out(f"  {k:<24} {v}")
+        for name, value in settings.items():
+            out(f"  {name:<24} {value}")
     running = _running_agent(cfg)
     if running:
         out(f"\nrunning agent at {running[0]}:")
