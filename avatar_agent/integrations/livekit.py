@@ -227,8 +227,11 @@ async def start_remote_avatar(agent_session, room: rtc.Room, *,
     finally:
         if own:
             await lk.aclose()
+    # wait_playback_start: the avatar reports when each reply really starts playing (it calls
+    # lk.playback_started, which the output registers only with this set).
     agent_session.output.audio = DataStreamAudioOutput(
-        room, destination_identity=identity, wait_remote_track=rtc.TrackKind.KIND_VIDEO)
+        room, destination_identity=identity, wait_remote_track=rtc.TrackKind.KIND_VIDEO,
+        wait_playback_start=True)
     return identity
 
 

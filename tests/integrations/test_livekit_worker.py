@@ -202,3 +202,71 @@ async def test_jobs_on_their_own_threads_share_the_engine(engine) -> None:
     assert "error" not in out, out.get("error")
     assert out["n"] == 25 and out["s"] == pytest.approx(1.0, abs=0.2)
     assert [f.index for f in got] == list(range(got[0].index, got[0].index + 50))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_remote_avatar_job_over_data_streams(engine) -> None:
+    """The worker's job end to end over loopback rooms: the agent's real DataStreamAudioOutput
+    streams TTS audio to the job's DataStreamAudioReceiver + AvatarRunner; the agent sees the
+    playback finish (full, then interrupted by clear_buffer over RPC), the avatar publishes its
+    tracks, and the job ends (session closed) when the agent leaves."""
+    from livekit import rtc
+    from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+    from avatar_agent.integrations.livekit import avatar_identity, start_remote_avatar
+
+    from .lk_loopback import JobContextStandIn, LoopbackRoom, pair
+    from .test_livekit import tts
+
+    agent_id = "agent-7"
+    avatar_id = avatar_identity(agent_id)
+    agent_room = LoopbackRoom("room", agent_id, rtc.ParticipantKind.PARTICIPANT_KIND_AGENT)
+    avatar_room = LoopbackRoom("room", avatar_id, rtc.ParticipantKind.PARTICIPANT_KIND_AGENT,
+                               {ATTRIBUTE_PUBLISH_ON_BEHALF: agent_id})
+    pair(agent_room, avatar_room)
+    worker = AvatarWorker(engine, avatar_dir=AVATARS)
+
+    class Dispatcher:                                     # LiveKitAPI's agent_dispatch
+        def __init__(self) -> None:
+            self.agent_dispatch, self.requests = self, []
+
+        async def create_dispatch(self, req) -> None:
+            self.requests.append(req)
+
+    class AgentSessionStandIn:
+        class output:                                     # noqa: N801 (mirrors AgentSession)
+            audio = None
+
+    api, agent_session = Dispatcher(), AgentSessionStandIn()
+    assert await start_remote_avatar(agent_session, agent_room, lk_api=api,
+                                     options={"emotion": "happiness",
+                                              "avatar": "default.png"}) == avatar_id
+    (req,) = api.requests
+    assert (req.agent_name, req.room) == ("avatar-agent", "room")
+    ctx = JobContextStandIn(avatar_room, req.metadata)    # what LiveKit hands the worker
+    before = len(engine.sessions)
+    job = asyncio.create_task(worker.entrypoint(ctx))
+    out = agent_session.output.audio
+    assert isinstance(out, DataStreamAudioOutput)
+    try:
+        async with asyncio.timeout(30):
+            while "lk.clear_buffer" not in avatar_room.local_participant._rpc_handlers:
+                await asyncio.sleep(0.05)                 # the job's receiver is listening
+        assert len(engine.sessions) == before + 1
+        await tts(out, 1.0)
+        ev = await asyncio.wait_for(out.wait_for_playout(), 10)
+        assert ev.interrupted is False and ev.playback_position == pytest.approx(1.0, abs=0.04)
+        assert set(avatar_room.local_participant.published) == {"avatar_audio", "avatar_video"}
+
+        await tts(out, 3.0, flush=False)
+        await asyncio.sleep(1.0)
+        out.clear_buffer()                                # RPC lk.clear_buffer to the avatar
+        ev = await asyncio.wait_for(out.wait_for_playout(), 5)
+        print(f"remote avatar: interrupted at {ev.playback_position:.2f} s")
+        assert ev.interrupted is True and 0.5 < ev.playback_position < 1.5
+    finally:
+        agent_room.leave()                                # the agent leaves the room
+        await asyncio.wait_for(job, 10)
+        await asyncio.wait_for(ctx.closed.wait(), 10)
+    assert ctx.shutdown_reason == "the agent left"
+    assert len(engine.sessions) == before
