@@ -204,9 +204,9 @@ def _check_avatar(r: Report, cfg: Config) -> None:
         r.problem(f"avatar image {path} does not exist", "set avatar.image to a portrait photo")
         return
     try:
-        from .face.landmarks import detect_landmarks, load_image
+        from .face.landmarks import detect_landmarks, load_portrait
 
-        lm = detect_landmarks(load_image(path))
+        lm = detect_landmarks(load_portrait(path))   # as the agent loads it
         r.ok(f"avatar {path.name}: face found" + (f" ({'; '.join(lm.warnings)})" if lm.warnings else ""))
     except Exception as e:
         r.problem(f"avatar {path}: {e}", "use a frontal portrait with one clearly visible face")
