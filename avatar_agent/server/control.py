@@ -930,20 +930,21 @@ async def _pump(ws: web.WebSocketResponse, rs: StreamResampler, fmt: str, width:
     """Feed binary PCM messages to ``push`` until the stream ends; returns how it ended:
     "final" ({"final": true}), "idle" (its audio ran out ``ws_idle_s`` ago), "closed" or "error".
 
-    The idle clock runs from when the audio received so far would have finished playing (a
-    client sending faster than real time is not idle while its audio plays): an open stream
-    holds every later utterance back, so it must not outlive its audio by more than that.
+    The idle clock runs from when the audio received so far would have finished playing at
+    real-time pace (a client sending faster than real time is not idle while its audio plays):
+    an open stream holds every later utterance back, so it must not outlive its audio by more
+    than that.  Only audio counts: text messages or a drip of a few samples cannot keep it open.
     """
     pending = b""
+    opened = time.monotonic()
     t_first: float | None = None                    # when the first audio arrived
     seconds = 0.0                                   # audio received, in seconds
-    last = time.monotonic()
     while True:
         now = time.monotonic()
         if t_first is None:
-            deadline = last + s.ws_first_audio_s
+            deadline = opened + s.ws_first_audio_s
         else:
-            deadline = max(t_first + seconds, last) + s.ws_idle_s
+            deadline = t_first + seconds + s.ws_idle_s
         try:
             msg = await ws.receive(timeout=max(0.0, deadline - now))
         except TimeoutError:
@@ -951,7 +952,6 @@ async def _pump(ws: web.WebSocketResponse, rs: StreamResampler, fmt: str, width:
                 await error(f"no audio within {s.ws_first_audio_s:g} s")
                 return "error"
             return "idle"
-        last = time.monotonic()
         if msg.type == WSMsgType.BINARY:
             data = pending + msg.data
             cut = len(data) - len(data) % width
@@ -964,9 +964,9 @@ async def _pump(ws: web.WebSocketResponse, rs: StreamResampler, fmt: str, width:
                             f"queue holds ({s.max_audio_s:g} s); send blocks of a few "
                             "hundred ms")
                 return "error"
-            y = await asyncio.to_thread(_convert_block, data[:cut], fmt, rs)
             if t_first is None:
-                t_first = last
+                t_first = time.monotonic()
+            y = await asyncio.to_thread(_convert_block, data[:cut], fmt, rs)
             seconds += block_s
             if y.size and not await push(y, False):
                 return "error"

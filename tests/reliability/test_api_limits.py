@@ -139,6 +139,31 @@ async def test_row4_a_stream_sending_in_real_time_is_not_cut_by_the_idle_timeout
         await stop_api(api)
 
 
+async def test_row4_a_drip_of_samples_or_text_cannot_keep_a_stream_open() -> None:
+    api = await start_api(ControlSettings(ws_idle_s=0.5))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(api.url + "/api/audio/ws") as ws:
+                await ws.send_str(json.dumps({"rate": 16000}))
+                assert (await ws.receive_json())["type"] == "ready"
+                t0 = time.monotonic()
+                await ws.send_bytes(np.full(3200, 500, np.int16).tobytes())      # 0.2 s
+                finished = None
+                while finished is None and time.monotonic() - t0 < 5:
+                    await ws.send_bytes(b"\x01\x00")                         # one sample
+                    await ws.send_str(json.dumps({"final": False}))
+                    try:
+                        m = await ws.receive_json(timeout=0.1)
+                    except (TimeoutError, asyncio.TimeoutError):
+                        continue
+                    if m["type"] == "finished":
+                        finished = m
+                assert finished is not None and "server.audio_idle_s" in finished["reason"]
+                assert time.monotonic() - t0 < 0.2 + 0.5 + 0.5
+    finally:
+        await stop_api(api)
+
+
 def test_row4_the_idle_timeout_and_rate_limits_come_from_the_config() -> None:
     cfg = load_config(None, ["server.audio_idle_s=7.5", "server.rate_offer_per_min=3",
                              "server.rate_interrupt_per_min=9", "audio.max_queued_s=50"],
