@@ -367,3 +367,36 @@ def test_verify_pin_and_loader_checks_on_a_real_layout(tmp_path: Path) -> None:
     assert st.state == "corrupt" and "does not match the network" in st.detail
     models.pin(root, manifest=man)
     assert not (root / models.PINS_FILE).exists()                 # corrupt files are never pinned
+
+
+def test_the_project_manifest_layout_end_to_end(hub: FakeHub, tmp_path: Path) -> None:
+    """Every hf file of models/manifest.toml, served at its real path in lixinyizju/moda (small
+    fake bytes), lands where the loaders look; the fakes then fail the strict loader check."""
+    from avatar_agent.nn.liveportrait.weights import find_weight_files
+
+    real = models.load_manifest()
+    hf = [f for f in real if all(s.kind == "hf" for s in f.sources)]
+    assert {f.name for f in real} - {f.name for f in hf} == {"moda/mean.pt"}      # a GitHub URL
+    for f in hf:
+        src = next(s for s in models.candidate_sources(f) if s.origin == "moda"
+                   and not (f.check == "hubert" and s.path.endswith(".bin")))   # MoDA ships .safetensors here
+        hub.add(src.repo, src.path, b'{"fake": true}' if f.check == "json" else f"fake {f.name}".encode() * 50)
+    text = models.MANIFEST.read_text(encoding="utf-8")
+    man = manifest(tmp_path, text.replace("set = \"official\"\ngroup = \"moda\"\ncheck = \"mean-std\"",
+                                          "set = \"other\"\ngroup = \"moda\"\ncheck = \"mean-std\""))
+    root = tmp_path / "m"
+    rows = {r.file.name: r for r in models.fetch("official", root, manifest=man)}
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == sorted(
+        ["moda/net-200.pth", "audio/chinese-hubert-base/config.json",
+         "audio/chinese-hubert-base/preprocessor_config.json",
+         "audio/chinese-hubert-base/model.safetensors",
+         *[f"liveportrait/{sub}/{n}.pth" for sub, n in (
+             ("base_models", "appearance_feature_extractor"), ("base_models", "motion_extractor"),
+             ("base_models", "warping_module"), ("base_models", "spade_generator"),
+             ("retargeting_models", "stitching_retargeting_module"))]])
+    assert set(find_weight_files(root)) == {"appearance_feature_extractor", "motion_extractor",
+                                            "warping_module", "spade_generator",
+                                            "stitching_retargeting_module"}
+    assert rows["audio/chinese-hubert-base/config.json"].state == "unpinned"
+    assert {r.state for n, r in rows.items() if not n.endswith(".json")} == {"corrupt"}
+    assert not hub.requested("KlingTeam") and not hub.requested("TencentGameMate")
