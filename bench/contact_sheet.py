@@ -1,8 +1,9 @@
 """Render the embedded avatar's contact sheet (PNG) and optionally a short talking mp4 with audio.
 
 Three portraits (the bundled photo, a painting, a black-and-white photo; see bench/portraits.py),
-two rows each: frames across a spoken sentence (viseme lip-sync from espeak-ng phonemes) and a
-blink; then the eight emotion presets at full intensity.  Usage:
+two rows each: six visemes of a spoken sentence (the procedural lip-sync driven by espeak-ng's
+phonemes, each tile labelled with its phoneme) and a blink; then the eight emotion presets at full
+intensity.  Usage:
 
     python bench/contact_sheet.py [--out docs/contact_sheet.png] [--mp4 out.mp4]
 """
@@ -26,12 +27,15 @@ from avatar_agent.audio.tts import synthesize  # noqa: E402
 from avatar_agent.config import DEFAULT_AVATAR, load_config  # noqa: E402
 from avatar_agent.motion.emotion import emotion_offsets  # noqa: E402
 from avatar_agent.motion.procedural import ProceduralMotion  # noqa: E402
-from avatar_agent.motion.space import EXP, eye_opening, lip_opening  # noqa: E402
+from avatar_agent.motion.space import EXP, eye_opening  # noqa: E402
 from avatar_agent.render.warp import WarpRenderer  # noqa: E402
 from avatar_agent.types import EMOTIONS  # noqa: E402
 
 TEXT = "Hello! I am the embedded avatar. Watch my lips move while I speak."
 TILE = 160
+VISEMES = {"oʊ": "hellO", "m": "aM", "æ": "Avatar", "v": "aVatar", "uː": "mOve", "iː": "spEAk"}
+"""Phonemes of TEXT shown in the speech row (rounded, closed, open, lip on teeth, rounded, spread)
+and their ASCII labels (OpenCV's font has no IPA)."""
 SHEET = (("photo", "photo"), ("painting", "painting"), ("hopper-gray", "b&w"))
 
 
@@ -53,11 +57,16 @@ def rows_for(image: np.ndarray, name: str, renderer: WarpRenderer, utt) -> list[
     gen.prepare(avatar)
     kp = avatar.kp_canonical
     speech = gen.generate_utterance(utt.audio, utt.phonemes, seed=1)
-    lip = lip_opening(speech, kp)
-    picks = np.linspace(0, len(speech) - 1, 36).astype(int)
-    picks = sorted(picks[np.argsort(-lip[picks])[:6]])          # open moments of the sentence
-    row1 = [_label(f, f"{name}: speech {i / 25:.2f}s")
-            for i, f in zip(picks, renderer.render(avatar, speech[picks]))]
+    # visemes: the middle of one phoneme of each kind (open, rounded, spread, closed lips, lip
+    # on teeth), in the order spoken
+    picks: list[tuple[int, str]] = []
+    for sym in VISEMES:
+        p = next(p for p in utt.phonemes if p.symbol == sym)
+        picks.append((min(len(speech) - 1, int((p.start + p.end) / 2 * 25)), sym))
+    picks.sort()
+    idx = [i for i, _ in picks]
+    row1 = [_label(f, f"{name}: {VISEMES[sym]}") for (_, sym), f in
+            zip(picks, renderer.render(avatar, speech[idx]))]
     gen.prepare(avatar)
     idle = gen.idle(25 * 8, gen.rest_pose, 0.0)
     k = int(np.argmin(eye_opening(idle, kp)))
