@@ -66,17 +66,17 @@ def rows_for(image: np.ndarray, name: str, renderer: WarpRenderer, utt) -> list[
     picks.sort()
     idx = [i for i, _ in picks]
     row1 = [_label(f, f"{name}: {VISEMES[sym]}") for (_, sym), f in
-            zip(picks, renderer.render(avatar, speech[idx]))]
+            zip(picks, renderer.render(avatar, speech[idx]), strict=True)]
     gen.prepare(avatar)
     idle = gen.idle(25 * 8, gen.rest_pose, 0.0)
     k = int(np.argmin(eye_opening(idle, kp)))
     row1 += [_label(f, t) for f, t in zip(renderer.render(avatar, idle[[max(0, k - 6), k]]),
-                                          ("blink: open", "blink: shut"))]
+                                          ("blink: open", "blink: shut"), strict=True)]
     rest = gen.rest_pose
     emo = np.repeat(rest[None], len(EMOTIONS), 0)
     for i, e in enumerate(EMOTIONS):
         emo[i, EXP] += emotion_offsets(e, 1.0, kp, rest)
-    row2 = [_label(f, e) for e, f in zip(EMOTIONS, renderer.render(avatar, emo))]
+    row2 = [_label(f, e) for e, f in zip(EMOTIONS, renderer.render(avatar, emo), strict=True)]
     return [row1, row2]
 
 

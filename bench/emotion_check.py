@@ -63,7 +63,7 @@ def check_portrait(name: str, image: np.ndarray, renderer: WarpRenderer) -> dict
     pts = {}
     for intensity in (1.0, 0.5):
         frames = renderer.render(avatar, emotion_motion(gen, avatar.kp_canonical, intensity))
-        pts[intensity] = {e: measure.track(f) for e, f in zip(EMOTIONS, frames)}
+        pts[intensity] = {e: measure.track(f) for e, f in zip(EMOTIONS, frames, strict=True)}
     ref = pts[1.0]["neutral"]
     for e in EMOTIONS:
         if e == "neutral":
@@ -115,7 +115,7 @@ def speech_check(image: np.ndarray, renderer: WarpRenderer) -> None:
     neutral = run("neutral")
     for e in ("surprise", "sadness", "anger", "happiness", "disgust"):
         pts = run(e)
-        ch = [measure.expression_change(p, n).regions for p, n in zip(pts, neutral)]
+        ch = [measure.expression_change(p, n).regions for p, n in zip(pts, neutral, strict=True)]
 
         def avg(rows: list, key: str) -> float:
             return 100 * float(np.mean([r[key] for r in rows]))

@@ -99,7 +99,7 @@ def estimate_head_rotation(mesh: np.ndarray) -> np.ndarray:
     relative to this rest estimate.
     """
     pairs = ((33, 263), (133, 362), (234, 454), (61, 291), (127, 356), (172, 397), (70, 300))
-    ax = sum(mesh[r] - mesh[l] for l, r in pairs)
+    ax = sum(mesh[right] - mesh[left] for left, right in pairs)
     ax = ax / np.linalg.norm(ax)
     ay = mesh[152] - mesh[10]
     ay = ay - ax * (ay @ ax)
@@ -161,7 +161,8 @@ def contour_sources(mesh_c: np.ndarray) -> dict[int, np.ndarray]:
         mu, ml = mesh_c[list(eye[0:9]), :2], mesh_c[list(eye[8:]) + [eye[0]], :2]
         ou, ol = np.argsort(mu[:, 0]), np.argsort(ml[:, 0])
 
-        def opening(x: float) -> float:
+        def opening(x: float, mu: np.ndarray = mu, ml: np.ndarray = ml,  # this eye's lines
+                    ou: np.ndarray = ou, ol: np.ndarray = ol) -> float:
             return float(np.interp(x, ml[ol, 0], ml[ol, 1]) - np.interp(x, mu[ou, 0], mu[ou, 1]))
 
         centre = max(opening(float(mesh_c[space.MESH_INDEX[kp_up], 0])), 1e-6)
@@ -565,7 +566,8 @@ class WarpRenderer:
             q = self._invert(dgrid, ex["grid_px"])                              # [g, g, 2]
             disp = cv2.resize(q - ex["grid_px"], (S, S), interpolation=cv2.INTER_LINEAR)
             disp += ex["ident"]                                                # [S, S, 2]
-            frame = cv2.remap(avatar.crop, disp, None, cv2.INTER_LINEAR,
+            # (a two-channel map needs no map2; OpenCV's stubs do not know that)
+            frame = cv2.remap(avatar.crop, disp, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
                               borderMode=cv2.BORDER_REPLICATE)
         self._mouth(frame, vd, ex)
         shift = self._iris_shift(avatar, motion)
@@ -642,7 +644,7 @@ class WarpRenderer:
         for _ in range(rounds):
             if det.min() >= 0.35:
                 break
-            bad = np.clip((0.6 - det) / 0.3, 0.0, 1.0).astype(np.float32)
+            bad: np.ndarray = np.clip((0.6 - det) / 0.3, 0.0, 1.0).astype(np.float32)
             bad = cv2.GaussianBlur(cv2.dilate(bad, np.ones((3, 3), np.float32)), (0, 0), 1.5)
             soft = cv2.GaussianBlur(d, (0, 0), 2.0)
             w = np.clip(bad * 1.5, 0.0, 1.0)[..., None]
@@ -662,7 +664,8 @@ class WarpRenderer:
         q = p - d
         for _ in range(self.newton_steps):
             u = (q - off) * (1.0 / st)                                         # grid coords
-            f = cv2.remap(field, u, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            f = cv2.remap(field, u, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
+                          borderMode=cv2.BORDER_REPLICATE)
             r = q + f[..., :2] - p                                             # residual
             # I + J = [[a b], [c e]]  (rows: x, y output; cols: d/dx, d/dy)
             a, c, b, e = 1 + f[..., 2], f[..., 3], f[..., 4], 1 + f[..., 5]
@@ -782,7 +785,7 @@ class WarpRenderer:
         src = ex["mesh_px"][:, :2]
         thick = max(1, round(S / 320))
         for (up, lo), eye, rest_gap in zip(((159, 145), (386, 374)), (EYE_L, EYE_R),
-                                           ex["eye_gap_px"]):
+                                           ex["eye_gap_px"], strict=True):
             if rest_gap <= 0.5:
                 continue
             closure = 1.0 - self._gap(vd, up, lo) / rest_gap
@@ -819,7 +822,7 @@ class WarpRenderer:
             if a_skin > 0:
                 lift = int(round(1.2 * rest_gap))
                 sy0, sy1 = max(0, y0 - lift), max(1, y1 - lift)
-                skin = frame[sy0:sy1, x0:x1].astype(np.float32)
+                skin: np.ndarray = frame[sy0:sy1, x0:x1].astype(np.float32)
                 if skin.shape[0] < y1 - y0:
                     skin = cv2.copyMakeBorder(skin, y1 - y0 - skin.shape[0], 0, 0, 0,
                                               cv2.BORDER_REPLICATE)

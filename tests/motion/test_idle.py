@@ -81,7 +81,7 @@ def test_same_frames_whatever_the_call_sizes():
 def test_sway_is_slow_and_small_and_breathing_has_its_rate():
     tr = IdleLayer(seed=3).track(25 * 40)
     p = IdleParams()
-    bound = [a + 3.5 * d for a, d in zip(p.sway_deg, p.drift_deg)]
+    bound = [a + 3.5 * d for a, d in zip(p.sway_deg, p.drift_deg, strict=True)]
     assert np.abs(tr.pose).max(0).tolist() <= bound
     assert np.abs(np.diff(tr.pose, axis=0)).max() < 0.2              # < 5 °/s
     assert np.abs(tr.pose).max() > 0.3                                 # but it does move

@@ -35,7 +35,7 @@ def _render_emotions(r, av, g, intensity: float) -> dict[str, np.ndarray]:
     m = np.repeat(rest[None], len(EMOTIONS), 0)
     for i, e in enumerate(EMOTIONS):
         m[i, EXP] += emotion_offsets(e, intensity, av.kp_canonical, rest)
-    return {e: measure.track(f) for e, f in zip(EMOTIONS, r.render(av, m))}
+    return {e: measure.track(f) for e, f in zip(EMOTIONS, r.render(av, m), strict=True)}
 
 
 def test_emotions_are_visible_and_distinct_on_a_smiling_portrait(setup):

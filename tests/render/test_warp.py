@@ -141,7 +141,7 @@ def test_yaw_moves_the_nose_both_ways(renderer, avatar, rest):
         frames.append(renderer.render(avatar, m[None])[0])
     p0 = detect_landmarks(avatar.crop).points
     shifts = []
-    for m_yaw, f in zip((15.0, -15.0), frames):
+    for m_yaw, f in zip((15.0, -15.0), frames, strict=True):
         p = detect_landmarks(f).points
         # relative to the face outline, so the test sees rotation rather than translation
         rel = (p[1, 0] - p[[234, 454], 0].mean()) - (p0[1, 0] - p0[[234, 454], 0].mean())
