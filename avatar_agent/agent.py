@@ -223,6 +223,8 @@ class Agent:
         """New speech after silence at ``sample`` (ahead of the clock): start it at the earliest
         frame compute can still make instead, dropping what was made of the silence from there.
         A live stream (``buffered`` ≥ 0 samples there) also needs its lookahead to arrive."""
+        if not self.timeline.started:                 # the very first audio: nothing to redo
+            return sample
         wait = self.cfg.player.speech_latency_ms / 1000
         if buffered >= 0:
             wait = max(wait, self.chunker.latency_ms / 1000 + _COMPUTE_S - buffered / SAMPLE_RATE)

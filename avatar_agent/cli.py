@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --sessions: one JSON object")
     p.add_argument("--compare-processes", action="store_true",
                    help="with --sessions: also run one process per session, at once")
+    p.add_argument("--soak", type=float, default=0.0, metavar="MINUTES",
+                   help="a real-time soak: speech, API calls, viewer churn, avatar swaps")
 
     p = sub.add_parser("models", help="official weights: fetch | list | verify")
     p.add_argument("action", choices=["fetch", "list", "verify"])
@@ -175,6 +177,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.cmd == "bench":
             from .bench import run_bench
 
+            if args.soak > 0:
+                from .bench_soak import run as soak
+
+                return soak(cfg, args.soak)
             if args.sessions > 0:
                 from .bench_sessions import run
 

@@ -191,3 +191,13 @@ async def test_pushed_speech_plays_within_120_ms_and_silence_never_underruns(pus
     k = int(np.argmax(np.abs(heard) > 0))
     assert np.allclose(heard[k - 1:k - 1 + tone.size], tone, atol=1e-6)    # and in order
     assert [f.index for f in frames] == list(range(len(frames)))
+
+
+async def test_speech_queued_before_the_session_starts_plays_from_the_start() -> None:
+    clock = FakeClock()
+    sink = MemorySink()
+    session, _ = _session(clock, [sink], **{"service.drain_s": 0.0})
+    session.push_audio(_tone(0.4), 16000, final=True)       # before run(): no timeline yet
+    await _run_until(session, clock, 2.0)
+    voiced = [f.index for f in sink.frames if np.abs(f.audio).max() > 0.05]
+    assert voiced and voiced[0] <= 1 and session.agent.player.stats.underruns <= 3

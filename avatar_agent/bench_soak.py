@@ -1,0 +1,161 @@
+"""``avatar-agent bench --soak MINUTES``: the live agent under a chatbot's everyday load, in real
+time: speech (say and pushed PCM), emotion changes, interrupts, WebRTC viewers coming and going,
+and avatar swaps, while one viewer stays connected all along.
+
+Prints one JSON object: fps and dropped % over the whole run, RSS every 30 s, and the RSS slope
+after the warm-up (linear fit, MB per hour).  Figures only; no pass/fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .metrics import rss_bytes
+
+_LINES = ("Hello, how can I help you today?", "Let me check that for you.",
+          "Here is what I found: the weather will be sunny with a light breeze.",
+          "Is there anything else you would like to know?")
+
+
+async def _viewer(url: str, seconds: float | None, counter: list[int]) -> None:
+    """A WHEP-less WebRTC viewer of ``start``'s /offer: counts video frames; leaves after
+    ``seconds`` (None: when cancelled)."""
+    import aiohttp
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    tasks: list[asyncio.Task[None]] = []
+
+    async def consume(track: Any) -> None:
+        while True:
+            await track.recv()
+            if track.kind == "video":
+                counter[0] += 1
+
+    pc.on("track", lambda t: tasks.append(asyncio.ensure_future(consume(t))))
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "offer", json={"sdp": pc.localDescription.sdp,
+                                                   "type": "offer"}) as r:
+                body = await r.json()
+        await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
+        await asyncio.sleep(seconds if seconds is not None else 1e9)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await pc.close()
+
+
+async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
+    """Run the soak and return its figures."""
+    import aiohttp
+
+    from .agent import Agent
+    from .audio.tts import synthesize
+    from .clock import SystemClock
+    from .server.app import runner_urls, serve
+    from .server.local import make_local_app
+    from .session import Session
+    from .wiring import make_motion, make_renderer, make_sinks, make_source, make_vad
+
+    tmp = Path(tempfile.mkdtemp())
+    portrait = cfg.avatar_path()
+    swap = tmp / "portrait.png"
+    swap.write_bytes(portrait.read_bytes())
+    cfg = dataclasses.replace(
+        cfg, audio=dataclasses.replace(cfg.audio, source="tts"),
+        sinks=dataclasses.replace(cfg.sinks, enabled=["webrtc"]),
+        avatar=dataclasses.replace(cfg.avatar, directories=[str(tmp), str(portrait.parent)]),
+        server=dataclasses.replace(cfg.server, port=0, rate_offer_per_min=10_000,
+                                   rate_say_per_min=10_000, rate_push_per_min=10_000))
+    clock = SystemClock()
+    sinks, webrtc = make_sinks(cfg)
+    agent = Agent(cfg, source=make_source(cfg, clock), vad=make_vad(cfg), motion=make_motion(cfg),
+                  renderer=make_renderer(cfg), sinks=sinks, clock=clock)
+    session = Session(agent)
+    runner = await serve(make_local_app(cfg, session, webrtc), "127.0.0.1", 0)
+    url = runner_urls(runner)[0]
+    pcm = synthesize(_LINES[2]).audio
+    run = asyncio.create_task(session.run())
+    frames = [0]
+    rss: list[tuple[float, float]] = []
+    calls = {"say": 0, "push": 0, "emotion": 0, "interrupt": 0, "viewers": 0, "swaps": 0}
+
+    async def driver() -> None:
+        k = 0
+        async with aiohttp.ClientSession() as http:
+            while True:
+                k += 1
+                if k % 3 == 0:
+                    wav = (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
+                    await http.post(url + "api/audio?rate=16000&format=s16le", data=wav)
+                    calls["push"] += 1
+                else:
+                    await http.post(url + "api/say", json={"text": _LINES[k % len(_LINES)]})
+                    calls["say"] += 1
+                if k % 4 == 0:
+                    await http.post(url + "api/emotion", json={"name": ["happiness", "surprise",
+                                    "neutral", "sadness"][k // 4 % 4], "intensity": 0.8})
+                    calls["emotion"] += 1
+                await asyncio.sleep(4.0)
+                if k % 5 == 0:
+                    await http.post(url + "api/interrupt", data=b"")
+                    calls["interrupt"] += 1
+                if k % 15 == 0:
+                    path = swap if k // 15 % 2 else portrait
+                    await http.post(url + "api/avatar", json={"path": str(path)})
+                    calls["swaps"] += 1
+
+    async def churn() -> None:
+        while True:
+            await asyncio.sleep(10.0)
+            await _viewer(url, 5.0, [0])
+            calls["viewers"] += 1
+
+    while agent.player.stats.delivered < 25:          # warmed up and streaming
+        await asyncio.sleep(0.1)
+        if run.done():
+            await run                                 # its error
+    watcher = asyncio.create_task(_viewer(url, None, frames))
+    tasks = [asyncio.create_task(driver()), asyncio.create_task(churn())]
+    await asyncio.sleep(5.0)
+    st0, f0, t0 = dataclasses.replace(agent.player.stats), frames[0], time.monotonic()
+    end = t0 + minutes * 60
+    while time.monotonic() < end:
+        rss.append(((time.monotonic() - t0) / 60, rss_bytes() / 1e6))
+        await asyncio.sleep(min(30.0, max(0.0, end - time.monotonic())))
+    st1, f1, t1 = dataclasses.replace(agent.player.stats), frames[0], time.monotonic()
+    for t in [*tasks, watcher]:
+        t.cancel()
+    await asyncio.gather(*tasks, watcher, return_exceptions=True)
+    agent.stop()
+    await run
+    await runner.cleanup()
+    delivered = st1.delivered - st0.delivered
+    dropped = (st1.underruns - st0.underruns) + (st1.late_dropped - st0.late_dropped)
+    warm = [(m, r) for m, r in rss if m >= min(2.0, minutes / 3)]
+    slope = (float(np.polyfit([m for m, _ in warm], [r for _, r in warm], 1)[0]) * 60
+             if len(warm) >= 2 else float("nan"))
+    return {"minutes": round((t1 - t0) / 60, 2), "fps_sent": round(delivered / (t1 - t0), 2),
+            "fps_at_viewer": round((f1 - f0) / (t1 - t0), 2),
+            "dropped_pct": round(100 * dropped / max(1, delivered), 3),
+            "rss_mb": [round(r, 1) for _, r in rss], "rss_slope_mb_per_h": round(slope, 2),
+            "calls": calls}
+
+
+def run(cfg: Config, minutes: float) -> int:
+    """CLI entry: print the soak figures as one JSON object."""
+    print(json.dumps(asyncio.run(soak(cfg, minutes))))
+    return 0
