@@ -208,6 +208,45 @@ def test_no_nan_holes_or_tears(renderer, avatar, rest):
         assert np.abs(f.astype(np.float32) - src).mean() > 0.5         # it did move
 
 
+def test_emotions_at_full_intensity_do_not_tear(renderer, avatar):
+    """Every emotion preset at full intensity, also with the jaw open and the eyes shut: no
+    holes, no tears (no gradient beyond the portrait's own), nothing folded over (the warp
+    field's Jacobian stays positive outside the lips and the eyes, which the renderer repaints:
+    the closing of the photo's open smile squeezes its teeth, a shut lid squeezes the eye)."""
+    from avatar_agent.motion.emotion import emotion_offsets
+    from avatar_agent.motion.procedural import ProceduralMotion
+    from avatar_agent.types import EMOTIONS
+
+    g = ProceduralMotion()
+    g.prepare(avatar)
+    base = g.rest_pose.astype(np.float64)
+    ms = []
+    for e in EMOTIONS:
+        m = base.copy()
+        m[space.EXP] += emotion_offsets(e, 1.0, avatar.kp_canonical, base)
+        ms += [m, _close_lids(_jaw_open(m, 0.08), avatar.kp_canonical, 1.0)]
+    out = renderer.render(avatar, np.stack(ms))
+    src = avatar.crop.astype(np.float32).mean(-1)
+    g99 = np.percentile(np.abs(np.diff(src, axis=0)), 99.9)
+    black0 = (avatar.crop.max(-1) <= 4).sum()
+    ex = avatar.extra
+    gx, gy = ex["grid_px"][..., 0], ex["grid_px"][..., 1]
+    outside = np.ones(gx.shape, bool)
+    for part in ([61, 291, 0, 17], [33, 133, 159, 145], [263, 362, 386, 374]):
+        (x0, y0), (x1, y1) = ex["mesh_px"][part, :2].min(0) - 10, ex["mesh_px"][part, :2].max(0) + 10
+        outside &= ~((gx > x0) & (gx < x1) & (gy > y0) & (gy < y1))
+    st = renderer.grid_step
+    for m, f in zip(ms, out, strict=True):
+        assert (f.max(-1) <= 4).sum() <= 1.1 * black0 + 50
+        assert np.percentile(np.abs(np.diff(f.astype(np.float32).mean(-1), axis=0)), 99.9) \
+            < 1.5 * g99 + 10
+        vd, vh = renderer._driven(avatar, m)
+        dv = np.concatenate([vd - ex["mesh_px"][:, :2], vd - vh])
+        n = S // st
+        det = renderer._jacobian((ex["grid_mat"] @ dv).reshape(n, n, 2))[1]
+        assert det[outside].min() > 0.05
+
+
 def test_batch_equals_single_frames(renderer, avatar, rest):
     motions = _random_motions(rest, 3, seed=1)
     batch = renderer.render(avatar, motions)
