@@ -91,7 +91,7 @@ class Animator:
         # The chunk's first frame is due soonest (its deadline is what the latency budget is
         # for): render it alone, then the rest in batches, which are due 40 ms apart each.
         starts = [0, *range(1, n, self.batch)] if self.batch > 1 else list(range(n))
-        for b, e in zip(starts, [*starts[1:], n]):
+        for b, e in zip(starts, [*starts[1:], n], strict=True):
             live = [i for i in range(first + b, first + e) if not self.player.is_late(i)]
             if not live:                              # behind: skip work, the clock goes on
                 self.metrics.frames.labels("skipped_late").inc(e - b)
@@ -102,6 +102,6 @@ class Animator:
             self.metrics.stage_seconds.labels("render").observe(time.perf_counter() - t1)
             if epoch != self.epoch:
                 return
-            for i, img in zip(live, images):
+            for i, img in zip(live, images, strict=False):
                 if self.player.push(i, img, speech):
                     self.metrics.frames.labels("produced").inc()

@@ -100,7 +100,7 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
     for t in tasks:
         t.cancel()
     fps, dropped = [], []
-    for a, b, w in zip(st0, st1, watches):
+    for a, b, w in zip(st0, st1, watches, strict=True):
         fps.append(sum(1 for x in w.times if t0 <= x < t1) / (t1 - t0))
         d = ((b.underruns - a.underruns) + (b.late_dropped - a.late_dropped)
              + (b.overflow_dropped - a.overflow_dropped))

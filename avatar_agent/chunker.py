@@ -415,6 +415,6 @@ def chunk_audio(frames: Iterable[AudioFrame], decisions: Iterable[bool],
                 ) -> list[ChunkerOutput]:
     """Convenience: run a whole recording through a fresh Chunker (push all, then flush)."""
     ch = Chunker(params, offline=offline)
-    out = ch.push_many(zip(frames, decisions))
+    out = ch.push_many(zip(frames, decisions, strict=False))
     out += ch.flush()
     return out

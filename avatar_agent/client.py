@@ -321,7 +321,9 @@ class AudioStream:
             pcm = pcm.astype(pcm.dtype.newbyteorder("<"), copy=False).tobytes()
         await self._ws.send_bytes(bytes(pcm))
 
-    async def finish(self, timeout: float = 30.0) -> int | None:
+    # A bound on the wait for the server's closing reply, not a deadline for the caller's
+    # work: on expiry the reader is cancelled and whatever arrived is returned.
+    async def finish(self, timeout: float = 30.0) -> int | None:  # noqa: ASYNC109
         """End the utterance (what was sent plays out); returns its id."""
         if not self._ws.closed:
             await self._ws.send_str(json.dumps({"final": True}))

@@ -612,7 +612,7 @@ def field_docs() -> dict[str, dict[str, str]]:
         if isinstance(node, ast.ClassDef):
             fields: dict[str, str] = {"": ast.get_docstring(node) or ""}
             body = node.body
-            for a, b in zip(body, body[1:]):
+            for a, b in zip(body, body[1:], strict=False):
                 if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
                         and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
                         and isinstance(b.value.value, str)):

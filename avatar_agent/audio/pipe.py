@@ -83,10 +83,10 @@ class PipeSource:
         elif isinstance(s, (str, os.PathLike)):
             await self._listen(Path(s))
             while not self._closed:
-                reader = await self._conns.get()
-                if reader is None:
+                conn = await self._conns.get()
+                if conn is None:
                     break
-                async for b in self._from_reader(reader):
+                async for b in self._from_reader(conn):
                     yield b
                 log.info("pipe: producer disconnected from %s; waiting for the next one", s)
         else:
@@ -128,11 +128,7 @@ class PipeSource:
                 yield b
 
     async def _listen(self, path: Path) -> None:
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ValueError(f"pipe socket path {str(path)!r} exists and is not a socket; "
-                                 "choose another audio.pipe_path")
-            path.unlink()  # a stale socket from an earlier run
+        _remove_stale_socket(path)
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
@@ -194,3 +190,14 @@ class PipeSource:
                 pass
             self._socket_path = None
 
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket left at ``path`` by an earlier run; refuse to touch anything else.
+
+    Synchronous on purpose: a few stat calls on a local path, once at start-up.
+    """
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ValueError(f"pipe socket path {str(path)!r} exists and is not a socket; "
+                             "choose another audio.pipe_path")
+        path.unlink()  # a stale socket from an earlier run

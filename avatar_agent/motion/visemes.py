@@ -176,7 +176,7 @@ def articulation_track(phonemes: tuple[Phoneme, ...] | list[Phoneme], times: np.
     # every utterance with its own pause event, which maps to "sil").
     sil = VISEMES["sil"]
     gaps = [Segment(sil, segs[0].start - SIL_PAD, segs[0].start)] if segs else []
-    for a, b in zip(segs, segs[1:]):
+    for a, b in zip(segs, segs[1:], strict=False):
         if b.start - a.end > 0.02:
             gaps.append(Segment(sil, a.end, b.start))
     segs = segs + gaps

@@ -148,25 +148,28 @@ class JointAttention(nn.Module):
     def __init__(self, p: MoDAParams, streams: list[tuple[str, str, str, str]]) -> None:
         super().__init__()
         self.heads, self.streams = p.heads, streams
-        for qkv, qn, kn, proj in streams:
+        for qkv, _qn, _kn, _proj in streams:
             setattr(self, qkv, nn.Linear(p.hidden, 3 * p.hidden))
-        for qkv, qn, kn, proj in streams:
+        for _qkv, qn, kn, _proj in streams:
             setattr(self, qn, RMSNorm(p.head_dim, eps=p.qk_norm_eps))
             setattr(self, kn, RMSNorm(p.head_dim, eps=p.qk_norm_eps))
-        for qkv, qn, kn, proj in streams:
+        for _qkv, _qn, _kn, proj in streams:
             setattr(self, proj, nn.Linear(p.hidden, p.hidden))
 
     def forward(self, xs: list[torch.Tensor],
                 ropes: list[tuple[torch.Tensor, torch.Tensor] | None]) -> list[torch.Tensor]:
         qs, ks, vs, lens = [], [], [], []
-        for x, rope, (qkv, qn, kn, _) in zip(xs, ropes, self.streams):
+        for x, rope, (qkv, qn, kn, _) in zip(xs, ropes, self.streams, strict=True):
             q, k, v = getattr(self, qkv)(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # [B, L, H, D]
             q, k = getattr(self, qn)(q), getattr(self, kn)(k)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            qs.append(q), ks.append(k), vs.append(v), lens.append(x.shape[1])
+            qs.append(q)
+            ks.append(k)
+            vs.append(v)
+            lens.append(x.shape[1])
         out = attention(torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1))   # [B, ΣL, C]
-        return [getattr(self, s[3])(o) for o, s in zip(out.split(lens, 1), self.streams)]
+        return [getattr(self, s[3])(o) for o, s in zip(out.split(lens, 1), self.streams, strict=True)]
 
 
 class MultiStreamBlock(nn.Module):
@@ -193,10 +196,10 @@ class MultiStreamBlock(nn.Module):
     def forward(self, xs: list[torch.Tensor], c: torch.Tensor,
                 ropes: list[tuple[torch.Tensor, torch.Tensor] | None]) -> list[torch.Tensor]:
         mods = [getattr(self, a)(c).chunk(6, dim=-1) for a in self.ada]          # 6 × [B, C] each
-        hs = [modulate(self.norm(x), m[0], m[1]) for x, m in zip(xs, mods)]      # [B, L, C] each
+        hs = [modulate(self.norm(x), m[0], m[1]) for x, m in zip(xs, mods, strict=True)]  # [B, L, C] each
         attn = self.attn1(hs, ropes)
         out = []
-        for x, a, m, mlp in zip(xs, attn, mods, self.mlps):
+        for x, a, m, mlp in zip(xs, attn, mods, self.mlps, strict=True):
             x = x + m[2][:, None] * a                                            # [B, L, C]
             x = x + m[5][:, None] * getattr(self, mlp)(modulate(self.norm(x), m[3], m[4]))
             out.append(x)

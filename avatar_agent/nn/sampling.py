@@ -148,7 +148,7 @@ def guided_velocity(model: MoDADiT | TracedDiT, cond: Conditions, guidance: Guid
             # The release's form, evaluated verbatim for bit-level agreement.
             return v[0] + (1.0 + guidance.joint) * (v_c - v[0])
         out = v_c
-        for (lam, _, _), v_drop in zip(passes, v[:-1]):
+        for (lam, _, _), v_drop in zip(passes, v[:-1], strict=True):
             out = out + lam * (v_c - v_drop)
         return out
 

@@ -346,7 +346,7 @@ def make_utterance(seed: int, index: int, p: CorpusParams = CorpusParams(),
 
 def _block_job(args: tuple[int, list[int], CorpusParams, list[str | None]]) -> list[UtteranceRecord]:
     seed, indices, params, texts = args
-    return [make_utterance(seed, i, params, t) for i, t in zip(indices, texts)]
+    return [make_utterance(seed, i, params, t) for i, t in zip(indices, texts, strict=True)]
 
 
 def _write(out_dir: str | Path, seed: int, texts: Sequence[str | None], params: CorpusParams,

@@ -361,7 +361,7 @@ def _write_curves(out_dir: Path, history: list[dict[str, float]]) -> None:
     for k in ("loss", "rf", "vel", "acc", "val_loss"):
         pts = [(r["step"], r[k]) for r in history if k in r and np.isfinite(r[k])]
         if pts:
-            ax.plot(*zip(*pts), label=k, lw=1.5 if k in ("loss", "val_loss") else 0.8,
+            ax.plot(*zip(*pts, strict=True), label=k, lw=1.5 if k in ("loss", "val_loss") else 0.8,
                     marker="o" if k == "val_loss" else None, ms=3)
     ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -78,7 +78,7 @@ class ConvNeXtV2(nn.Module):
         self.fc_exp = nn.Linear(d[-1], n)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        for down, stage in zip(self.downsample_layers, self.stages):
+        for down, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = stage(down(x))                                       # B×96×64², …, B×768×8×8
         h = self.norm(x.mean([-2, -1]))                              # B×768
         return {
