@@ -6,6 +6,8 @@
   in grayscale, as an old black-and-white photo.
 * ``painting``: the Grace Hopper photo turned into an oil-painting look (edge-preserving
   smoothing, diagonal strokes, a warm varnish palette and a canvas weave), made here.
+* ``statue``: the bundled photo as a marble bust: smoothed, flat low-contrast grey with a faint
+  warm-white tint (no lip colour at all).
 """
 
 from __future__ import annotations
@@ -49,9 +51,18 @@ def painting(img: np.ndarray, seed: int = 0) -> np.ndarray:
     return (f * 255 + 0.5).astype(np.uint8)
 
 
+def statue(img: np.ndarray) -> np.ndarray:
+    """A marble look: grey, smoothed, low contrast, lit white, a faint warm tint."""
+    g = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    g = cv2.bilateralFilter(g, 9, 40, 7)
+    g = 150.0 + 0.55 * (g - g.mean())
+    tint = np.array([1.0, 0.985, 0.95], np.float32)
+    return np.clip(g[:, :, None] * tint, 0, 255).astype(np.uint8)
+
+
 def portraits() -> dict[str, np.ndarray]:
     """name → uint8 RGB portrait (see the module docstring)."""
     photo = load_image(DEFAULT_AVATAR)
     h = hopper()
     return {"photo": photo, "photo-gray": grayscale(photo), "painting": painting(h),
-            "hopper-gray": grayscale(h)}
+            "hopper-gray": grayscale(h), "statue": statue(photo)}

@@ -26,6 +26,14 @@ def _gray(img: np.ndarray) -> np.ndarray:
     return np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
 
 
+def _statue(img: np.ndarray) -> np.ndarray:
+    """A marble look: grey, smoothed, low contrast, a faint warm-white tint."""
+    g = cv2.bilateralFilter(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32), 9, 40, 7)
+    g = 150.0 + 0.55 * (g - g.mean())
+    return np.clip(g[:, :, None] * np.array([1.0, 0.985, 0.95], np.float32), 0, 255).astype(
+        np.uint8)
+
+
 def _open(avatar, amount: float) -> np.ndarray:
     """The neutral face with the jaw dropped by ``amount`` canonical units."""
     m = avatar.rest_motion.astype(np.float64).copy()
@@ -121,3 +129,20 @@ def test_teeth_only_when_the_mouth_is_open_enough():
     base = int((closed_out[_mouth_mask(r, av, _open(av, 0.0))].mean(-1) > 0.85 * teeth).sum())
     assert bright[0] <= base + 20, bright                         # a slit: no teeth drawn
     assert bright[1] > base + 100, bright                         # open: a band of teeth
+
+
+def test_statue_mouth_keeps_the_marble_tint():
+    """A tinted marble bust: the opened mouth is no more saturated than the stone itself (the
+    old fixed red cavity was saturation ~170)."""
+    r = WarpRenderer(size=S)
+    av = r.prepare(_statue(load_image(ROOT / "avatars" / "default.png")))
+    m = _open(av, 0.1)
+    out = r.render(av, m)[0]
+    closed = r.render(av, _open(av, 0.0))[0]
+    mouth = _mouth_mask(r, av, m)
+    drawn = mouth & (np.abs(out.astype(int) - closed).sum(-1) > 30)
+    assert drawn.sum() > 300
+    face = np.zeros((S, S), np.uint8)
+    cv2.fillPoly(face, [np.round(av.extra["mesh_px"][list(FACE_OVAL), :2]).astype(np.int32)], 1)
+    stone = int(_saturation(av.crop[face.astype(bool)]).max())
+    assert int(_saturation(out[drawn]).max()) <= stone + 3, stone
