@@ -14,8 +14,10 @@ tiny shapes).  Speed does not depend on weight values; the JSON says which were 
 Figures (JSON keys):
 
 * ``stages_ms``: HuBERT per second of audio, one DiT window (the live generator's window, its
-  steps and guidance), warping W and generator G per frame (batch 1), paste-back per frame,
-  the renderer's whole per-frame path (motion → uint8 frame on the CPU).
+  steps and guidance), warping W and generator G per frame (batch 1), paste-back per frame
+  (OpenCV on the CPU, as the renderer does today, and on the device with render/gpu_paste.py,
+  copy of the finished frame to the CPU included), the renderer's whole per-frame path
+  (motion → uint8 frame on the CPU).
 * ``official_rtf``: one session, offline: (HuBERT + DiT windows + rendering) time / audio time.
 * ``first_frame_ms``: from a speech chunk being available to its first rendered frame (features,
   one window, one frame).
@@ -304,6 +306,17 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
     crop = renderer.render(avatar, rest[None])[0]
     out["paste_back_per_frame"] = time_ms(lambda: renderer.paste_back(avatar, crop), dev, reps)
     out["paste_back_device"] = "cpu (numpy/OpenCV)"
+    # The same on the device (render/gpu_paste.py), from the generator's float crops; only the
+    # uint8 frame would cross to the CPU.
+    from avatar_agent.render.gpu_paste import GpuPaste
+    from avatar_agent.render.liveportrait import feather_mask
+
+    crops = renderer.render_detailed(avatar, np.repeat(rest[None], 8, 0))["image"]
+    side = crops.shape[-1]                    # 512 (the tiny --quick generator makes smaller)
+    c2o = np.asarray(avatar.crop_to_image) @ np.diag([512 / side, 512 / side, 1.0])
+    paste = GpuPaste(avatar.image, c2o, feather_mask(side), dev)
+    out["paste_back_gpu_per_frame_b8"] = time_ms(lambda: paste(crops).cpu(), dev, reps) / 8
+    out["paste_back_gpu_image_hw"] = list(avatar.image.shape[:2])
     out["render_per_frame_b1"] = time_ms(lambda: renderer.render(avatar, rest[None]), dev, reps)
     b = renderer.max_batch
     many = np.repeat(rest[None], b, 0)
