@@ -45,6 +45,7 @@ class LoopSource:
         self._closed = False
 
     async def frames(self) -> AsyncIterator[AudioFrame]:
+        """20 ms frames of the looped recording, paced by the clock, until closed or ``limit_s`` is reached."""
         t0 = self.clock.now()
         n = 0
         plen = len(self.period)
@@ -59,6 +60,7 @@ class LoopSource:
             n += FRAME_SAMPLES
 
     async def close(self) -> None:
+        """Stop the frame stream after the frame in flight."""
         self._closed = True
 
 

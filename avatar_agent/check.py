@@ -21,12 +21,15 @@ class Report:
     lines: list[str] = dataclasses.field(default_factory=list)
 
     def ok(self, what: str) -> None:
+        """Record a passed check."""
         self.lines.append(f"  ok       {what}")
 
     def note(self, what: str) -> None:
+        """Record information that is neither a pass nor a problem."""
         self.lines.append(f"  note     {what}")
 
     def problem(self, what: str, fix: str) -> None:
+        """Record a problem and the fix to show for it."""
         self.problems.append((what, fix))
         self.lines.append(f"  PROBLEM  {what}\n           fix: {fix}")
 

@@ -31,16 +31,21 @@ from avatar_agent.types import EMOTION_NONE, Avatar, Profile, SpeechChunk
 class IdleSource(Protocol):
     """What serves silence in a :class:`SpeechAndIdle`."""
 
-    def prepare(self, avatar: Avatar) -> None: ...
+    def prepare(self, avatar: Avatar) -> None:
+        """Bind to the avatar (its rest pose and profile)."""
 
     @property
-    def rest_pose(self) -> np.ndarray: ...
+    def rest_pose(self) -> np.ndarray:
+        """Where silence relaxes to, motion [70]; valid after :meth:`prepare`."""
 
-    def set_emotion(self, emotion: int, intensity: float = 1.0) -> None: ...
+    def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
+        """Emotion (and intensity) of the idle frames from now on."""
 
-    def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray: ...
+    def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray:
+        """``n`` frames [n, 70] of silence starting at time ``t0`` (s), relaxing from ``prev`` [70]."""
 
-    def fork(self, seed: int) -> "IdleSource": ...
+    def fork(self, seed: int) -> "IdleSource":
+        """A source for another session: fresh state, its own seed."""
 
 
 class SpeechGenerator(Protocol):
@@ -49,14 +54,18 @@ class SpeechGenerator(Protocol):
     profile: Profile
     min_hop_ms: int
 
-    def prepare(self, avatar: Avatar, reference: np.ndarray | None = None) -> None: ...
+    def prepare(self, avatar: Avatar, reference: np.ndarray | None = None) -> None:
+        """Bind to the avatar; ``reference`` replaces its rest pose as the motion's centre."""
 
     def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
-                 intensity: float = 1.0) -> np.ndarray: ...
+                 intensity: float = 1.0) -> np.ndarray:
+        """Motion [n, 70] for the chunk's new audio, continuing from ``prev`` [70]."""
 
-    def reset(self) -> None: ...
+    def reset(self) -> None:
+        """Forget the speech history (after an interruption)."""
 
-    def fork(self, seed: int) -> "SpeechGenerator": ...
+    def fork(self, seed: int) -> "SpeechGenerator":
+        """A generator for another session: the same networks, fresh state, its own seed."""
 
 
 class SpeechAndIdle:

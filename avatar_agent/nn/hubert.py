@@ -157,6 +157,7 @@ class HubertFeatures:
 
     @property
     def blocks(self) -> int:
+        """Number of encoder layers whose outputs are returned (the ``layers`` axis)."""
         return self.layers
 
     def input_values(self, audio: np.ndarray) -> np.ndarray:
@@ -187,6 +188,7 @@ class HubertFeatures:
         return torch.stack(outs, dim=1)                                          # [T, layers, C]
 
     def __call__(self, audio: np.ndarray) -> torch.Tensor:
+        """Features [T, layers, dim] (CPU) of float32 16 kHz audio, encoded piece by piece; a tail under one frame is dropped."""
         a = check_audio(audio)
         out = []
         for s in range(0, a.size, self.piece):

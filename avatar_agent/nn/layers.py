@@ -28,6 +28,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """RMS-normalise ``x`` over its last axis (in float32, returned in ``x``'s dtype)."""
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
@@ -56,6 +57,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``fc2(gelu_tanh(fc1(x)))``."""
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -67,6 +69,7 @@ class MlpEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed ``x`` [..., in] → [..., dim]."""
         return self.mlp(x)
 
 
@@ -94,6 +97,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Embed raw timesteps t [B] → [B, dim]."""
         return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
@@ -110,6 +114,7 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(n_classes + 1, dim)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of the labels (``n_classes`` = the null class)."""
         return self.embedding_table(labels)
 
 

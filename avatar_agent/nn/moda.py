@@ -82,10 +82,12 @@ class MoDAParams:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head."""
         return self.hidden // self.heads
 
     @property
     def mlp_hidden(self) -> int:
+        """Hidden width of the MLPs (``hidden × mlp_ratio``)."""
         return int(self.hidden * self.mlp_ratio)
 
     @property
@@ -127,6 +129,7 @@ class AudioEmbedder(nn.Module):
         self.norm = RMSNorm(p.hidden, eps=1e-6, affine=True)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """One token [B, N, C] per frame of audio windows [B, N, U, L, D]."""
         h = audio.flatten(2)                                                     # [B, N, U·L·D]
         h = torch.relu(self.proj1(h))                                            # [B, N, C]
         h = torch.relu(self.proj2(h))                                            # [B, N, C]
@@ -158,6 +161,7 @@ class JointAttention(nn.Module):
 
     def forward(self, xs: list[torch.Tensor],
                 ropes: list[tuple[torch.Tensor, torch.Tensor] | None]) -> list[torch.Tensor]:
+        """Joint attention over all streams' tokens; one output per stream, in stream order."""
         qs, ks, vs, lens = [], [], [], []
         for x, rope, (qkv, qn, kn, _) in zip(xs, ropes, self.streams, strict=True):
             q, k, v = getattr(self, qkv)(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # [B, L, H, D]
@@ -195,6 +199,7 @@ class MultiStreamBlock(nn.Module):
 
     def forward(self, xs: list[torch.Tensor], c: torch.Tensor,
                 ropes: list[tuple[torch.Tensor, torch.Tensor] | None]) -> list[torch.Tensor]:
+        """One block over the streams ``xs`` (conditioned on ``c``); returns the updated streams."""
         mods = [getattr(self, a)(c).chunk(6, dim=-1) for a in self.ada]          # 6 × [B, C] each
         hs = [modulate(self.norm(x), m[0], m[1]) for x, m in zip(xs, mods, strict=True)]  # [B, L, C] each
         attn = self.attn1(hs, ropes)
@@ -246,6 +251,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One parallel attention + MLP block over all tokens ``h`` [B, L, C], conditioned on ``c``."""
         shift, scale, gate = self.adaLN_modulation_xs(c).chunk(3, dim=-1)       # 3 × [B, C]
         u = modulate(self.norm(h), shift, scale)                                 # [B, L, C]
         qkv, m = self.qkv_xs(u).split([3 * self.hidden, self.qkv_xs.out_features - 3 * self.hidden], -1)
@@ -267,6 +273,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = AdaLN(p.hidden, 2)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Project tokens ``x`` [B, N, C] to motion [B, N, motion_dim], modulated by ``c``."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)                 # 2 × [B, C]
         return self.linear(modulate(self.norm(x), shift, scale))                 # [B, N, out]
 
@@ -390,6 +397,7 @@ class TracedDiT:
 
     def __call__(self, motion: torch.Tensor, t: torch.Tensor, audio: torch.Tensor,
                  emotion: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        """The model's output for these inputs, from the trace for their shapes (traced on first use) or eagerly."""
         args = (motion, t, audio, emotion, identity)
         if torch.is_grad_enabled() or self.failed is not None:
             return self.model(*args)

@@ -60,9 +60,11 @@ class AutocastDiT(nn.Module):
 
     @property
     def params(self) -> Any:
+        """The wrapped model's ``params``."""
         return self.model.params
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The wrapped model's output under autocast, as float32."""
         dev = next(self.model.parameters()).device
         with autocast(dev, self.precision):
             out = self.model(*args, **kwargs)
@@ -85,6 +87,7 @@ class AutocastFeatures:
         self.features, self.device, self.precision = features, torch.device(device), precision
 
     def __call__(self, audio: np.ndarray) -> torch.Tensor:
+        """The wrapped features of ``audio`` under autocast, as float32."""
         with autocast(self.device, self.precision):
             out = self.features(audio)
         return torch.as_tensor(out).float()

@@ -58,15 +58,34 @@ _PCM_WIDTH = {"s16le": 2, "s32le": 4, "f32le": 4, "u8": 1}
 class Controller(Protocol):
     """What the API drives (the agent implements it)."""
 
-    def say(self, text: str, voice: str | None = None, emotion: str | None = None) -> int: ...
-    def push_audio(self, samples: np.ndarray, final: bool = False) -> int: ...   # 16 kHz mono float32
-    def interrupt(self) -> Interrupted: ...
-    def set_emotion(self, name: str, intensity: float | None = None) -> None: ...
-    def set_scales(self, expression: float | None = None, head: float | None = None) -> None: ...
-    def set_gaze(self, x: float, y: float) -> None: ...
-    async def swap_avatar(self, path: str) -> None: ...
-    def stats(self) -> dict: ...
-    def subscribe(self, callback: Callable[[str, dict], None]) -> Callable[[], None]: ...  # returns unsubscribe
+    def say(self, text: str, voice: str | None = None, emotion: str | None = None) -> int:
+        """Speak ``text`` (queued after earlier speech); returns the segment id."""
+
+    # Positional-only samples and keyword-only final: how the handlers call it, and what lets
+    # a Session (whose push_audio also takes rate and channels) satisfy the protocol.
+    def push_audio(self, samples: np.ndarray, /, *, final: bool = False) -> int:
+        """Append 16 kHz mono float32 samples to the open segment (``final`` closes it); returns its id."""
+
+    def interrupt(self) -> Interrupted:
+        """Drop all unplayed speech; says what was cut."""
+
+    def set_emotion(self, name: str, intensity: float | None = None) -> None:
+        """Emotion (by name) for speech and idle frames from the next chunk on."""
+
+    def set_scales(self, expression: float | None = None, head: float | None = None) -> None:
+        """Multipliers on expression and head motion (None: unchanged)."""
+
+    def set_gaze(self, x: float, y: float) -> None:
+        """Look direction in [-1, 1]² (right/down positive)."""
+
+    async def swap_avatar(self, path: str) -> None:
+        """Switch to the portrait at ``path``."""
+
+    def stats(self) -> dict:
+        """Counters for the status API."""
+
+    def subscribe(self, callback: Callable[[str, dict], None]) -> Callable[[], None]:
+        """``callback(kind, data)`` on every event; returns the unsubscribe function."""
 
 
 @dataclass(frozen=True)

@@ -417,6 +417,7 @@ class MalformedRequestLogFilter(logging.Filter):
         self.suppressed = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Pass other records; turn a malformed-request traceback into one rate-limited warning."""
         from aiohttp.http_exceptions import HttpProcessingError
 
         exc = record.exc_info[1] if record.exc_info else None

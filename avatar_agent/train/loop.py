@@ -239,6 +239,7 @@ class Trainer:
 
     @property
     def n_params(self) -> int:
+        """Number of scalars in the model's parameters."""
         return count_parameters(self.model)
 
     def train_step(self, batch: dict[str, torch.Tensor],
@@ -287,6 +288,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: config, weights, EMA, optimiser, step and RNG state."""
         return {
             "format": "avatar-agent-train", "version": 1,
             "cfg": dataclasses.asdict(self.cfg), "params": dataclasses.asdict(self.params),

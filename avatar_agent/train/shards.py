@@ -86,6 +86,7 @@ class UtteranceRecord:
 
     @property
     def frames(self) -> int:
+        """Number of 25 fps frames in the record."""
         return int(np.asarray(self.audio).shape[0])
 
 
@@ -249,6 +250,7 @@ class Stats:
     relative: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (arrays as nested lists)."""
         d: dict[str, Any] = {k: np.asarray(getattr(self, k), np.float64).tolist()
                              for k in ("motion_mean", "motion_std", "audio_mean", "audio_std")}
         d["relative"] = self.relative
@@ -256,6 +258,7 @@ class Stats:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Stats":
+        """The inverse of :meth:`to_json`; a missing or malformed field is a :class:`ShardError`."""
         try:
             arrays = {k: np.asarray(d[k], np.float32)
                       for k in ("motion_mean", "motion_std", "audio_mean", "audio_std")}

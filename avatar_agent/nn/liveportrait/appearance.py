@@ -51,6 +51,7 @@ class AppearanceFeatureExtractor(nn.Module):
             self.resblocks_3d.add_module(f"3dr{i}", ResBlock3d(p.reshape_channel))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Appearance feature volume of images [B, 3, 256, 256] → [B, 32, 16, 64, 64]."""
         p = self.params
         x = self.first(image)                                        # B×64×256×256
         for block in self.down_blocks:

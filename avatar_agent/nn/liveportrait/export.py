@@ -40,6 +40,7 @@ class WarpDecode(nn.Module):
 
     def forward(self, feature_3d: torch.Tensor, kp_driving: torch.Tensor,
                 kp_source: torch.Tensor) -> torch.Tensor:
+        """Warp the source feature volume to the driving keypoints and decode it: image [B, 3, 512, 512]."""
         out = self.warping(feature_3d, kp_driving=kp_driving, kp_source=kp_source)["out"]
         return self.spade(out)                                       # B×3×512×512
 

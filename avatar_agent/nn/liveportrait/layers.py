@@ -23,6 +23,7 @@ class SameBlock2d(nn.Module):
         self.lrelu = lrelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv → BatchNorm → (Leaky)ReLU, same spatial size."""
         x = self.norm(self.conv(x))                                  # B×cout×H×W
         # W.third uses LeakyReLU with PyTorch's default slope 0.01 (spec §8.8).
         return F.leaky_relu(x) if self.lrelu else F.relu(x)
@@ -38,6 +39,7 @@ class DownBlock2d(nn.Module):
         self.pool = nn.AvgPool2d(kernel_size=(2, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv → BatchNorm → ReLU → 2×2 average pool: B×cout×H/2×W/2."""
         return self.pool(F.relu(self.norm(self.conv(x))))            # B×cout×H/2×W/2
 
 
@@ -51,6 +53,7 @@ class DownBlock3d(nn.Module):
         self.pool = nn.AvgPool3d(kernel_size=(1, 2, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv → BatchNorm → ReLU → (1, 2, 2) average pool: B×cout×D×H/2×W/2."""
         return self.pool(F.relu(self.norm(self.conv(x))))            # B×cout×D×H/2×W/2
 
 
@@ -63,6 +66,7 @@ class UpBlock3d(nn.Module):
         self.norm = nn.BatchNorm3d(cout, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest ×(1, 2, 2) upsample → Conv → BatchNorm → ReLU: B×cout×D×2H×2W."""
         x = F.interpolate(x, scale_factor=(1, 2, 2))                 # B×cin×D×2H×2W (nearest)
         return F.relu(self.norm(self.conv(x)))                       # B×cout×D×2H×2W
 
@@ -79,6 +83,7 @@ class ResBlock3d(nn.Module):
         self.norm2 = nn.BatchNorm3d(channels, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the pre-activation residual branch."""
         y = self.conv1(F.relu(self.norm1(x)))                        # B×C×D×H×W
         y = self.conv2(F.relu(self.norm2(y)))                        # B×C×D×H×W
         return x + y
@@ -98,6 +103,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise NCHW ``x`` over channels, then scale and shift per channel."""
         u = x.mean(1, keepdim=True)                                  # B×1×H×W
         s = (x - u).pow(2).mean(1, keepdim=True)                     # B×1×H×W
         x = (x - u) / torch.sqrt(s + self.eps)                       # B×C×H×W
@@ -113,6 +119,7 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Global response normalisation of NHWC ``x`` (with its residual)."""
         gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)            # B×1×1×C
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)             # B×1×1×C
         return self.gamma * (x * nx) + self.beta + x                 # B×H×W×C

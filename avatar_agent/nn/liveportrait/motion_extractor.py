@@ -48,6 +48,7 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv2 = nn.Linear(4 * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One ConvNeXt-V2 block on NCHW ``x`` (residual)."""
         y = self.dwconv(x).permute(0, 2, 3, 1)                       # B×H×W×C
         y = self.pwconv1(self.norm(y))                               # B×H×W×4C
         y = self.grn(F.gelu(y))                                      # B×H×W×4C (exact erf GELU)
@@ -78,6 +79,7 @@ class ConvNeXtV2(nn.Module):
         self.fc_exp = nn.Linear(d[-1], n)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw head outputs (pose logits, t, exp, scale, kp) of images [B, 3, H, W]."""
         for down, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = stage(down(x))                                       # B×96×64², …, B×768×8×8
         h = self.norm(x.mean([-2, -1]))                              # B×768
@@ -101,4 +103,5 @@ class MotionExtractor(nn.Module):
         self.detector = ConvNeXtV2(params)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw outputs of images [B, 3, 256, 256] in [0, 1], keyed as :data:`OUTPUT_NAMES`."""
         return self.detector(image)

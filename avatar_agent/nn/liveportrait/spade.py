@@ -50,6 +50,7 @@ class Spade(nn.Module):
         self.mlp_beta = nn.Conv2d(hidden, norm_nc, 3, padding=1)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        """Instance-normalise ``x`` and modulate it with γ, β predicted from ``seg``."""
         # InstanceNorm2d without running stats: per-sample statistics also in eval (spec §8.10).
         normalized = self.param_free_norm(x)                         # B×C×H×W
         seg = F.interpolate(seg, size=x.shape[2:], mode="nearest")   # B×256×H×W
@@ -75,6 +76,7 @@ class SpadeResBlock(nn.Module):
             self.norm_s = Spade(fin, label_nc, hidden)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        """SPADE residual block on ``x`` conditioned on ``seg``: B×fout×H×W."""
         x_s = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x  # B×fout×H×W
         dx = self.conv_0(F.leaky_relu(self.norm_0(x, seg), 2e-1))   # B×fmid×H×W
         dx = self.conv_1(F.leaky_relu(self.norm_1(dx, seg), 2e-1))  # B×fout×H×W

@@ -39,6 +39,7 @@ class RetargetMLP(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the MLP on ``x`` [B, in] → [B, out]."""
         return self.mlp(x)                                           # B×out
 
 

@@ -89,6 +89,7 @@ class Hourglass3d(nn.Module):
         self.out_filters = self.decoder.out_filters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode then decode the volume ``x`` (with skip connections)."""
         return self.decoder(self.encoder(x))
 
 
@@ -208,6 +209,7 @@ class WarpingNetwork(nn.Module):
 
     def forward(self, feature_3d: torch.Tensor, kp_driving: torch.Tensor,
                 kp_source: torch.Tensor, internals: dict | None = None) -> dict[str, torch.Tensor]:
+        """Warp ``feature_3d`` from the source to the driving keypoints; see the class docstring for the outputs."""
         dense = self.dense_motion_network(feature_3d, kp_driving, kp_source, internals)
         deformation = dense["deformation"]                           # B×16×64×64×3
         out = F.grid_sample(feature_3d, deformation, align_corners=False)  # B×32×16×64×64

@@ -70,11 +70,13 @@ class LivePortraitModules:
     stitching: StitchingRetargeting
 
     def to(self, device: torch.device | str) -> "LivePortraitModules":
+        """Move all five networks to ``device`` (in place); returns self."""
         for m in self.all():
             m.to(device)
         return self
 
     def all(self) -> tuple[nn.Module, ...]:
+        """The five networks in a fixed order (appearance, motion, warping, spade, stitching)."""
         return (self.appearance, self.motion, self.warping, self.spade, self.stitching)
 
 
