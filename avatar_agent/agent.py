@@ -128,9 +128,9 @@ class Agent:
     async def set_avatar(self, image: np.ndarray | None) -> None:
         """Prepare a portrait (default: the config's) and switch to it between two frames."""
         if image is None:
-            from .face.landmarks import load_image
+            from .face.landmarks import load_portrait
 
-            image = await asyncio.to_thread(load_image, self.cfg.avatar_path())
+            image = await asyncio.to_thread(load_portrait, self.cfg.avatar_path())
         await self.animator.set_avatar(image)
 
     def stop(self) -> None:

@@ -232,6 +232,8 @@ class ServerConfig:
     POST /v1/sessions answers 503 with Retry-After."""
     session_idle_s: float = 300.0
     """A session with no API call and no viewer for this long is closed (0 = never)."""
+    max_viewers: int = 8
+    """WebRTC viewers per session (each costs encoding CPU; beyond it an offer gets 503)."""
     inference_workers: int = 1
     """Inference threads of the session server, sharing one earliest-due-first queue (1 = the
     design's single model thread; on a CPU-only machine serving many sessions, one per core)."""
@@ -357,6 +359,8 @@ class Config:
         sv = self.server
         _positive(self, "server.max_sessions", sv.max_sessions, zero_ok=True)
         _positive(self, "server.session_idle_s", sv.session_idle_s, zero_ok=True)
+        if not 1 <= sv.max_viewers <= 64:
+            raise ConfigError(f"server.max_viewers = {sv.max_viewers}: must be 1..64")
         if not 1 <= sv.inference_workers <= 64:
             raise ConfigError(f"server.inference_workers = {sv.inference_workers}: must be 1..64")
         if not 0 <= sv.port <= 65535:

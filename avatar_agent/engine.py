@@ -122,9 +122,9 @@ class Engine:
 
     async def warm_up(self) -> None:
         """Load/trace the models and time one session-second of work (the first cost estimate)."""
-        from .face.landmarks import load_image
+        from .face.landmarks import load_portrait
 
-        image = await asyncio.to_thread(load_image, self.cfg.avatar_path())
+        image = await asyncio.to_thread(load_portrait, self.cfg.avatar_path())
         now = self.clock.now()
         avatar = await self.inference.run(now, self.renderer.prepare, image)
         gen = self._fork()
@@ -166,9 +166,9 @@ class Engine:
             if emotion is not None:
                 session.set_emotion(emotion)
             if image is None and avatar is not None:
-                from .face.landmarks import load_image
+                from .face.landmarks import load_portrait
 
-                agent.image = await asyncio.to_thread(load_image, avatar)
+                agent.image = await asyncio.to_thread(load_portrait, avatar)
             await agent.warm_up()
             task = asyncio.create_task(self._run(session), name=f"session-{session.id}")
             self.sessions[session.id] = _Running(session, task, self.clock.now(),

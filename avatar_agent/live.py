@@ -39,6 +39,11 @@ async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) 
     from .session import Session
     from .wiring import make_motion, make_renderer, make_sinks, make_source, make_vad
 
+    if "file" in cfg.sinks.enabled:      # refuse before harm: never overwrite an input
+        from .offline import check_output
+
+        inputs = [cfg.avatar_path(), *([cfg.resolve(cfg.audio.file)] if cfg.audio.file else [])]
+        check_output(cfg.resolve(cfg.sinks.file), inputs)
     clock = SystemClock()
     notifier = Notifier()
     notifier.status("warming up")
@@ -103,14 +108,14 @@ class Reloader:
 
     async def reload(self) -> list[str]:
         """Apply a reload; returns the changed sections that need a restart."""
-        from .face.landmarks import load_image
+        from .face.landmarks import load_portrait
 
         self.notifier.reloading()
         try:
             new = load_config(self.config_path, self.overrides)
             image = None
             if new.avatar_path() != self.cfg.avatar_path():        # decode before changing anything
-                image = await asyncio.to_thread(load_image, new.avatar_path())
+                image = await asyncio.to_thread(load_portrait, new.avatar_path())
             from .motion.emotion import emotion_label
             from .server.control import settings_from_config
 

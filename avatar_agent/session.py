@@ -179,9 +179,9 @@ class Session:
 
     async def swap_avatar(self, path: str) -> None:
         """Prepare another portrait off the event loop; switch between two frames."""
-        from .face.landmarks import load_image
+        from .face.landmarks import load_portrait
 
-        image = await asyncio.to_thread(load_image, path)
+        image = await asyncio.to_thread(load_portrait, path)
         await self.agent.set_avatar(image)
         self.avatar_path = str(path)
         self.agent.events.emit("avatar_swapped", path=str(path),

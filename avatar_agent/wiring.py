@@ -250,7 +250,7 @@ def make_sinks(cfg: Config, *, file: str | None = None) -> tuple[list[Sink], Any
         elif name == "webrtc":
             from .sinks.webrtc import WebRtcSink
 
-            webrtc = WebRtcSink()
+            webrtc = WebRtcSink(max_viewers=cfg.server.max_viewers)
             sinks.append(webrtc)
         elif name == "vmic":
             from .sinks.vmic import VirtualMicSink

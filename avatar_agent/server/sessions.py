@@ -34,7 +34,7 @@ from ..sinks.webrtc import OfferError, UplinkBusyError, WebRtcError, WebRtcSink
 from ..types import EMOTIONS
 from .control import ENDPOINTS, ControlSettings, EventHub, control_routes, validate
 from .openapi import Endpoint, document
-from .security import SecuritySettings, install
+from .security import RateLimit, SecuritySettings, TokenBuckets, install
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,10 @@ class SessionApi:
     def __init__(self, engine: Engine, settings: ControlSettings) -> None:
         self.engine, self.settings = engine, settings
         self.routes: dict[str, _Routes] = {}
+        sv = engine.cfg.server
+        # Opening a session costs a warm-up: per client, no faster than WebRTC offers.
+        self._opens = TokenBuckets(RateLimit(sv.rate_offer_per_min, burst=10))
+        self.max_viewers = sv.max_viewers
 
     def route_table(self) -> list[web.RouteDef]:
         """The aiohttp routes."""
@@ -118,6 +122,10 @@ class SessionApi:
 
     async def open(self, request: web.Request) -> web.Response:
         """POST /v1/sessions."""
+        wait = self._opens.take(request.remote or "?")
+        if wait > 0:
+            return web.json_response({"error": f"opening sessions too fast; retry in {wait:.1f} s"},
+                                     status=429, headers={"Retry-After": str(max(1, round(wait)))})
         try:
             body = json.loads(await request.text() or "{}")
             validate(body, OPEN_SCHEMA)
@@ -131,7 +139,7 @@ class SessionApi:
                 avatar = str(check_avatar_path(avatar, self.settings.avatar_dirs))
             except (PathNotAllowedError, ValueError) as e:
                 return _error(403, str(e))
-        sink = WebRtcSink(name="webrtc")
+        sink = WebRtcSink(name="webrtc", max_viewers=self.max_viewers)
         try:
             session = await self.engine.open_session(avatar=avatar, emotion=body.get("emotion"),
                                                      voice=body.get("voice"), sinks=[sink])
