@@ -193,6 +193,8 @@ networks under fp16 autocast on CUDA); the others put all three under that autoc
 
 PRECISION = "release"
 """The run's ``--precision`` (set once by :func:`main`)."""
+COMPILE = False
+"""The run's ``--compile``: the renderer wraps W and G in ``torch.compile`` (fixed shapes)."""
 
 
 def autocast(dev: torch.device) -> Any:
@@ -233,7 +235,8 @@ def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0) -> tu
     motion = SpeechAndIdle(moda, LivePortraitIdle(seed=seed))
     renderer = LivePortraitRenderer(m.liveportrait, device=dev, crop=center_crop, output="crop",
                                     size=512, max_batch=8 if quick else 25,
-                                    half=None if PRECISION == "release" else False)
+                                    half=None if PRECISION == "release" else False,
+                                    compile=COMPILE)
     if PRECISIONS[PRECISION] not in (None, torch.float32):
         for name in ("render", "prepare"):          # the renderer has only its fp16 switch
             setattr(renderer, name, _under_autocast(getattr(renderer, name), dev))
@@ -520,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=sorted(PRECISIONS), default="release",
                     help="release (default): DiT/HuBERT fp32, LivePortrait fp16 autocast on CUDA; "
                          "fp32/fp16/bf16: all three networks under that autocast dtype")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the renderer's W and G (each batch size compiles once; "
+                         "adds minutes on a fresh host)")
     ap.add_argument("--skip-tests", action="store_true", help="no conformance tests")
     ap.add_argument("--skip-live", action="store_true", help="no live session")
     args = ap.parse_args(argv)
@@ -548,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     m = load_models(dev, args.quick, models_dir)
     result["weights"] = m.weights
     reps = 2 if args.quick else 20
-    global PRECISION
-    PRECISION = args.precision
+    global PRECISION, COMPILE
+    PRECISION, COMPILE = args.precision, args.compile
+    result["compile"] = COMPILE
     result["precision"] = (f"{args.precision}: DiT+HuBERT fp32, LivePortrait "
                            f"{'fp16' if dev.type == 'cuda' else 'fp32'}" if args.precision == "release"
                            else args.precision)

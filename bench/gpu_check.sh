@@ -4,7 +4,7 @@
 # sessions per GPU at 25 fps and 512², GPU memory shared + per session).  See bench/gpu_check.py.
 #
 #   bench/gpu_check.sh [--device cuda|cpu] [--quick] [--models DIR]
-#                      [--precision release|fp32|fp16|bf16] [--skip-tests] [--skip-live]
+#                      [--precision release|fp32|fp16|bf16] [--compile] [--skip-tests] [--skip-live]
 #
 # Host assumptions (a fresh H100/H200 host): Python 3.12 with its own preinstalled torch (2.11 with
 # CUDA), numpy, scipy, opencv-python-headless, transformers, pytest, pytest-timeout,
