@@ -47,6 +47,10 @@ class FrameFeatures:
         low_high_db: level of 250–1000 Hz minus level of 1500–4000 Hz in dB (high: rounded /
             back vowels, low: spread / front vowels and fricatives).
         fricative_db: level of 4–8 kHz minus speech-band level in dB (high for s, ʃ, f).
+        f1: first formant in Hz (median over the frame's STFT frames of :func:`first_formant`;
+            0 where no frame shows one: silence, noise).  F1 rises with jaw opening (≈ 300 Hz
+            for i/u, 700–800 Hz for a), which makes it the acoustic cue to how far the mouth
+            is open.
     """
 
     energy: np.ndarray
@@ -54,6 +58,7 @@ class FrameFeatures:
     centroid: np.ndarray
     low_high_db: np.ndarray
     fricative_db: np.ndarray
+    f1: np.ndarray
 
     def __len__(self) -> int:
         return int(self.energy.shape[0])
@@ -205,7 +210,7 @@ def frame_features(audio: np.ndarray, fps: int = 25, *, left: int = 0) -> FrameF
     power, n = _power_frames(audio, fps, left)
     if n == 0:
         z = np.zeros(0, np.float32)
-        return FrameFeatures(z, z, z, z, z)
+        return FrameFeatures(z, z, z, z, z, z)
     ms_speech = _band_power(power, SPEECH_BAND).mean(1)                        # [T]
     ms_low = _band_power(power, LOW_BAND).mean(1)
     ms_high = _band_power(power, HIGH_BAND).mean(1)
@@ -225,4 +230,86 @@ def frame_features(audio: np.ndarray, fps: int = 25, *, left: int = 0) -> FrameF
         centroid=centroid.astype(np.float32),
         low_high_db=(db(ms_low) - db(ms_high)).astype(np.float32),
         fricative_db=(db(ms_fric) - db(ms_speech)).astype(np.float32),
+        f1=frame_formant(power),
     )
+
+
+LPC_ORDER = 16
+"""All-pole model order at 16 kHz (≈ 2 poles per kHz of bandwidth, plus 2 for the glottal tilt)."""
+PRE_EMPHASIS = 0.97
+F1_RANGE = (200.0, 1100.0)
+"""Where a first formant may lie (adult and child voices, closed i/u to open a)."""
+F1_MAX_BANDWIDTH = 500.0
+"""Peaks broader than this (Hz at −3 dB) are spectral tilt or noise, not a formant."""
+_F1_GRID = np.arange(F1_RANGE[0] - 50.0, F1_RANGE[1] + 50.0, 10.0)
+
+
+@lru_cache(maxsize=1)
+def _f1_kernels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pre-emphasis gain on the STFT bins, and cos/sin of the LPC polynomial on the F1 grid."""
+    w = 2 * np.pi * np.fft.rfftfreq(N_FFT, 1.0 / SAMPLE_RATE) / SAMPLE_RATE
+    emph = np.abs(1.0 - PRE_EMPHASIS * np.exp(-1j * w)) ** 2                   # [F]
+    wg = 2 * np.pi * _F1_GRID / SAMPLE_RATE
+    k = np.arange(LPC_ORDER + 1)
+    return emph, np.cos(np.outer(k, wg)), np.sin(np.outer(k, wg))             # [F], [P+1, G] ×2
+
+
+def first_formant(power: np.ndarray) -> np.ndarray:
+    """F1 in Hz of each STFT frame from its power spectrum ``[..., N_FFT/2 + 1]``; 0 = none.
+
+    Linear prediction from the spectrum: pre-emphasis applied as a gain on the bins, the
+    autocorrelation as the inverse FFT of the power (the 400-sample window in a 512-point FFT
+    leaves the first 112 lags free of wrap-around), Levinson–Durbin to an order-16 all-pole
+    envelope, then the lowest peak of that envelope within :data:`F1_RANGE` narrower than
+    :data:`F1_MAX_BANDWIDTH`.  Works on whatever spectrum the caller already has, so it adds no
+    window, no latency and no state: streaming equals offline.
+    """
+    p = np.asarray(power, np.float64)
+    shape = p.shape[:-1]
+    p = p.reshape(-1, p.shape[-1])
+    emph, cos_k, sin_k = _f1_kernels()
+    r = np.fft.irfft(p * emph, N_FFT)[:, : LPC_ORDER + 1]                       # [B, P+1]
+    r[:, 0] *= 1.0 + 1e-6                                                        # white-noise floor
+    a = np.zeros_like(r)
+    a[:, 0] = 1.0
+    err = r[:, 0].copy()
+    ok = err > 1e-12
+    err[~ok] = 1.0
+    for i in range(1, LPC_ORDER + 1):
+        acc = r[:, i] + (a[:, 1:i] * r[:, i - 1 : 0 : -1]).sum(1)
+        k = -acc / err
+        a[:, 1:i] = a[:, 1:i] + k[:, None] * a[:, i - 1 : 0 : -1]
+        a[:, i] = k
+        err = err * np.maximum(1.0 - k * k, 1e-9)
+    re, im = a @ cos_k, a @ sin_k
+    env = 1.0 / np.maximum(re * re + im * im, 1e-12)                            # [B, G]
+    # Local maxima inside the range, then the first one narrow enough to be a formant.
+    g = _F1_GRID
+    inside = (g > F1_RANGE[0]) & (g < F1_RANGE[1])
+    peak = np.zeros_like(env, dtype=bool)
+    peak[:, 1:-1] = (env[:, 1:-1] > env[:, :-2]) & (env[:, 1:-1] >= env[:, 2:])
+    peak &= inside[None]
+    # Bandwidth test: the envelope falls to half power within ±bw/2 on both sides.
+    step = int(round(F1_MAX_BANDWIDTH / 2 / (g[1] - g[0])))
+    lo = np.concatenate([env[:, :1].repeat(step, 1), env[:, :-step]], 1)
+    hi = np.concatenate([env[:, step:], env[:, -1:].repeat(step, 1)], 1)
+    peak &= (lo < 0.5 * env) & (hi < 0.5 * env)
+    first = np.where(peak.any(1), peak.argmax(1), -1)
+    f1 = np.where((first >= 0) & ok, g[np.maximum(first, 0)], 0.0)
+    return f1.reshape(shape).astype(np.float32)
+
+
+def frame_formant(power: np.ndarray) -> np.ndarray:
+    """F1 per video frame from sub-frame power [T, S, F]: the median of the sub-frames that
+    show a formant (0 when fewer than half do)."""
+    f = first_formant(power)                                                     # [T, S]
+    found = f > 0
+    med = np.where(found, f, np.nan)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m = np.nanmedian(med, axis=1)
+    enough = found.sum(1) * 2 >= f.shape[1]
+    return np.where(enough & np.isfinite(m), m, 0.0).astype(np.float32)

@@ -6,7 +6,10 @@ Per video frame (25 fps):
    (instant attack, 3 dB/s decay, never below −40 dBFS so noise is not amplified) and mapped to a
    loudness 0..1; below a gate (35 dB under the peak, or −62 dBFS) it is 0.  Loudness is smoothed
    with a fast attack (25 ms) and slower release (70 ms): jaws open quickly and close softly.
-2. **Audio-only articulation.**  open = loudness; a sharp level drop (≥ 6 dB under the last 120 ms
+2. **Audio-only articulation.**  open = jaw estimate: √(amplitude / running peak) · (F1 − 200 Hz)
+   / 500 Hz — the first formant rises as the jaw lowers (≈ 300 Hz for i/u, 700–800 Hz for a), so
+   loud *open* vowels open the mouth and loud closed ones (i, u, nasals) much less, where plain
+   loudness would open all alike; a sharp level drop (≥ 6 dB under the last 120 ms
    while still speaking) reads as a lip closure (p, b, m) and closes the mouth; the low/high band
    ratio reads as rounding (energy below 1 kHz: u, o, w) or spreading (energy above 1.5 kHz: i, e),
    and high-band noise with little voicing as a fricative (slight spread, small opening).
@@ -33,7 +36,7 @@ import numpy as np
 from avatar_agent.audio.features import (AudioInputError, FrameFeatures, check_audio,
                                          frame_features)
 from avatar_agent.motion.emotion import emotion_label, emotion_table
-from avatar_agent.motion.idle import IdleLayer, IdleParams, embedded_idle_offsets
+from avatar_agent.motion.idle import IdleLayer, IdleParams, IdleTrack, embedded_idle_offsets
 from avatar_agent.motion.space import (DIM, EXP, JAW_KEYPOINTS, KP, LIP_KEYPOINTS, N_KP, SCALE,
                                       lip_opening)
 from avatar_agent.motion.visemes import (GAP_PER_OPEN, N_PARAMS, OPEN, PRESS, ROUND, SPREAD,
@@ -61,7 +64,11 @@ class ProceduralParams:
         closure_span_db: extra drop over which the closure becomes complete.
         round_db: (start, span) of the low/high band ratio mapped to rounding.
         spread_db: (start, span): ratios below start map to spreading.
-        open_gain: opening at full loudness (audio-only).
+        open_gain: opening at full loudness and F1 = ``jaw_f1_hz`` span above its base
+            (audio-only).
+        jaw_f1_hz: (base, span) of the first formant mapped to jaw opening 0..1 (audio-only).
+        jaw_floor: share of the opening that loudness gives without a formant (whisper, noisy
+            speech still part the lips).
         phoneme_level_mix: with phonemes, open = viseme_open · (1 − mix + mix · loudness).
         seam_speech: decay time of a ``prev`` mismatch in the expression while speaking (short:
             lips must follow the audio).
@@ -84,6 +91,8 @@ class ProceduralParams:
     round_db: tuple[float, float] = (7.0, 10.0)
     spread_db: tuple[float, float] = (6.0, 7.0)
     open_gain: float = 0.85
+    jaw_f1_hz: tuple[float, float] = (200.0, 500.0)
+    jaw_floor: float = 0.15
     phoneme_level_mix: float = 0.7
     seam_speech: float = 0.06
     seam_idle: float = 0.3
@@ -109,6 +118,7 @@ class _State:
     peak_db: float = -22.0
     history_db: list[float] = field(default_factory=lambda: [-100.0] * 3)
     level: float = 0.0
+    jaw: float = 0.0
     presence: float = 0.0
     close: float = 0.0
     spread: float = 0.0
@@ -135,6 +145,7 @@ class ProceduralMotion:
 
     profile = "embedded"
     fps = 25
+    min_hop_ms = 0
 
     def __init__(self, params: ProceduralParams | None = None, seed: int = 0,
                  idle_params: IdleParams | None = None) -> None:
@@ -172,9 +183,18 @@ class ProceduralMotion:
             raise MotionInputError(f"avatar rest_motion scale {rest[SCALE]} must be positive")
         mouth = np.array([3 * k + a for k in LIP_KEYPOINTS + JAW_KEYPOINTS for a in range(3)])
         self._face = _Face(kp=kp, unit=unit, basis=basis,
-                           emotions=emotion_table(kp).astype(np.float64), rest=rest,
+                           emotions=emotion_table(kp, rest).astype(np.float64), rest=rest,
                            mouth_dims=mouth)
         self.reset()
+
+    def fork(self, seed: int) -> "ProceduralMotion":
+        """Another session's generator (same parameters, its own seed, no avatar)."""
+        return ProceduralMotion(self.params, seed=seed, idle_params=self.idle_params)
+
+    def idle_track(self, n: int) -> IdleTrack:
+        """The idle layer's next ``n`` frames (advancing its timeline), for a speech generator
+        that shows this generator's blinks and gaze on its own motion."""
+        return self._idle.track(n)
 
     def reset(self) -> None:
         """Forget all streaming state (filters, idle timeline, emotion); keeps the avatar."""
@@ -236,6 +256,59 @@ class ProceduralMotion:
             return np.zeros((0, DIM), np.float32)
         return self._run(None, n, None, [], prev, speech=False)
 
+    def articulate(self, chunk: SpeechChunk, motion: np.ndarray, emotion: int = EMOTION_NONE,
+                   intensity: float = 1.0, emotion_exp: np.ndarray | None = None) -> np.ndarray:
+        """This generator's mouth on another generator's speech motion for ``chunk``.
+
+        For the tiny MoDA (audio features only, taught by this generator on synthetic speech):
+        the lip and jaw keypoints are replaced by this generator's articulation — the viseme
+        track when the chunk carries phonemes (TTS: rounding, spreading, p/b/m closure, f/v tuck,
+        the same coarticulated track as :meth:`generate`), else the audio-only articulation (jaw
+        from loudness × first formant, closures, rounding/spreading from the spectrum) — plus the
+        emotion's mouth offsets; the rest of the face and the head keep the given motion.  Why:
+        on real speakers the model's own mouth follows their mouth opening barely better than
+        the loudness does (and its small off-basis lip motions blur what a tracker reads), while
+        the jaw estimate follows it clearly better (bench/lipsync_real.py).
+
+        Advances the lip-sync filters (loudness, jaw, closures) like :meth:`generate`; does not
+        touch the idle layer's timeline.  ``emotion_exp`` [n, 63]: the emotion offsets the caller
+        already applied to ``motion`` (their mouth part is kept); None = this generator's preset
+        for ``emotion`` at ``intensity``.  Returns float32 [n, 70].
+        """
+        face = self._require()
+        m = np.array(motion, dtype=np.float64)
+        n = chunk.n_new // self._spf
+        if m.shape != (n, DIM):
+            raise MotionInputError(f"motion must be [{n}, {DIM}] for a chunk of {n} frames, got "
+                                   f"{m.shape}")
+        if n == 0:
+            return m.astype(np.float32)
+        audio = check_audio(chunk.audio, "chunk.audio")
+        if chunk.left + chunk.n_new > audio.shape[0]:
+            raise MotionInputError("chunk.audio is shorter than left + n_new")
+        feats = frame_features(audio, self.fps, left=chunk.left)
+        t0 = chunk.start / SAMPLE_RATE
+        times = t0 + (np.arange(n) + 0.5) / self.fps
+        known = self._remember(chunk.phonemes, t0)
+        art, level, presence = self._audio_articulation(feats, n, chunk.speech)
+        if chunk.phonemes:
+            mix = self.params.phoneme_level_mix
+            art = articulation_track(known, times).astype(np.float64)
+            art[:, OPEN] *= (1.0 - mix) * presence + mix * level
+        exp = articulation_to_exp(art.astype(np.float32), face.basis.astype(np.float32))
+        if emotion_exp is None:
+            emo = face.emotions[emotion_label(emotion)] * float(np.clip(intensity, 0.0, 1.0))
+            emo = np.broadcast_to(emo, (n, emo.shape[0]))
+        else:
+            emo = np.asarray(emotion_exp, np.float64)
+            if emo.shape not in ((n, 63), (63,)):
+                raise MotionInputError(f"emotion_exp must be [{n}, 63] or [63], got {emo.shape}")
+            emo = np.broadcast_to(emo, (n, 63))
+        d = face.mouth_dims
+        m[:, d] = face.rest[d][None] + exp[:, d] + emo[:, d]
+        self._clamp_anatomy(m, face.kp)
+        return m.astype(np.float32)
+
     def generate_utterance(self, audio: np.ndarray, phonemes: tuple[Phoneme, ...] | list[Phoneme]
                            | None = None, seed: int = 0, emotion: int = EMOTION_NONE,
                            intensity: float = 1.0) -> np.ndarray:
@@ -286,8 +359,9 @@ class ProceduralMotion:
             if feats is not None:
                 db = float(feats.energy_db[k])
                 lh, fric = float(feats.low_high_db[k]), float(feats.fricative_db[k])
+                f1 = float(feats.f1[k])
             else:
-                db, lh, fric = -100.0, 0.0, 0.0
+                db, lh, fric, f1 = -100.0, 0.0, 0.0, 0.0
             st.peak_db = max(db, st.peak_db - p.peak_decay_db_s * dt, -40.0)
             active = speech and db > max(st.peak_db - p.gate_db, p.floor_dbfs)
             top = st.peak_db - 2.0
@@ -301,6 +375,14 @@ class ProceduralMotion:
             if active and not voiced:
                 spr = max(spr, 0.5 * np.clip((fric + 5.0) / 15.0, 0, 1))
             st.level += (a_att if raw > st.level else a_rel) * (raw - st.level)
+            # Jaw: amplitude relative to the peak, compressed (√, i.e. −12 dB → ½), times how
+            # open the vowel is by its first formant (0 where none was found: closures, noise).
+            jaw = 0.0
+            if active:
+                vowel = np.clip((f1 - p.jaw_f1_hz[0]) / p.jaw_f1_hz[1], 0, 1.2)
+                vowel = p.jaw_floor + (1.0 - p.jaw_floor) * vowel
+                jaw = min(10.0 ** ((db - top) / 40.0), 1.0) * vowel
+            st.jaw += (a_att if jaw > st.jaw else a_rel) * (jaw - st.jaw)
             # Presence: 1 while the gate is open, released over ~120 ms; gates viseme opening.
             st.presence = 1.0 if active else st.presence + a_pres * (0.0 - st.presence)
             presence[k] = st.presence
@@ -312,7 +394,7 @@ class ProceduralMotion:
             st.round += a_shape * (rnd - st.round)
             st.spread += a_shape * (spr - st.spread)
             level[k] = st.level
-            art[k, OPEN] = p.open_gain * st.level
+            art[k, OPEN] = p.open_gain * st.jaw
             art[k, SPREAD] = 0.8 * st.spread
             art[k, ROUND] = 0.8 * st.round
             art[k, PRESS] = st.close

@@ -69,6 +69,7 @@ def test_streaming_matches_offline():
         f = frame_features(chunk, left=start - a)
         np.testing.assert_allclose(f.energy_db[:5], feats_off.energy_db[start // spf:][:5],
                                    atol=1e-3)
+        np.testing.assert_allclose(f.f1[:5], feats_off.f1[start // spf:][:5], atol=1e-3)
 
 
 def test_energy_envelope_is_calibrated_and_band_limited():
@@ -114,3 +115,37 @@ def test_bad_audio_is_rejected_with_a_clear_message():
         mel_frames(tone(440.0), fps=30)
     with pytest.raises(AudioInputError, match="left"):
         mel_frames(tone(440.0), left=-1)
+
+
+def vowel(f1: float, f2: float, f0: float = 120.0, seconds: float = 1.0) -> np.ndarray:
+    """A pulse train through four formant resonators (and a glottal tilt): a synthetic vowel."""
+    from scipy.signal import lfilter
+
+    n = int(SR * seconds)
+    x = np.zeros(n)
+    x[:: int(SR / f0)] = 1.0
+    for f, bw in ((f1, 80.0), (f2, 100.0), (2800.0, 150.0), (3500.0, 200.0)):
+        r, th = np.exp(-np.pi * bw / SR), 2 * np.pi * f / SR
+        x = lfilter([1 - r], [1, -2 * r * np.cos(th), r * r], x)
+    x = lfilter([1.0], [1.0, -0.9], x)
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
+@pytest.mark.parametrize("f1,f2", [(300, 2300), (320, 800), (500, 1700), (700, 1100), (750, 1250)])
+def test_first_formant_of_synthetic_vowels(f1, f2):
+    # Close (i, u), mid (e) and open back vowels (a, ɔ: F2 close above F1): within 15 %.
+    est = frame_features(vowel(f1, f2)).f1[3:-3]
+    assert np.all(np.abs(est - f1) < 0.15 * f1), (f1, est)
+
+
+def test_first_formant_absent_in_noise_and_silence():
+    noise = np.random.default_rng(0).normal(0, 0.1, SR).astype(np.float32)
+    assert np.all(frame_features(noise).f1 == 0)
+    assert np.all(frame_features(np.zeros(SR, np.float32)).f1 == 0)
+
+
+def test_first_formant_follows_open_and_close_vowels_in_speech():
+    # espeak-ng's "a" (father) has a higher F1 than its "i" (see) and "u" (food).
+    f = {w: frame_features(synthesize(w).audio).f1 for w in ("aah", "ee", "oo")}
+    med = {w: float(np.median(v[v > 0])) for w, v in f.items()}
+    assert med["aah"] > 550 and med["ee"] < 450 and med["oo"] < 450, med

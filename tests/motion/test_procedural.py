@@ -294,3 +294,84 @@ def test_non_speech_chunk_keeps_the_mouth_closed(gen, avatar, speech):
     m = gen.generate(chunk, m[-1])
     assert lip_opening(m, avatar.kp_canonical).max() > 0.02 * face_unit(avatar.kp_canonical)
     assert np.all(np.isfinite(m))
+
+
+def _vowel(f1: float, f2: float, seconds: float = 1.0) -> np.ndarray:
+    """A synthetic vowel (pulse train through formant resonators) at a fixed RMS."""
+    from scipy.signal import lfilter
+
+    n = int(16000 * seconds)
+    x = np.zeros(n)
+    x[::133] = 1.0
+    for f, bw in ((f1, 80.0), (f2, 100.0), (2800.0, 150.0)):
+        r, th = np.exp(-np.pi * bw / 16000), 2 * np.pi * f / 16000
+        x = lfilter([1 - r], [1, -2 * r * np.cos(th), r * r], x)
+    x = lfilter([1.0], [1.0, -0.9], x)
+    return (0.1 * x / np.sqrt(np.mean(x ** 2))).astype(np.float32)
+
+
+def test_audio_only_jaw_opens_wider_for_open_vowels(avatar):
+    # Equal loudness, different first formant: "a" (F1 750 Hz) opens the jaw, "i" (300 Hz) barely.
+    opening = {}
+    for name, f1, f2 in (("a", 750.0, 1200.0), ("i", 300.0, 2300.0)):
+        g = ProceduralMotion()
+        g.prepare(avatar)
+        m = g.generate_utterance(_vowel(f1, f2))
+        opening[name] = float(np.median(lip_opening(m, avatar.kp_canonical)[5:-5]))
+    assert opening["a"] > 2.0 * opening["i"] > 0, opening
+
+
+def _chunks(audio: np.ndarray, phonemes=(), hop: int = 6400, left: int = 1280, right: int = 640):
+    n_total = len(audio) // SPF * SPF
+    for start in range(0, n_total - hop + 1, hop):
+        a, b = max(start - left, 0), min(start + hop + right, len(audio))
+        ph = tuple(p for p in phonemes if p.end > a / 16000 and p.start < b / 16000)
+        yield SpeechChunk(audio=audio[a:b], start=start, n_new=hop, left=start - a,
+                          right=b - start - hop, speech=True, phonemes=ph)
+
+
+def test_articulate_replaces_the_mouth_and_keeps_the_rest(avatar, speech):
+    # Another generator's speech motion (here: rest + random face motion) gets this generator's
+    # mouth; brows, lids, head pose and scale stay exactly as given.
+    from avatar_agent.motion.space import JAW_KEYPOINTS
+
+    g = ProceduralMotion()
+    g.prepare(avatar)
+    rng = np.random.default_rng(0)
+    mouth = np.array([3 * k + a for k in LIP_KEYPOINTS + JAW_KEYPOINTS for a in range(3)])
+    others = np.setdiff1d(np.arange(70), mouth)
+    openings = []
+    for chunk in _chunks(speech.audio):
+        n = chunk.n_new // SPF
+        given = (g.rest_pose[None] + rng.normal(0, 0.01, (n, 70))).astype(np.float32)
+        out = g.articulate(chunk, given)
+        assert out.shape == (n, 70) and out.dtype == np.float32
+        np.testing.assert_array_equal(out[:, others], given[:, others])
+        openings.append(lip_opening(out, avatar.kp_canonical))
+    opening = np.concatenate(openings)
+    n = len(opening)
+    assert best_lag_corr(opening, envelope(speech.audio, n)) > 0.5
+    assert np.abs(opening[silent_frames(speech.audio, n)]).max() < 0.01 * face_unit(avatar.kp_canonical)
+    with pytest.raises(MotionInputError, match="motion must be"):
+        g.articulate(next(_chunks(speech.audio)), np.zeros((3, 70), np.float32))
+
+
+def test_articulate_with_phonemes_closes_bilabials_and_rounds(avatar, speech):
+    # TTS chunks carry phonemes: p/b/m close the lips, o/u round them (narrower than i/e).
+    g = ProceduralMotion()
+    g.prepare(avatar)
+    out = np.concatenate([g.articulate(c, np.repeat(g.rest_pose[None], c.n_new // SPF, 0))
+                          for c in _chunks(speech.audio, speech.phonemes)])
+    kp = avatar.kp_canonical
+    opening = lip_opening(out, kp)
+    pts = kp[None] + exp_points(out)
+    width = pts[:, KP["lip_corner_r"], 0] - pts[:, KP["lip_corner_l"], 0]
+    frame = lambda p: min(int((p.start + p.end) / 2 * 25), len(out) - 1)  # noqa: E731
+    vis = [(ipa_to_visemes(p.symbol), frame(p)) for p in speech.phonemes]
+    closed = [f for v, f in vis if v == ["PP"]]
+    rounded = [f for v, f in vis if v[0] in ("U", "O") and len(v) == 1]
+    spread = [f for v, f in vis if v[0] in ("I", "E") and len(v) == 1]
+    assert closed and rounded and spread
+    wide = np.percentile(opening, 95)
+    assert np.all(opening[closed] <= 0.2 * wide), opening[closed] / wide
+    assert np.median(width[rounded]) < 0.9 * np.median(width[spread])
