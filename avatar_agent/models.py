@@ -41,11 +41,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:
     from .config import Config
-from typing import Any, Callable, Literal
 
 MANIFEST = Path(__file__).resolve().parent.parent / "models" / "manifest.toml"
 """The project's manifest of official files."""
@@ -255,13 +254,18 @@ def _found(f: ModelFile, d: Path) -> Path | None:
     return next((d / n for n in f.names if (d / n).is_file()), None)
 
 
+def _alternatives(f: ModelFile) -> str:
+    return f"or {', '.join(Path(a).name for a in f.alternatives)}" if f.alternatives else ""
+
+
 def list_models(dest: str | Path | None = None, manifest: str | Path = MANIFEST) -> list[FileStatus]:
     """All manifest entries with their presence (nothing is read: fast)."""
     d = Path(dest) if dest is not None else models_dir()
     out = []
     for f in load_manifest(manifest):
         p = _found(f, d)
-        out.append(FileStatus(f, p or d / f.name, "present" if p else "missing"))
+        out.append(FileStatus(f, p or d / f.name, "present" if p else "missing",
+                              detail="" if p else _alternatives(f)))
     return out
 
 
@@ -307,7 +311,7 @@ def check_file(f: ModelFile, dest: Path, pins: dict[str, dict[str, Any]] | None 
     """Verify one entry under ``dest``: manifest digest, then the user's pin, then the strict loader."""
     p = _found(f, dest)
     if p is None:
-        return FileStatus(f, dest / f.name, "missing")
+        return FileStatus(f, dest / f.name, "missing", detail=_alternatives(f))
     digest = sha256_file(p)
     known = f.pinned_digests()
     if digest in known:

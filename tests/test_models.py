@@ -129,6 +129,7 @@ def test_cli_verify_pin_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["models", "verify", "--dir", str(d)]) == 1          # most files are missing
     out = capsys.readouterr()
     assert "size-checked, not pinned" in out.out and "missing" in out.out
+    assert "audio/chinese-hubert-base/model.safetensors: missing (or pytorch_model.bin)" in out.out
     assert "avatar-agent models fetch official" in out.err
     assert main(["models", "verify", "--pin", "--dir", str(d)]) == 1
     out = capsys.readouterr()
