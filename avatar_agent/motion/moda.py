@@ -16,6 +16,8 @@ normalises with ``(x − mean)/(std + 1e-5)``.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Callable
 
 import numpy as np
@@ -339,6 +341,30 @@ class MoDAMotion:
             rest = self.rest[space.EXP]
             raw[:, space.EXP] = rest + np.float32(intensity) * (raw[:, space.EXP] - rest)
         return raw
+
+    @property
+    def rest_pose(self) -> np.ndarray:
+        """The rest pose bound by :meth:`prepare` (speech motion is generated around it)."""
+        if self.rest is None:
+            raise RuntimeError("prepare(avatar) first")
+        return self.rest
+
+    def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
+        """Nothing to keep: the DiT gets the emotion with each :meth:`generate` call."""
+
+    def fork(self, seed: int) -> "MoDAMotion":
+        """A generator for another session: the same (traced) network and settings, no avatar,
+        no history, its own noise seed."""
+        new = copy.copy(self)
+        new.generator = torch.Generator().manual_seed(seed)
+        new.identity, new.rest, new.rr = None, None, 1.0
+        new.reset()
+        return new
+
+    def reset(self) -> None:
+        """Forget the frames shown and the seam prediction (after an interruption)."""
+        self._hist, self._hist_end = None, -1
+        self._ahead, self._ahead_at, self._ahead_real = None, -1, 0
 
     def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray:
         """``prev`` held: the bare generator has no idle motion.  Products wrap it in
