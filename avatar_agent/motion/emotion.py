@@ -88,7 +88,7 @@ EMOTION_PRESETS: dict[str, Spec] = {
     }),
     "neutral": {},
     "sadness": _both({
-        "brow_inner": (-0.025, -0.15, 0.0), "brow_outer": (0.0, 0.06, 0.0),
+        "brow_inner": (-0.03, -0.18, 0.0), "brow_outer": (0.0, 0.07, 0.0),
         "upper_lid": (0.0, 0.035, 0.0),
         "lip_corner": (-0.02, 0.09, 0.0), "upper_lip_outer_l": (0.0, 0.02, 0.0),
         "upper_lip_outer_r": (0.0, 0.02, 0.0),
