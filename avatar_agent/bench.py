@@ -23,7 +23,7 @@ import numpy as np
 from .clock import Clock, FakeClock, SystemClock
 from .config import Config
 from .metrics import rss_bytes
-from .types import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Avatar, Phoneme, VideoFrame
+from .types import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Avatar, Phoneme, Profile, VideoFrame
 
 _TEXT = ("Hello there. I am your avatar, and I speak whatever you say. "
          "Let us measure how fast the pipeline runs on this machine.")
@@ -209,7 +209,7 @@ async def bench_offline(cfg: Config) -> dict[str, float]:
 class _FlatRenderer:
     """A renderer that costs nothing: the simulated session measures the pipeline, not pixels."""
 
-    profile = "embedded"
+    profile: Profile = "embedded"
 
     def __init__(self, inner_prepare) -> None:
         self._prepare = inner_prepare

@@ -352,6 +352,7 @@ class Chunker:
         avail = self._end if final else self._end - self._look
         is_speech = region is not None and region.start <= p
         if is_speech:
+            assert region is not None  # is_speech implies a region (narrows the type)
             bound = region.end
             hi = avail if bound is None else min(avail, bound)
         else:
@@ -373,9 +374,9 @@ class Chunker:
             n = hi - p
         else:
             return None
-        utt = region.utterance if is_speech else self._silence_utt
-        is_final = bool(is_speech and region.end is not None and p + n == region.end)
-        if is_final:
+        utt = region.utterance if is_speech and region is not None else self._silence_utt
+        is_final = bool(is_speech and region is not None and region.end is not None and p + n == region.end)
+        if is_final and region is not None:
             self._silence_utt = region.utterance
         a0 = max(self._buf_start, p - self._left)
         a1 = min(self._end, p + n + self._look)

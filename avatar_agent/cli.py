@@ -7,10 +7,9 @@ import asyncio
 import dataclasses
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .config import Config, ConfigError, load_config, sample_toml, to_toml
 

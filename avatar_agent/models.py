@@ -118,6 +118,7 @@ class ModelFile:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Accepted local file names, preferred first."""
         return (self.name, *self.alternatives)
 
     def pinned_digests(self) -> dict[str, Source]:
@@ -159,6 +160,7 @@ class FileStatus:
 
     @property
     def good(self) -> bool:
+        """Not missing, mismatched or corrupt: "ok", "pinned", "unpinned" or "present" (not checked)."""
         return self.state in ("ok", "pinned", "unpinned", "present")
 
     def describe(self) -> str:

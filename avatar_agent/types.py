@@ -253,8 +253,14 @@ class MotionGenerator(Protocol):
 
     profile: Profile
     fps: int
-    min_hop_ms: int
-    """Shortest chunk hop it is meant for (0 = any); the chunker's hop is raised to it."""
+
+    @property
+    def min_hop_ms(self) -> int:
+        """Shortest chunk hop it is meant for (0 = any); the chunker's hop is raised to it.
+
+        Read-only here: a plain attribute or a property (a wrapper's) both satisfy it.
+        """
+        ...
 
     def prepare(self, avatar: Avatar) -> None:
         """Bind to an avatar (identity condition, rest pose)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, cast
 
 import numpy as np
 
@@ -373,7 +373,7 @@ class MicSource:
                         had_audio = True
                         backoff = self.retry_initial_s
                     last_data = clock.now()
-                    for f in framer.push(resampler.process(payload)):
+                    for f in framer.push(resampler.process(cast(np.ndarray, payload))):  # see _on_block
                         yield f
                 elif kind == "lost" and self._stream is not None:
                     log.warning("mic: input device lost (%s); yielding silence and retrying",

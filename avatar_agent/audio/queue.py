@@ -271,7 +271,8 @@ class SpeechQueueSource:
         with self._lock:
             self._check_open()
             utt = self._stream
-            if utt is not None and utt.stream_format != (rate, channels):
+            if (utt is not None and utt.stream_format is not None  # a pushed stream always has one
+                    and utt.stream_format != (rate, channels)):
                 raise StreamError(f"the open stream is {utt.stream_format[0]:g} Hz, "
                                   f"{utt.stream_format[1]} channel(s); got {rate:g} Hz, {channels}: "
                                   "finish the stream (final=True) before changing format")
@@ -545,7 +546,9 @@ class SpeechQueueSource:
     def _start_synthesis(self, utt: _Utterance, text: str, voice: str) -> None:
         synth = self._synthesize
         if synth is None:
-            from .tts import synthesize as synth
+            from .tts import synthesize
+
+            synth = synthesize
         rate = self.rate_wpm
 
         def work() -> Any:

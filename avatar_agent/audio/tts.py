@@ -158,8 +158,8 @@ class _Espeak:
         # every later one; a throw-away sentence makes all real calls reproducible.
         self.synth("Warm up, then speak.", "en-us", 175, 50)
 
-    def _on_synth(self, wav: ctypes.POINTER(ctypes.c_short), n: int,
-                  events: ctypes.POINTER(_Event)) -> int:
+    def _on_synth(self, wav: ctypes._Pointer[ctypes.c_short], n: int,
+                  events: ctypes._Pointer[_Event]) -> int:
         if n > 0 and wav:
             self._pcm.append(ctypes.string_at(wav, n * 2))
         i = 0

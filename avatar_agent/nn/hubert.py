@@ -148,10 +148,11 @@ class HubertFeatures:
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
                  piece_seconds: int = PIECE_SECONDS) -> None:
-        self.model = model.eval().to(device)
+        # A transformers HubertModel: its submodules and config are reached by name (Any).
+        self.model: Any = model.eval().to(device)
         self.device = torch.device(device)
         self.piece = piece_seconds * SAMPLE_RATE
-        cfg = model.config
+        cfg: Any = model.config
         self.layers = cfg.num_hidden_layers
         self.dim = cfg.hidden_size
 

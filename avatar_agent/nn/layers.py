@@ -7,6 +7,7 @@ RoPE are evaluated in float32 whatever the input dtype.
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """Embed raw timesteps t [B] → [B, dim]."""
-        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_features(t, self.freq_dim).to(typing.cast(nn.Linear, self.mlp[0]).weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

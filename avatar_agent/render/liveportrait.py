@@ -237,7 +237,8 @@ class LivePortraitRenderer:
         if self.channels_last:
             # G only: its 2-D convolutions are the largest cost; W reshapes its features with
             # view(), which needs the default layout.
-            self.nets.spade.to(memory_format=torch.channels_last)
+            # (Module.to takes memory_format at run time; torch's typed overloads omit it.)
+            self.nets.spade.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._warp: Any = self.nets.warping
         self._decode: Any = self.nets.spade
         if compile:
@@ -344,7 +345,7 @@ class LivePortraitRenderer:
     def render(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
         """uint8 [B, size, size, 3] frames for raw motion [B, 70] (in chunks of ``max_batch``)."""
         motion = _check_motion(motion)
-        frames = []
+        frames: list[np.ndarray] = []
         for i in range(0, motion.shape[0], self.max_batch):
             crops = self.render_detailed(avatar, motion[i:i + self.max_batch])["frames"]
             frames.extend(self._finish(avatar, f) for f in crops)

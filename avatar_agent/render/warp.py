@@ -40,7 +40,7 @@ import numpy as np
 from avatar_agent.face.crop import CropTransform, crop_transform, feather_mask, paste_back, warp_crop
 from avatar_agent.face.landmarks import FaceAnalyzer, detect_landmarks, to_rgb_uint8
 from avatar_agent.motion import space
-from avatar_agent.types import Avatar
+from avatar_agent.types import Avatar, Profile
 
 # FaceMesh topology used here (indices into the 478 points) -----------------------------------
 FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400,
@@ -360,7 +360,7 @@ class WarpRenderer:
         analyzer: face analyzer to use (default: the process-wide cached one).
     """
 
-    profile = "embedded"
+    profile: Profile = "embedded"
 
     def __init__(self, size: int = 512, output: Output = "crop", grid_step: int | None = None,
                  newton_steps: int = 3, analyzer: FaceAnalyzer | None = None) -> None:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SINK_KEY = web.AppKey("webrtc_sink", WebRtcSink)
-HEALTHY_KEY = web.AppKey("healthy", Callable[[], bool])
+HEALTHY_KEY = web.AppKey[Callable[[], bool]]("healthy")  # aiohttp: non-class types go in []
 MAX_OFFER_BYTES = 256 * 1024  # an SDP offer is a few kB; anything larger is not one
 
 

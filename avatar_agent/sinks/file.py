@@ -177,6 +177,7 @@ class Mp4Sink:
             raise FileSinkError(f"{self.name}: writing {self.path} failed: {self._error}") from self._error
         if self._thread is None:
             raise FileSinkError(f"{self.name}: send() before start() or after close()")
+        assert self.fps is not None and self.max_queued_images is not None  # set by start()
         v = self._vstream
         if frame.image.shape != (v.height, v.width, 3) or frame.image.dtype != np.uint8:
             raise ValueError(f"{self.name}: frame {frame.index} is {frame.image.dtype} {frame.image.shape}, "
@@ -213,8 +214,10 @@ class Mp4Sink:
             self._cond.notify_all()
 
     def _wait_for_room(self) -> None:
+        limit = self.max_queued_images
+        assert limit is not None  # set by start()
         with self._cond:
-            self._cond.wait_for(lambda: self._n_images < self.max_queued_images or self._error is not None,
+            self._cond.wait_for(lambda: self._n_images < limit or self._error is not None,
                                 timeout=1.0)
 
     async def close(self) -> None:

@@ -125,6 +125,8 @@ def _track_classes() -> tuple[type, type]:
         async def recv(self) -> Any:
             await _wait_live(self, lambda: self._slot is not None)
             frame, self._slot = self._slot, None
+            # Waited for above; first_index is set by the push that filled the slot.
+            assert frame is not None and self._viewer.first_index is not None
             vf = av.VideoFrame.from_ndarray(frame.image, format="rgb24")
             vf.pts = (frame.index - self._viewer.first_index) * VIDEO_CLOCK // self._viewer.fps
             vf.time_base = Fraction(1, VIDEO_CLOCK)

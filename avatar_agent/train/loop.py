@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from torch import nn
 from avatar_agent.motion.moda_load import (EXPORT_FORMAT, EXPORT_VERSION, INFERENCE_DEFAULTS,
                                            export_paths)
 from avatar_agent.motion.template import neutral_template
+from avatar_agent.nn.layers import AdaLN
 from avatar_agent.nn.moda import PRESETS, MoDADiT, MoDAParams, count_parameters
 from avatar_agent.train.shards import ShardDataset, Stats
 
@@ -139,9 +140,10 @@ def init_weights(model: MoDADiT) -> None:
     everything else keeps PyTorch's default initialisation.
     """
     for mod in model.modules():
-        if mod.__class__.__name__ == "AdaLN":
-            nn.init.zeros_(mod[1].weight)
-            nn.init.zeros_(mod[1].bias)
+        if isinstance(mod, AdaLN):
+            linear = cast(nn.Linear, mod[1])                  # AdaLN is (SiLU, Linear)
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
     nn.init.zeros_(model.final_layer.linear.weight)
     nn.init.zeros_(model.final_layer.linear.bias)
 
@@ -275,6 +277,7 @@ class Trainer:
     def eval_loss(self, batch: dict[str, torch.Tensor], seed: int = 0, use_ema: bool = False
                   ) -> dict[str, float]:
         """Loss terms on ``batch`` with fixed noise/σ (``seed``) and no condition dropout."""
+        null: torch.Tensor  # the parameter, or the EMA's plain tensor
         model, null = self.model, self.null_audio
         if use_ema:
             model = MoDADiT(self.params).to(self.device)

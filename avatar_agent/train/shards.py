@@ -144,7 +144,7 @@ class ShardWriter:
         name = f"shard-{len(self.index['shards']):05d}.npz"
         lens = np.array([r.frames for r in recs], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        arrays = dict(
+        arrays: dict[str, Any] = dict(
             audio=np.concatenate([np.asarray(r.audio, np.float16) for r in recs]),
             motion=np.concatenate([np.asarray(r.motion, np.float32) for r in recs]),
             offsets=offsets,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -173,7 +174,10 @@ def read_checkpoint(path: str | Path) -> dict:
     return obj
 
 
-def load_state(model: nn.Module, sd: dict, what: str) -> nn.Module:
+_Net = TypeVar("_Net", bound=nn.Module)
+
+
+def load_state(model: _Net, sd: dict, what: str) -> _Net:
     """Check ``sd`` against the release's key set for ``model``, fold, and load strictly."""
     check_keys(sd, official_manifest(model), what)
     sd = fold_spectral_norm(sd, _spectral_prefixes(model))
