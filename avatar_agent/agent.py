@@ -74,6 +74,7 @@ class Agent:
         ahead = isinstance(source, SpeechSource) and cfg.player.speech_latency_ms > 0 and not offline
         if ahead:  # queued speech: the source runs ahead, new speech starts at once (_rewind)
             latency = cfg.player.speech_latency_ms / 1000
+            assert isinstance(source, SpeechSource)  # ahead implies it (narrows the type)
             source.schedule(self.chunker.latency_ms / 1000 + latency + _COMPUTE_S, self._rewind)
         if offline:  # whole-window chunks are due a window later; the fake clock makes it free
             latency = max(latency, (self.chunker.latency_ms + cfg.chunker.window_ms) / 1000)
