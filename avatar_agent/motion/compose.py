@@ -32,7 +32,7 @@ class IdleSource(Protocol):
     """What serves silence in a :class:`SpeechAndIdle`."""
 
     def prepare(self, avatar: Avatar) -> None:
-        """Bind to the avatar (its rest pose and profile)."""
+        """Bind to an avatar of its profile; the idle timeline starts over."""
 
     @property
     def rest_pose(self) -> np.ndarray:
