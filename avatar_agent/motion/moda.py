@@ -345,8 +345,8 @@ class MoDAMotion:
     @property
     def rest_pose(self) -> np.ndarray:
         """The rest pose bound by :meth:`prepare` (speech motion is generated around it)."""
-        if self.rest is None:
-            raise RuntimeError("prepare(avatar) first")
+        if self.rest is None:   # an AttributeError: isinstance(gen, MotionGenerator) asks
+            raise AttributeError("MoDAMotion.rest_pose: call prepare(avatar) first")
         return self.rest
 
     def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
