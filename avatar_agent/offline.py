@@ -129,10 +129,12 @@ async def render_to_file(cfg: Config, image: Path, output: Path | None, *, audio
         output = check_output(output, [p for p in (image, audio) if p is not None])
     if audio is not None:
         from .audio.file import FileSource
+        from .audio.recognizer import phoneme_source
 
         check_audio_input(audio)
-
-        source: Any = FileSource(audio, realtime=True, clock=clock)
+        # Recognised phones give recorded speech visemes, as espeak-ng's give TTS (pocketsphinx).
+        source: Any = (await phoneme_source(audio, clock)
+                       or FileSource(audio, realtime=True, clock=clock))
     elif text is not None:
         import numpy as np
 

@@ -279,10 +279,13 @@ class _Tap:
 
 
 def drive(audio: np.ndarray, portrait: Path, mode: str, overrides: list[str],
-          quick: bool = False, motion_gap: np.ndarray | None = None) -> np.ndarray:
+          quick: bool = False, motion_gap: np.ndarray | None = None,
+          no_recognizer: bool = False) -> np.ndarray:
     """The avatar's mouth opening per 25 fps frame when ``audio`` drives ``portrait``.
 
-    mode "offline": the ``render`` path (long chunks); "live": the live agent's chunking.  Both on
+    mode "offline": the ``render`` path (long chunks; recognised phones attached, as
+    ``render`` does when pocketsphinx is installed, unless ``no_recognizer``); "live": the live
+    agent's chunking.  Both on
     a fake clock with the real VAD, motion generator and renderer.  ``quick``: the motion's
     inner-lip gap instead of FaceMesh on rendered frames.  ``motion_gap`` (length ≥ frames),
     if given, receives that inner-lip gap in any case.
@@ -312,10 +315,14 @@ def drive(audio: np.ndarray, portrait: Path, mode: str, overrides: list[str],
             # What render_to_file builds for an audio file, with our generator tap and sink.
             from avatar_agent.audio.file import FileSource
 
+            from avatar_agent.audio.recognizer import phoneme_source
+
             with tempfile.TemporaryDirectory() as tmp:
                 wav = Path(tmp) / "speech.wav"
                 sf.write(wav, audio, SR, subtype="FLOAT")
-                agent = Agent(cfg, source=FileSource(wav, realtime=True, clock=clock),
+                source = None if no_recognizer else asyncio.run(phoneme_source(wav, clock))
+                source = source or FileSource(wav, realtime=True, clock=clock)
+                agent = Agent(cfg, source=source,
                               vad=wiring.make_vad(cfg), motion=motion, renderer=renderer,
                               sinks=[sink], clock=clock, image=load_image(portrait), offline=True)
                 asyncio.run(agent.run())
@@ -353,7 +360,8 @@ def drive(audio: np.ndarray, portrait: Path, mode: str, overrides: list[str],
 
 
 def evaluate(paths: list[Path], portrait: Path, modes: list[str], overrides: list[str],
-             quick: bool = False, use_cache: bool = True) -> dict[str, Any]:
+             quick: bool = False, use_cache: bool = True,
+             no_recognizer: bool = False) -> dict[str, Any]:
     """Per-clip and frame-weighted mean figures for the envelope baseline and each mode."""
     rows: list[dict[str, Any]] = []
     for path in paths:
@@ -362,7 +370,8 @@ def evaluate(paths: list[Path], portrait: Path, modes: list[str], overrides: lis
         n = clip.real.shape[0]
         series = {"envelope": envelope(clip.audio, n)}
         for mode in modes:
-            series[mode] = drive(clip.audio, portrait, mode, overrides, quick)
+            series[mode] = drive(clip.audio, portrait, mode, overrides, quick,
+                                 no_recognizer=no_recognizer)
         row: dict[str, Any] = {"clip": clip.name, "seconds": n / FPS,
                                "real_frames": int(np.isfinite(clip.real).sum())}
         for name, s in series.items():
@@ -413,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="development proxy: motion-space lip gap instead of rendered FaceMesh")
     ap.add_argument("--no-cache", action="store_true", help="re-run FaceMesh on the real videos")
+    ap.add_argument("--no-recognizer", action="store_true",
+                    help="offline: audio-only lip-sync (no pocketsphinx phones)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -424,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.portrait.is_file():
         ap.error(f"--portrait {args.portrait}: no such file")
     t0 = time.monotonic()
-    res = evaluate(args.videos, args.portrait, modes, args.set, args.quick, not args.no_cache)
+    res = evaluate(args.videos, args.portrait, modes, args.set, args.quick, not args.no_cache,
+                   args.no_recognizer)
     print_table(res)
     print(f"({time.monotonic() - t0:.0f} s)")
     if args.json:

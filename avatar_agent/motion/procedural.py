@@ -382,7 +382,9 @@ class ProceduralMotion:
                 vowel = np.clip((f1 - p.jaw_f1_hz[0]) / p.jaw_f1_hz[1], 0, 1.2)
                 vowel = p.jaw_floor + (1.0 - p.jaw_floor) * vowel
                 jaw = min(10.0 ** ((db - top) / 40.0), 1.0) * vowel
-            st.jaw += (a_att if jaw > st.jaw else a_rel) * (jaw - st.jaw)
+            # One short time constant both ways: the estimate is already a 40 ms average, and the
+            # slower release of `level` made the mouth trail real speakers' by a frame.
+            st.jaw += a_att * (jaw - st.jaw)
             # Presence: 1 while the gate is open, released over ~120 ms; gates viseme opening.
             st.presence = 1.0 if active else st.presence + a_pres * (0.0 - st.presence)
             presence[k] = st.presence
