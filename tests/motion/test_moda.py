@@ -164,10 +164,10 @@ def chunk(n_frames: int, left: int = 640 * 4, right: int = 640 * 2, seed: int = 
 
 def test_streaming_generator_contract() -> None:
     gen = make_gen(window=8, hop=6)
-    assert isinstance(gen, MotionGenerator)
     with pytest.raises(RuntimeError, match="prepare"):
         gen.generate(chunk(4), np.zeros(70, np.float32))
     gen.prepare(avatar())
+    assert isinstance(gen, MotionGenerator)            # rest_pose exists once prepared
     prev = avatar().rest_motion
     out = gen.generate(chunk(20), prev)                                          # 4 windows: 6+6+6+2
     assert out.shape == (20, 70) and out.dtype == np.float32 and np.isfinite(out).all()
