@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER, help="see avatar-agent %s --help" % name)
 
+    p = sub.add_parser("livekit-worker",
+                       help="serve avatars to LiveKit Agents as a remote worker (extra: livekit)")
+    _common(p)
+    from .integrations.livekit_worker import add_arguments as livekit_worker_arguments
+
+    livekit_worker_arguments(p)
+
     p = sub.add_parser("config", help="print the sample config or the effective config")
     _common(p)
     p.add_argument("--sample", action="store_true", help="print the documented defaults")
@@ -173,6 +180,10 @@ def _run(args: argparse.Namespace) -> int:
             from .check import run_check
 
             return run_check(cfg)
+        if args.cmd == "livekit-worker":
+            from .integrations.livekit_worker import run_worker
+
+            return run_worker(cfg, args)
         if args.cmd == "bench":
             from .bench import run_bench
 

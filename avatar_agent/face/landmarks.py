@@ -241,6 +241,7 @@ def _read_checked(p: Path, max_pixels: int) -> bytes:
 
 def _import_mediapipe():
     os.environ.setdefault("GLOG_minloglevel", "2")  # silence TFLite/absl chatter
+    _protobuf6_compat()
     try:
         import mediapipe as mp
         _ = mp.solutions.face_mesh
@@ -248,8 +249,19 @@ def _import_mediapipe():
         raise ImportError(
             "face analysis needs mediapipe 0.10.21 (the last release whose wheel ships the face "
             "models and the legacy mp.solutions API): pip install --no-deps mediapipe==0.10.21 "
-            f"absl-py attrs flatbuffers matplotlib 'protobuf>=4.25.8,<5' ({e})") from e
+            f"absl-py attrs flatbuffers matplotlib protobuf==6.33.6 ({e})") from e
     return mp
+
+
+def _protobuf6_compat() -> None:
+    """mediapipe 0.10.21 calls MessageFactory.GetPrototype, which protobuf 6 removed (livekit and
+    pipecat need protobuf ≥ 5): without it every graph prints an AttributeError line on stderr
+    (the landmarks are identical either way).  GetMessageClass is its documented replacement."""
+    from google.protobuf import message_factory
+
+    if getattr(message_factory.MessageFactory, "GetPrototype", None) is None:
+        message_factory.MessageFactory.GetPrototype = (   # type: ignore[attr-defined]
+            lambda self, descriptor: message_factory.GetMessageClass(descriptor))
 
 
 class FaceAnalyzer:
