@@ -59,6 +59,8 @@ class _Running:
     task: asyncio.Task[None]
     started: float
     busy0: float
+    loop: asyncio.AbstractEventLoop
+    """The loop the session runs on (a LiveKit worker runs each job on a thread of its own)."""
 
 
 class Engine:
@@ -172,7 +174,8 @@ class Engine:
             await agent.warm_up()
             task = asyncio.create_task(self._run(session), name=f"session-{session.id}")
             self.sessions[session.id] = _Running(session, task, self.clock.now(),
-                                                 self.inference.busy_s)
+                                                 self.inference.busy_s,
+                                                 asyncio.get_running_loop())
         finally:
             self._opening -= 1
         self._ensure_reaper()
@@ -184,11 +187,17 @@ class Engine:
         run = self.sessions.get(session_id)
         if run is None:
             return False
+        if run.loop is asyncio.get_running_loop():
+            await self._stop(run)
+        elif not run.loop.is_closed():              # its loop is another thread's: ask it there
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._stop(run), run.loop))
+        return True
+
+    async def _stop(self, run: _Running) -> None:
         run.session.agent.stop()
         await asyncio.wait({run.task}, timeout=self.cfg.service.drain_s + 2.0)
         if not run.task.done():
             run.task.cancel()
-        return True
 
     def get(self, session_id: str) -> Session | None:
         """The running session with this id."""
