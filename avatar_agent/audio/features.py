@@ -259,7 +259,7 @@ def first_formant(power: np.ndarray) -> np.ndarray:
 
     Linear prediction from the spectrum: pre-emphasis applied as a gain on the bins, the
     autocorrelation as the inverse FFT of the power (the 400-sample window in a 512-point FFT
-    leaves the first 112 lags free of wrap-around), Levinson–Durbin to an order-16 all-pole
+    leaves the first 112 lags free of wrap-around), the normal equations to an order-16 all-pole
     envelope, then the lowest peak of that envelope within :data:`F1_RANGE` narrower than
     :data:`F1_MAX_BANDWIDTH`.  Works on whatever spectrum the caller already has, so it adds no
     window, no latency and no state: streaming equals offline.
@@ -269,18 +269,13 @@ def first_formant(power: np.ndarray) -> np.ndarray:
     p = p.reshape(-1, p.shape[-1])
     emph, cos_k, sin_k = _f1_kernels()
     r = np.fft.irfft(p * emph, N_FFT)[:, : LPC_ORDER + 1]                       # [B, P+1]
-    r[:, 0] *= 1.0 + 1e-6                                                        # white-noise floor
-    a = np.zeros_like(r)
-    a[:, 0] = 1.0
-    err = r[:, 0].copy()
-    ok = err > 1e-12
-    err[~ok] = 1.0
-    for i in range(1, LPC_ORDER + 1):
-        acc = r[:, i] + (a[:, 1:i] * r[:, i - 1 : 0 : -1]).sum(1)
-        k = -acc / err
-        a[:, 1:i] = a[:, 1:i] + k[:, None] * a[:, i - 1 : 0 : -1]
-        a[:, i] = k
-        err = err * np.maximum(1.0 - k * k, 1e-9)
+    r[:, 0] = r[:, 0] * (1.0 + 1e-6) + 1e-12                                    # white-noise floor
+    ok = r[:, 0] > 1e-10
+    # The normal equations R·a = −r[1:] (R Toeplitz) as one batched solve: what Levinson–Durbin
+    # computes, without a Python loop over the order.
+    idx = np.abs(np.arange(LPC_ORDER)[:, None] - np.arange(LPC_ORDER)[None])     # [P, P]
+    coef = np.linalg.solve(r[:, idx], -r[:, 1:, None])[..., 0]                   # [B, P]
+    a = np.concatenate([np.ones((coef.shape[0], 1)), coef], 1)                   # [B, P+1]
     re, im = a @ cos_k, a @ sin_k
     env = 1.0 / np.maximum(re * re + im * im, 1e-12)                            # [B, G]
     # Local maxima inside the range, then the first one narrow enough to be a formant.
@@ -304,12 +299,12 @@ def frame_formant(power: np.ndarray) -> np.ndarray:
     show a formant (0 when fewer than half do)."""
     f = first_formant(power)                                                     # [T, S]
     found = f > 0
-    med = np.where(found, f, np.nan)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            m = np.nanmedian(med, axis=1)
-    enough = found.sum(1) * 2 >= f.shape[1]
+    count = found.sum(1)
+    # Median of the found values (np.nanmedian costs more than the whole analysis).
+    srt = np.sort(np.where(found, f, np.inf), axis=1)
+    rows = np.arange(f.shape[0])
+    lo = srt[rows, np.maximum(count - 1, 0) // 2]
+    hi = srt[rows, np.maximum(count, 1) // 2 - (count == 0)]
+    m = 0.5 * (lo + hi)
+    enough = count * 2 >= f.shape[1]
     return np.where(enough & np.isfinite(m), m, 0.0).astype(np.float32)
