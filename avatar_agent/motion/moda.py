@@ -26,6 +26,8 @@ import torch
 from avatar_agent.motion import space
 from avatar_agent.motion.compose import SpeechAndIdle
 from avatar_agent.motion.emotion import emotion_label
+from avatar_agent.motion.emotion import EmotionLayer
+from avatar_agent.motion.idle import impose_idle_eyes
 from avatar_agent.nn.hubert import HOP
 from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
 from avatar_agent.nn.sampling import Conditions, Guidance, guided_velocity, sample_flow
@@ -400,16 +402,33 @@ class EmbeddedMoDA(SpeechAndIdle):
         layer's rest pose (portrait pose, mouth closed), where silence relaxes to."""
         self.idle_gen.prepare(avatar)
         self.moda.prepare(avatar, reference=self.idle_gen.rest_pose)
+        # The DiT speaks emotion-free; the emotion is a layer on top (the DiT learned older, weaker
+        # presets, so its own emotion would fade the brows while speaking).
+        self._emotion = EmotionLayer(avatar.kp_canonical, self.idle_gen.rest_pose)
+        self._kp = np.asarray(avatar.kp_canonical, np.float64)
+        self._emo = (EMOTION_NONE, 1.0)
 
     def set_emotion(self, emotion: int, intensity: float = 1.0) -> None:
         """Emotion of idle frames (speech gets it per chunk)."""
         self.idle_gen.set_emotion(emotion, intensity)
+        self._emo = (emotion, intensity)
 
     def generate(self, chunk: SpeechChunk, prev: np.ndarray, emotion: int = EMOTION_NONE,
                  intensity: float = 1.0) -> np.ndarray:
-        """Speech motion from the DiT, continuing from ``prev``."""
-        return self.moda.generate(chunk, prev, emotion, intensity)
+        """Speech motion from the DiT, continuing from ``prev``, with the idle generator's
+        lip-sync imposed on its mouth (``articulate``: visemes when the chunk carries phonemes,
+        else the jaw follows loudness × first formant)."""
+        motion = self.moda.generate(chunk, self._emotion.strip(prev), EMOTION_NONE, 1.0)
+        emo = self._emotion.frames(len(motion), emotion, intensity)
+        motion[:, space.EXP] += emo
+        # the idle layer's blinks and gaze go on while speaking (the DiT's own are faint)
+        impose_idle_eyes(motion, self.idle_gen.idle_track(len(motion)), self._kp,
+                         self.idle_gen.rest_pose, emo)
+        self._emo = (emotion, intensity)
+        return self.idle_gen.articulate(chunk, motion, emotion, intensity, emotion_exp=emo)
 
     def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray:
         """Silence from the idle layer, relaxing from ``prev``."""
-        return self.idle_gen.idle(n, prev, t0)
+        out = self.idle_gen.idle(n, prev, t0)
+        self._emotion.frames(n, *self._emo)          # the layer glides as the idle frames do
+        return out
