@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from avatar_agent.nn.hubert import HOP
 from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
 from avatar_agent.nn.sampling import Conditions, Guidance, guided_velocity, sample_flow
 from avatar_agent.types import EMOTION_NONE, Avatar, Profile, SpeechChunk
+
+if TYPE_CHECKING:
+    from avatar_agent.motion.procedural import ProceduralMotion
 
 OVERLAP = 16
 """Frames the default hop leaves to a window's look-ahead (the release's segment overlap)."""
@@ -387,6 +390,7 @@ class EmbeddedMoDA(SpeechAndIdle):
 
     profile: Profile = "embedded"
     fps = 25
+    idle_gen: ProceduralMotion  # generate() also uses its idle_track() and articulate()
 
     def __init__(self, moda: MoDAMotion, idle: Any) -> None:
         self.moda, self.idle_gen = moda, idle

@@ -42,7 +42,7 @@ from avatar_agent.motion.space import (DIM, EXP, JAW_KEYPOINTS, KP, LIP_KEYPOINT
 from avatar_agent.motion.visemes import (GAP_PER_OPEN, N_PARAMS, OPEN, PRESS, ROUND, SPREAD,
                                          articulation_basis, articulation_to_exp,
                                          articulation_track, face_unit)
-from avatar_agent.types import EMOTION_NONE, SAMPLE_RATE, Avatar, Phoneme, SpeechChunk
+from avatar_agent.types import EMOTION_NONE, SAMPLE_RATE, Avatar, Phoneme, Profile, SpeechChunk
 
 
 class MotionInputError(ValueError):
@@ -143,7 +143,7 @@ class ProceduralMotion:
         idle_params: :class:`IdleParams` for the idle layer.
     """
 
-    profile = "embedded"
+    profile: Profile = "embedded"
     fps = 25
     min_hop_ms = 0
 
