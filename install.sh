@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up on Debian/Ubuntu: system packages, a venv in .venv, avatar-agent and its models.
 #   ./install.sh          runtime (embedded profile, microphone, virtual camera, local web page)
-#   ./install.sh --dev    + the test, official-profile, ONNX-bench, LiveKit and pipecat extras
-#                         (what .ci/run uses)
+#   ./install.sh --dev    + the test and lint (pytest, ruff, mypy), official-profile, ONNX-bench,
+#                         LiveKit and pipecat extras (what .ci/run uses)
 #   VENV=/path ./install.sh  to put the venv elsewhere
 #   TORCH_INDEX=https://download.pytorch.org/whl/cpu ./install.sh
 #                         a CPU-only torch on a machine without a GPU (PyPI's default build
