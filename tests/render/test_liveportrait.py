@@ -190,7 +190,8 @@ def test_tiny_moda_drive_uses_source_scale(tiny: LivePortraitRenderer) -> None:
     m[1, 63] *= 3.0                                                  # generated scale: unused by MoDA
     m[1, 66] = 7.0                                                   # tz: never used
     x = tiny.driving_keypoints(av, m)
-    assert torch.equal(x[0], x[1])
+    # equal up to float rounding (rows of one batch may take different SIMD paths)
+    assert torch.allclose(x[0], x[1], atol=1e-6, rtol=0)
 
 
 def test_tiny_prepare_with_injected_crop_and_paste_back_output(tmp_path: Path) -> None:

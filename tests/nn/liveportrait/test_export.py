@@ -72,7 +72,9 @@ def test_warp_decode_onnx_matches_torch(onnx_dir: Path) -> None:
     (img,) = E.onnx_session(onnx_dir / "warp_decode.onnx").run(
         None, {"feature_3d": f.numpy(), "kp_driving": kp_d.numpy(), "kp_source": kp_s.numpy()})
     assert img.shape == (3, 3, 128, 128)
-    assert maxdiff(img, ref.numpy()) <= 1e-5
+    # float32 through two GridSamples and the decoder: ORT and torch differ by ~1e-5 (1.07e-5
+    # measured with onnxruntime 1.32); a wrong op or layout differs by orders of magnitude more
+    assert maxdiff(img, ref.numpy()) <= 3e-5
     assert np.abs(img[0] - img[1]).max() > 1e-3                     # inputs differ → outputs differ
     sess = E.onnx_session(onnx_dir / "warp_decode.onnx")
     assert [i.name for i in sess.get_inputs()] == ["feature_3d", "kp_driving", "kp_source"]
