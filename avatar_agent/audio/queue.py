@@ -333,10 +333,6 @@ class SpeechQueueSource:
         self._emit(events)
         return playing, pos
 
-    def clear(self) -> None:
-        """Same as :meth:`interrupt` (the TtsSource name for it)."""
-        self.interrupt()
-
     async def close(self) -> None:
         """Stop: ``frames()`` ends after the frame in progress; pending syntheses are dropped."""
         with self._lock:
