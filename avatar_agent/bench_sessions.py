@@ -93,7 +93,7 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
     cpu1, t1 = _cpu_s(), time.monotonic()
     st1 = [dataclasses.replace(s.agent.player.stats) for s in sessions]
     rss_end = rss_bytes()
-    measured_capacity = max(1, int(0.85 / engine.per_session_load)) if engine.per_session_load else 0
+    measured_capacity = _capacity(engine)
     for t in talkers:
         t.cancel()
     await engine.aclose()
@@ -121,6 +121,15 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
         "per_session_load": round(engine.per_session_load, 4),
         "measured_capacity": measured_capacity,
     }
+
+
+def _capacity(engine: Any) -> int:
+    """What admission control would allow with no ``server.max_sessions`` set."""
+    from .engine import TARGET_LOAD, _cores
+
+    cores = min(_cores(), engine.inference.workers + 1)
+    load = engine.per_session_load
+    return max(1, int(TARGET_LOAD * cores / load)) if load else 0
 
 
 def compare_processes(n: int, seconds: float, sets: list[str]) -> dict[str, Any]:
