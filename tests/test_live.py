@@ -206,7 +206,13 @@ async def test_microphone_speech_drives_speech_frames_and_mouth(pulse_server):
     await asyncio.sleep(1.5)
     agent.stop()
     await task
+    # An underrun repeats the previous image (flagged idle): it is a timing miss, counted in the
+    # player's stats, not a VAD decision, so it carries the flag of the frame it repeats.
     speech = np.array([f.speech for f in sink.frames])
+    for i in range(1, len(speech)):
+        if sink.frames[i].image is sink.frames[i - 1].image:
+            speech[i] = speech[i - 1]
+    assert agent.player.stats.underruns <= 0.05 * len(speech), agent.player.stats
     rms = np.array([np.sqrt(np.mean(f.audio ** 2)) for f in sink.frames])
     voiced = rms > 0.1 * rms.max()
     assert rms.max() > 0.02, "nothing was recorded from the microphone"
