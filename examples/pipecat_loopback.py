@@ -45,6 +45,7 @@ async def main(audio_path: str, overrides: list[str] | None = None) -> dict[str,
     viewer.addTransceiver("audio", direction="sendrecv")
     viewer.addTransceiver("video", direction="sendrecv")
     got: dict[str, float] = {"audio": 0, "video": 0, "loud_audio": 0}
+    readers: set[asyncio.Task[None]] = set()          # referenced until the viewer closes
 
     @viewer.on("track")
     def on_track(track) -> None:
@@ -57,7 +58,7 @@ async def main(audio_path: str, overrides: list[str] | None = None) -> dict[str,
                 got[track.kind] += 1
                 if track.kind == "audio" and np.abs(f.to_ndarray()).max() > 1000:
                     got["loud_audio"] += 1
-        asyncio.create_task(read())
+        readers.add(asyncio.create_task(read()))
 
     await viewer.setLocalDescription(await viewer.createOffer())
     conn = SmallWebRTCConnection()

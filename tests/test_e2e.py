@@ -11,9 +11,8 @@ import pytest
 
 from avatar_agent.clock import FakeClock
 from avatar_agent.config import load_config
-from avatar_agent.motion.space import lip_opening
 from avatar_agent.offline import render_to_file
-from avatar_agent.types import SAMPLE_RATE, VideoFrame
+from avatar_agent.types import VideoFrame
 
 ROOT = Path(__file__).resolve().parents[1]
 PORTRAIT = ROOT / "avatars" / "default.png"

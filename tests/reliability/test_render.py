@@ -27,7 +27,9 @@ def _digest(p: Path) -> str:
 def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 0.7 s espeak-ng WAV."""
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng missing")
+        from tests.conftest import missing
+
+        missing("espeak-ng is needed to make the test's speech (apt-get install espeak-ng)")
     p = tmp_path_factory.mktemp("speech") / "v.wav"
     subprocess.run(["espeak-ng", "-w", str(p), "hello"], check=True)
     return p
