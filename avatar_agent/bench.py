@@ -11,15 +11,18 @@ Figures (embedded profile unless the config says otherwise):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import numpy as np
 
+from .audio.frames import paced
+from .audio.resample import frame_audio
 from .clock import Clock, FakeClock, SystemClock
 from .config import Config
 from .metrics import rss_bytes
@@ -46,18 +49,21 @@ class LoopSource:
 
     async def frames(self) -> AsyncIterator[AudioFrame]:
         """20 ms frames of the looped recording, paced by the clock, until closed or ``limit_s`` is reached."""
-        t0 = self.clock.now()
+        async with contextlib.aclosing(paced(self._looped(), self.clock)) as frames:
+            async for f in frames:
+                yield f
+
+    def _looped(self) -> Iterator[AudioFrame]:
+        """The recording's frames period after period (framed lazily, one period at a time)."""
         n = 0
-        plen = len(self.period)
-        while not self._closed and (self.limit is None or n < self.limit):
-            await self.clock.sleep_until(t0 + (n + FRAME_SAMPLES) / SAMPLE_RATE)
-            k = n % plen
-            base = (n - k) / SAMPLE_RATE
-            t_lo, t_hi = k / SAMPLE_RATE, (k + FRAME_SAMPLES) / SAMPLE_RATE
-            ph = tuple(Phoneme(p.symbol, p.start + base, p.end + base) for p in self.phonemes
-                       if p.start < t_hi and p.end > t_lo)
-            yield AudioFrame(self.period[k:k + FRAME_SAMPLES], n, ph)
-            n += FRAME_SAMPLES
+        while True:
+            base = n / SAMPLE_RATE
+            shifted = [Phoneme(p.symbol, p.start + base, p.end + base) for p in self.phonemes]
+            for f in frame_audio(self.period, shifted, start=n):
+                if self._closed or (self.limit is not None and f.index >= self.limit):
+                    return
+                yield f
+            n += len(self.period)
 
     async def close(self) -> None:
         """Stop the frame stream after the frame in flight."""

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 import numpy as np
 
+from avatar_agent.audio.frames import paced
 from avatar_agent.audio.resample import Framer, StreamResampler
 from avatar_agent.clock import Clock, SystemClock
-from avatar_agent.types import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame
+from avatar_agent.types import SAMPLE_RATE, AudioFrame
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +117,20 @@ class FileSource:
         """Yield the whole file as contiguous 20 ms frames (last one zero-padded), then end."""
         if self._empty or self._closed:
             return
+        # realtime: frame k is due when it would have finished playing.
+        decoded = self._decode()
+        source = paced(decoded, self.clock) if self.realtime else decoded
+        async with contextlib.aclosing(source) as frames:
+            async for f in frames:
+                yield f
+
+    async def _decode(self) -> AsyncGenerator[AudioFrame, None]:
+        """Every frame of the file as fast as decoding goes."""
         av = _av()
         container, stream = _open(self.path)
         self._container = container
         framer = Framer()
         resampler: StreamResampler | None = None
-        t0 = self.clock.now()  # realtime: frame k is due when it would have finished playing
         since_yield = 0
         try:
             try:
@@ -135,7 +145,7 @@ class FileSource:
                         resampler = StreamResampler(rate, ch, name=f"file {self.path.name}")
                     out += framer.push(resampler.process(arr))
                     for f in out:
-                        yield await self._pace(f, t0)
+                        yield f
                     since_yield += len(out)
                     if not self.realtime and since_yield >= 50:
                         since_yield = 0
@@ -148,15 +158,10 @@ class FileSource:
             if resampler is not None:
                 self.nonfinite += resampler.nonfinite
                 for f in framer.push(resampler.flush()) + framer.flush(pad=True):
-                    yield await self._pace(f, t0)
+                    yield f
         finally:
             container.close()
             self._container = None
-
-    async def _pace(self, frame: AudioFrame, t0: float) -> AudioFrame:
-        if self.realtime:
-            await self.clock.sleep_until(t0 + (frame.index + FRAME_SAMPLES) / SAMPLE_RATE)
-        return frame
 
     async def close(self) -> None:
         """Stop decoding; a running ``frames()`` ends at its next frame."""

@@ -36,7 +36,8 @@ import numpy as np
 
 from ..clock import Clock, SystemClock
 from ..types import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Phoneme
-from .resample import AudioFormatError, StreamResampler, to_float
+from .frames import capture_time
+from .resample import AudioFormatError, Framer, StreamResampler, to_float
 
 log = logging.getLogger(__name__)
 
@@ -90,43 +91,41 @@ def pcm_to_array(pcm: np.ndarray | bytes | bytearray | memoryview, dtype: str | 
 
 @dataclass(eq=False)
 class _Utterance:
-    """One queued utterance (mutated only under the source's lock)."""
+    """One queued utterance (mutated only under the source's lock).
+
+    Its audio is framed as it arrives by its own :class:`Framer`, on the utterance's timeline
+    (sample 0 = its first sample); :meth:`SpeechQueueSource._next_frame` moves each frame onto
+    the source's timeline when it plays.
+    """
 
     id: int
     kind: str                                   # "tts" or "push"
     final: bool = False                         # all of its audio has arrived
     estimate: int = 0                           # samples expected while synthesis is pending
-    phonemes: tuple[Phoneme, ...] = ()          # times relative to the utterance's start
-    chunks: collections.deque[np.ndarray] = field(default_factory=collections.deque)
-    available: int = 0                          # samples buffered, not yet emitted
-    pos: int = 0                                # samples emitted so far
+    framer: Framer = field(default_factory=Framer)
+    frames: collections.deque[AudioFrame] = field(default_factory=collections.deque)
     start: int | None = None                    # timeline sample of its first sample, once playing
     error: str | None = None
     cancelled: bool = False
     resampler: StreamResampler | None = None
     stream_format: tuple[float, int] | None = None
-    phon_next: int = 0                          # first phoneme that may still overlap a frame
 
-    def append(self, x: np.ndarray) -> None:
-        if x.size:
-            self.chunks.append(x)
-            self.available += int(x.size)
+    @property
+    def available(self) -> int:
+        """Samples buffered, not yet emitted."""
+        return len(self.frames) * FRAME_SAMPLES + self.framer.pending
 
-    def take(self, n: int) -> np.ndarray:
-        out = np.zeros(FRAME_SAMPLES, np.float32)
-        got = 0
-        while got < n:
-            c = self.chunks[0]
-            k = min(n - got, c.size)
-            out[got:got + k] = c[:k]
-            got += k
-            if k == c.size:
-                self.chunks.popleft()
-            else:
-                self.chunks[0] = c[k:]
-        self.available -= n
-        self.pos += n
-        return out
+    def append(self, x: np.ndarray, phonemes: tuple[Phoneme, ...] = ()) -> None:
+        """More audio (and its phonemes, seconds from the utterance's start)."""
+        self.frames.extend(self.framer.push(x, phonemes))
+
+    def take(self) -> tuple[AudioFrame, int]:
+        """The next frame (the last one zero-padded once final) and how many real samples it
+        holds."""
+        if self.frames:
+            return self.frames.popleft(), FRAME_SAMPLES
+        n = self.framer.pending
+        return self.framer.flush(pad=True)[0], n
 
 
 class SpeechQueueSource:
@@ -374,7 +373,7 @@ class SpeechQueueSource:
         t0 = self.clock.now()
         self._loop = asyncio.get_running_loop()
         while not self._closed:
-            real = t0 + (self._index + FRAME_SAMPLES) / SAMPLE_RATE   # its capture time
+            real = capture_time(t0, self._index)
             if self._silent and self._rewind is not None:
                 await self._sleep_or_wake(real - self._lead)   # new speech need not wait 20 ms
             else:
@@ -450,10 +449,11 @@ class SpeechQueueSource:
                 head.start = index
                 events.append(("speech_started", {"utterance": head.id, "sample": index}))
             if head.available >= FRAME_SAMPLES or (head.final and head.available > 0):
-                n = min(FRAME_SAMPLES, head.available)
-                rel0 = head.pos
-                samples = head.take(n)
-                frame = AudioFrame(samples, index, self._phonemes(head, rel0))
+                own, n = head.take()
+                off = head.start / SAMPLE_RATE              # onto the source's timeline
+                frame = AudioFrame(own.samples, index,
+                                   tuple(Phoneme(p.symbol, p.start + off, p.end + off)
+                                         for p in own.phonemes))
                 self.speech_frames += 1
                 if head.final and head.available == 0:
                     self._pop(head)
@@ -475,23 +475,6 @@ class SpeechQueueSource:
         self._index = index + FRAME_SAMPLES
         self.frames_emitted += 1
         return frame, events
-
-    def _phonemes(self, utt: _Utterance, rel0: int) -> tuple[Phoneme, ...]:
-        """Phonemes overlapping the frame at utterance sample ``rel0``, on the source timeline."""
-        if not utt.phonemes or utt.start is None:
-            return ()
-        t_a, t_b = rel0 / SAMPLE_RATE, (rel0 + FRAME_SAMPLES) / SAMPLE_RATE
-        ph = utt.phonemes
-        while utt.phon_next < len(ph) and ph[utt.phon_next].end <= t_a:
-            utt.phon_next += 1
-        off = utt.start / SAMPLE_RATE
-        out = []
-        j = utt.phon_next
-        while j < len(ph) and ph[j].start < t_b:
-            p = ph[j]
-            out.append(Phoneme(p.symbol, p.start + off, p.end + off))
-            j += 1
-        return tuple(out)
 
     # -------------------------------------------------------------------------------------------
     # Helpers
@@ -592,8 +575,7 @@ class SpeechQueueSource:
                 log.error("TTS for utterance %d failed: %s", utt.id, utt.error)
             else:
                 u = fut.result()
-                utt.phonemes = tuple(u.phonemes)
-                utt.append(np.ascontiguousarray(u.audio, np.float32))
+                utt.append(np.ascontiguousarray(u.audio, np.float32), tuple(u.phonemes))
             utt.final = True
         self._poke()
 

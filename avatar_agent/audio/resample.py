@@ -18,6 +18,17 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = ("uint8", "int16", "int32", "float32", "float64")
 
+PCM_FORMATS: dict[str, str] = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4", "u8": "u1"}
+"""Raw PCM byte formats of the wire APIs (HTTP upload, WebSocket stream, Python client): name →
+little-endian numpy dtype, interleaved channels.  The API's format enum, sample widths and error
+messages are derived from this table."""
+PCM_WIDTH: dict[str, int] = {name: np.dtype(dt).itemsize for name, dt in PCM_FORMATS.items()}
+"""Bytes per sample of each :data:`PCM_FORMATS` format."""
+PCM_RATES = (1000, 384000)
+"""Sample rates (Hz, inclusive) raw PCM and WAV uploads may declare."""
+PCM_CHANNELS = (1, 16)
+"""Channel counts (inclusive) raw PCM and WAV uploads may declare."""
+
 
 class AudioFormatError(ValueError):
     """Raw audio that cannot be interpreted (bad dtype, shape, rate or channel count)."""
@@ -160,15 +171,19 @@ def to_pipeline(x: np.ndarray, rate: float, channels: int = 1) -> np.ndarray:
 
 
 class Framer:
-    """Cuts a stream of arbitrary-length blocks into exact 20 ms AudioFrames.
+    """Cuts a stream of arbitrary-length blocks into exact 20 ms AudioFrames: the one framing.
 
     Frames are stamped from a running sample counter: frame k has ``index = start + 320 k``, so the
-    timeline is contiguous by construction and independent of how the input was blocked.
+    timeline is contiguous by construction and independent of how the input was blocked.  Phonemes
+    handed to :meth:`push` (times in seconds on this timeline) are attached to every frame they
+    overlap, whichever later push or :meth:`flush` emits it.
     """
 
     def __init__(self, start: int = 0) -> None:
         self._next = int(start)
         self._buf = np.zeros(0, np.float32)
+        self._phon: list[Phoneme] = []   # sorted by start; those before _first ended already
+        self._first = 0
 
     @property
     def next_index(self) -> int:
@@ -183,17 +198,22 @@ class Framer:
     def push(self, samples: np.ndarray, phonemes: Iterable[Phoneme] = ()) -> list[AudioFrame]:
         """Append samples (16 kHz mono float32); return every frame now complete.
 
-        ``phonemes`` (times in seconds on this timeline) are attached to each frame they overlap.
+        ``phonemes`` (times in seconds on this timeline) are attached to each frame they overlap,
+        including frames that later pushes complete.
         """
+        new = list(phonemes)
+        if new:
+            # Timsort merges the two sorted runs in linear time.
+            self._phon = sorted(self._phon[self._first:] + new, key=lambda p: p.start)
+            self._first = 0
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         buf = np.concatenate([self._buf, samples]) if self._buf.size else samples
         n = buf.size // FRAME_SAMPLES
-        phon = tuple(phonemes)
         frames = []
         for k in range(n):
             idx = self._next + k * FRAME_SAMPLES
             seg = buf[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES].copy()
-            frames.append(AudioFrame(seg, idx, _overlapping(phon, idx) if phon else ()))
+            frames.append(AudioFrame(seg, idx, self._overlapping(idx)))
         self._next += n * FRAME_SAMPLES
         self._buf = buf[n * FRAME_SAMPLES:].copy()
         return frames
@@ -208,7 +228,7 @@ class Framer:
         tail = np.zeros(FRAME_SAMPLES, np.float32)
         tail[: self._buf.size] = self._buf
         self._buf = np.zeros(0, np.float32)
-        frame = AudioFrame(tail, self._next)
+        frame = AudioFrame(tail, self._next, self._overlapping(self._next))
         self._next += FRAME_SAMPLES
         return [frame]
 
@@ -221,11 +241,33 @@ class Framer:
         self._next += len(frames) * FRAME_SAMPLES
         return frames
 
+    def _overlapping(self, index: int) -> tuple[Phoneme, ...]:
+        """The phonemes overlapping the frame at ``index`` (amortised O(1) per frame: time only
+        moves forward, so phonemes that ended before this frame are skipped for good)."""
+        ph = self._phon
+        if not ph:
+            return ()
+        t0 = index / SAMPLE_RATE
+        t1 = (index + FRAME_SAMPLES) / SAMPLE_RATE
+        while self._first < len(ph) and ph[self._first].end <= t0:
+            self._first += 1
+        out = []
+        j = self._first
+        while j < len(ph) and ph[j].start < t1:   # sorted by start: none after j can overlap
+            if ph[j].end > t0:
+                out.append(ph[j])
+            j += 1
+        if self._first == len(ph):
+            self._phon, self._first = [], 0
+        return tuple(out)
 
-def _overlapping(phonemes: tuple[Phoneme, ...], index: int) -> tuple[Phoneme, ...]:
-    t0 = index / SAMPLE_RATE
-    t1 = (index + FRAME_SAMPLES) / SAMPLE_RATE
-    return tuple(p for p in phonemes if p.start < t1 and p.end > t0)
+
+def frame_audio(samples: np.ndarray, phonemes: Iterable[Phoneme] = (), start: int = 0
+                ) -> list[AudioFrame]:
+    """A whole 16 kHz buffer → its 20 ms frames from sample ``start`` (the last one zero-padded),
+    each with the phonemes (seconds on the same timeline) it overlaps."""
+    framer = Framer(start)
+    return framer.push(samples, phonemes) + framer.flush(pad=True)
 
 
 class Upsampler3:

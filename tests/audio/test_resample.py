@@ -111,8 +111,8 @@ def test_framer_exact_frames_running_index_and_phonemes():
     assert [f.index for f in out] == [640 + k * FRAME_SAMPLES for k in range(15)]
     assert fr.pending == 5000 - 15 * FRAME_SAMPLES
     np.testing.assert_array_equal(np.concatenate([f.samples for f in out]), x[:4800])
-    # Phonemes are attached to the frames of that push that they overlap: 800..1120 → frames
-    # starting at 640 and 960 (the 640 frame is emitted by the second push).
+    # Phonemes are attached to the frames they overlap: 800..1120 → frames starting at 640 and
+    # 960 (the 640 frame is emitted by the second push, the one that brought the phoneme).
     assert [f.index for f in out if f.phonemes] == [640, 960]
     tail = fr.flush()
     assert len(tail) == 1 and tail[0].index == 640 + 15 * FRAME_SAMPLES
