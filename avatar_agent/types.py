@@ -1,8 +1,10 @@
 """Data objects that cross stage boundaries, and the plug-in protocols.
 
-Data flows one way: source → chunker → motion → renderer → player → sinks.  Everything that moves
-between stages is one of the frozen dataclasses below; every stage is one of the small protocols.
-Audio inside the pipeline is always 16 kHz mono float32 in [-1, 1].
+Data flows one way: source → chunker → motion → renderer → player → sinks.  Audio, chunks and
+output frames cross as the frozen dataclasses below; motion crosses from the motion generator to
+the renderer as a bare float32 ``[n, 70]`` array laid out as :data:`DIM` and the slices after it
+say, and images as uint8 ``[H, W, 3]`` arrays.  Every stage is one of the small protocols.  Audio
+inside the pipeline is always 16 kHz mono float32 in [-1, 1].
 """
 
 from __future__ import annotations
@@ -19,6 +21,25 @@ FRAME_MS = 20
 """Audio frame length produced by every source."""
 
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
+
+MOTION_FPS = 25
+"""Frames per second of the motion space (MoDA's rate: one motion row per 640 samples)."""
+
+# The 70-d motion layout: the contract between motion generators and renderers (raw, i.e.
+# denormalised, values; motion/space.py documents the keypoint transform that reads them).
+DIM = 70
+"""Length of one motion row."""
+N_KP = 21
+"""Keypoints in the expression block."""
+EXP = slice(0, 63)
+"""Expression: 21 keypoints × (x, y, z), row-major (index = 3·k + axis)."""
+SCALE = 63
+"""Scale of the driven keypoints."""
+T = slice(64, 67)
+"""Translation (tx, ty, tz); tz is never used by the transform (as in LivePortrait)."""
+POSE = slice(67, 70)
+"""Head pose (pitch, yaw, roll) in degrees."""
+PITCH, YAW, ROLL = 67, 68, 69
 
 Profile = Literal["embedded", "official"]
 EMOTIONS: tuple[str, ...] = (

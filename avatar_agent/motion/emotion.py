@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from avatar_agent.motion.space import EXP, KP, N_KP, exp_points
+from avatar_agent.motion.space import KP, exp_points
 from avatar_agent.motion.visemes import face_offsets, face_unit
-from avatar_agent.types import EMOTION_NONE, EMOTIONS
+from avatar_agent.types import EMOTION_NONE, EMOTIONS, EXP, N_KP
 
 Spec = dict[str, tuple[float, float, float]]
 

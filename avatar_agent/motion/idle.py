@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from avatar_agent.motion.space import DIM, KP, LID_KEYPOINTS, N_KP, PITCH, ROLL, SCALE
+from avatar_agent.motion.space import KP, LID_KEYPOINTS
 from avatar_agent.motion.visemes import face_unit
+from avatar_agent.types import DIM, N_KP, PITCH, ROLL, SCALE
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from avatar_agent.types import MOTION_FPS
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,7 +31,7 @@ EXPORT_FORMAT = "avatar-agent-moda"
 """The ``format`` value of an export's JSON."""
 EXPORT_VERSION = 1
 
-FEATURE_FPS = 25
+FEATURE_FPS = MOTION_FPS
 """Video frames per second the features (and the models) are made for."""
 
 DEFAULT_FEATURE: dict[str, Any] = {"kind": "mel", "n_mels": 80, "fps": FEATURE_FPS}

@@ -37,12 +37,12 @@ from avatar_agent.audio.features import (AudioInputError, FrameFeatures, check_a
                                          frame_features)
 from avatar_agent.motion.emotion import emotion_label, emotion_table
 from avatar_agent.motion.idle import IdleLayer, IdleParams, IdleTrack, embedded_idle_offsets
-from avatar_agent.motion.space import (DIM, EXP, JAW_KEYPOINTS, KP, LIP_KEYPOINTS, N_KP, SCALE,
-                                      lip_opening)
+from avatar_agent.motion.space import JAW_KEYPOINTS, KP, LIP_KEYPOINTS, lip_opening
 from avatar_agent.motion.visemes import (GAP_PER_OPEN, N_PARAMS, OPEN, PRESS, ROUND, SPREAD,
                                          articulation_basis, articulation_to_exp,
                                          articulation_track, face_unit)
-from avatar_agent.types import EMOTION_NONE, SAMPLE_RATE, Avatar, Phoneme, Profile, SpeechChunk
+from avatar_agent.types import (DIM, EMOTION_NONE, EXP, MOTION_FPS, N_KP, SAMPLE_RATE, SCALE, Avatar,
+                                Phoneme, Profile, SpeechChunk)
 
 
 class MotionInputError(ValueError):
@@ -144,7 +144,7 @@ class ProceduralMotion:
     """
 
     profile: Profile = "embedded"
-    fps = 25
+    fps = MOTION_FPS
     min_hop_ms = 0
 
     def __init__(self, params: ProceduralParams | None = None, seed: int = 0,

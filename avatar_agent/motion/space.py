@@ -1,6 +1,6 @@
 """MoDA's 70-d motion space, shared by both profiles, and the keypoint transform.
 
-Layout of one motion frame (float32 [70], raw = denormalised):
+Layout of one motion frame (float32 [70], raw = denormalised; the constants are in types.py):
 
     [0:63]   exp   21 keypoints × (x, y, z), row-major: index = 3·k + axis
     [63]     scale
@@ -8,7 +8,7 @@ Layout of one motion frame (float32 [70], raw = denormalised):
     [67:70]  pitch, yaw, roll in degrees
 
 Driven keypoints: x = s·(x_c·R + δ) + [tx, ty, 0], keypoints as row vectors, with
-R = (Rz(roll)·Ry(yaw)·Rx(pitch))ᵀ (LivePortrait's camera.py convention, specs/liveportrait.md §2).
+R = (Rz(roll)·Ry(yaw)·Rx(pitch))ᵀ (LivePortrait's convention: its ``src/utils/camera.py``).
 
 The two profiles differ only in what the 21 keypoints are:
 
@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import numpy as np
 
-DIM = 70
-N_KP = 21
-EXP = slice(0, 63)
-SCALE = 63
-T = slice(64, 67)
-POSE = slice(67, 70)
-PITCH, YAW, ROLL = 67, 68, 69
+# The layout itself is part of the motion → renderer contract and lives in types.py; re-exported
+# here for the motion code that reads it as ``space.DIM`` next to the transform below.
+from avatar_agent.types import DIM as DIM
+from avatar_agent.types import EXP as EXP
+from avatar_agent.types import N_KP as N_KP
+from avatar_agent.types import PITCH as PITCH
+from avatar_agent.types import POSE as POSE
+from avatar_agent.types import ROLL as ROLL
+from avatar_agent.types import SCALE as SCALE
+from avatar_agent.types import T as T
+from avatar_agent.types import YAW as YAW
 
 # (name, FaceMesh index).  "l"/"r" are the *image* sides (image-left = the subject's right).
 EMBEDDED_KEYPOINTS: tuple[tuple[str, int], ...] = (

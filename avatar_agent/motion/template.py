@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from avatar_agent.motion.space import DIM, EMBEDDED_KEYPOINTS, KP, N_KP, PITCH, ROLL, SCALE, YAW
-from avatar_agent.types import Avatar
+from avatar_agent.motion.space import EMBEDDED_KEYPOINTS, KP
+from avatar_agent.types import DIM, N_KP, PITCH, ROLL, SCALE, YAW, Avatar
 
 # (x, y, z) per embedded keypoint name; image-left ("_l") keypoints have negative x.
 _NEUTRAL: dict[str, tuple[float, float, float]] = {

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avatar_agent.motion.space import KP, N_KP
-from avatar_agent.types import Phoneme
+from avatar_agent.motion.space import KP
+from avatar_agent.types import N_KP, Phoneme
 
 PARAMS: tuple[str, ...] = ("open", "spread", "round", "press", "tuck")
 OPEN, SPREAD, ROUND, PRESS, TUCK = range(5)

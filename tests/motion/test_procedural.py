@@ -7,12 +7,12 @@ import pytest
 
 from avatar_agent.audio.features import AudioInputError
 from avatar_agent.motion.procedural import MotionInputError, ProceduralMotion
-from avatar_agent.motion.space import (KP, LIP_KEYPOINTS, N_KP, PITCH, YAW, eye_opening, exp_points,
-                                       lip_opening, transform_keypoints)
+from avatar_agent.motion.space import (KP, LIP_KEYPOINTS, eye_opening, exp_points, lip_opening,
+                                       transform_keypoints)
 from avatar_agent.motion.template import neutral_template, template_avatar, template_rest_motion
 from avatar_agent.motion.visemes import (OPEN, PRESS, ROUND, SPREAD, articulation_track, face_unit,
                                          ipa_to_visemes)
-from avatar_agent.types import MotionGenerator, Phoneme, SpeechChunk
+from avatar_agent.types import N_KP, PITCH, YAW, MotionGenerator, Phoneme, SpeechChunk
 
 SPF = 640
 
