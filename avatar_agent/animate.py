@@ -42,7 +42,7 @@ class Animator:
         """Prepare a portrait and switch to it between two frames (its rest pose is shown until
         the first frame is rendered)."""
         later = self.player.clock.now() + 1.0         # frames due sooner go first
-        avatar = await self.inference.run(later, self.renderer.prepare, image)
+        avatar = await self.inference.run_aside(self.renderer.prepare, image)
         await self.inference.run(later, self.motion.prepare, avatar)
         self.motion.set_emotion(self.steering.emotion, self.steering.intensity)
         rest = np.asarray(self.motion.rest_pose, np.float32)

@@ -49,6 +49,8 @@ class Inference:
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
+        self._name, self._nthreads = name, threads
+        self._aside: Inference | None = None          # created on first run_aside()
         self.busy_s = 0.0
         """Seconds of work run so far (thread CPU is what admission control measures)."""
         self.jobs = 0
@@ -80,6 +82,24 @@ class Inference:
         with self.clock.hold():
             return await fut
 
+    async def run_aside(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run a long one-off job (a portrait's analysis: landmarks and warp tables, a few
+        hundred ms) on a thread of its own, in arrival order.
+
+        Why not :meth:`run`: a job cannot be pre-empted once started, so on the frame thread it
+        would make every frame due meanwhile late — in this session and in every other session
+        of the process (a swap or a new session would drop ~8 frames everywhere).  Beside it,
+        the OS shares the cores and the frame thread keeps its deadlines.  The job must not
+        touch state the frame thread uses (``Renderer.prepare`` builds a new avatar).
+        """
+        with self._cv:
+            if self._closed:
+                raise InferenceClosed("the inference thread is shut down")
+            if self._aside is None:
+                self._aside = Inference(self.clock, self._nthreads, f"{self._name}-aside")
+            aside = self._aside
+        return await aside.run(0.0, fn, *args)
+
     def close(self) -> None:
         """Refuse new work and drop waiting jobs; a job already running finishes on its own.
 
@@ -90,6 +110,9 @@ class Inference:
             self._closed = True
             self._heap.clear()
             self._cv.notify_all()
+            aside = self._aside
+        if aside is not None:
+            aside.close()
 
     @property
     def waiting(self) -> int:

@@ -7,6 +7,7 @@ fakes (these tests are about timing and control, not pixels).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -205,3 +206,47 @@ async def test_speech_queued_before_the_session_starts_plays_from_the_start() ->
     await _run_until(session, clock, 2.0)
     voiced = [f.index for f in sink.frames if np.abs(f.audio).max() > 0.05]
     assert voiced and voiced[0] <= 1 and session.agent.player.stats.underruns <= 3
+
+
+class _SlowPrepareRenderer(LevelRenderer):
+    """Its second prepare (the swap) takes 0.6 s of real time, like a portrait's analysis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepares = 0
+
+    def prepare(self, image: np.ndarray):  # noqa: ANN201
+        self.prepares += 1
+        if self.prepares > 1:
+            import time
+
+            time.sleep(0.6)
+        return super().prepare(image)
+
+
+async def test_a_slow_avatar_swap_never_makes_frames_late() -> None:
+    """A swap's portrait analysis runs beside the frame thread, not on it: frames due while it
+    runs are rendered on time (on the frame thread, 0.6 s would be 15 frames late)."""
+    from avatar_agent.clock import SystemClock
+
+    clock = SystemClock()
+    cfg = load_config(None, ["service.drain_s=0.0"])
+    renderer = _SlowPrepareRenderer()
+    agent = Agent(cfg, source=SpeechQueueSource(clock, prebuffer_ms=0), vad=EnergyVad(),
+                  motion=LevelMotion(), renderer=renderer, sinks=[], clock=clock,
+                  image=np.zeros((64, 64, 3), np.uint8))
+    session = Session(agent)
+
+    async def swap_then_stop() -> None:
+        await asyncio.sleep(0.6)
+        before = dataclasses.replace(agent.player.stats)
+        await agent.set_avatar(np.full((64, 64, 3), 9, np.uint8))
+        await asyncio.sleep(0.3)
+        after = agent.player.stats
+        await session.aclose()
+        assert renderer.prepares == 2
+        late = (after.underruns + after.late_dropped) - (before.underruns + before.late_dropped)
+        assert after.delivered - before.delivered >= 18      # ≈ 0.9 s of frames went out
+        assert late <= 1, f"{late} frames late or missing during the swap"
+
+    await asyncio.gather(session.run(), swap_then_stop())
