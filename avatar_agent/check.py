@@ -53,7 +53,7 @@ def run_check(cfg: Config, out: Callable[[str], None] = print) -> int:
     _check_packages(r, cfg)
     _check_audio(r, cfg)
     _check_vcam(r, cfg)
-    _check_gpu(r)
+    _check_gpu(r, cfg)
     _check_models(r, cfg)
     _check_avatar(r, cfg)
     _check_sinks(r, cfg)
@@ -159,17 +159,32 @@ def _check_vcam(r: Report, cfg: Config) -> None:
         r.note(f"no virtual camera (only the web page will show the avatar); to add one: {fix}")
 
 
-def _check_gpu(r: Report) -> None:
+def _check_gpu(r: Report, cfg: Config) -> None:
     try:
         import torch
 
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cuda:
             r.ok(f"GPU: {torch.cuda.get_device_name(0)}")
         else:
             r.note("no GPU: the embedded profile runs on CPU; the official profile needs a GPU "
                    "for real time")
     except Exception as e:  # pragma: no cover - torch import problems are reported above
         r.note(f"torch unavailable: {e}")
+        return
+    if cfg.avatar.profile != "official":
+        return
+    m, rc = cfg.motion, cfg.render
+    lp = rc.precision if rc.precision != "auto" else ("fp16" if cuda else "fp32")
+    compile_mode = rc.compile if cuda else "off"
+    r.ok(f"official precision: DiT + HuBERT {m.precision}, LivePortrait {lp}; "
+         f"W + G compile: {compile_mode}")
+    for key, value in (("motion.precision", m.precision), ("render.precision", rc.precision)):
+        if value == "fp16" and not cuda:
+            r.problem(f"{key} = \"fp16\" needs a CUDA GPU and there is none here",
+                      f"set {key} = \"bf16\" or \"fp32\"")
+    if rc.compile != "off" and not cuda:
+        r.note(f"render.compile = \"{rc.compile}\" is for CUDA: ignored without a GPU")
 
 
 def _check_models(r: Report, cfg: Config) -> None:

@@ -150,6 +150,8 @@ class MotionConfig:
     """Multiplier on head motion (sway, nods)."""
     models_dir: str = ""
     """Where official weights live; empty = $AVATAR_AGENT_MODELS or ~/.local/share/avatar-agent/models."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Official profile: arithmetic of the MoDA DiT and HuBERT (fp32 = the release's; bf16/fp16 = autocast, faster on a GPU; fp16 needs CUDA)."""
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,10 @@ class RenderConfig:
     """Frames rendered per inference job."""
     channels_last: bool = False
     """Official profile: run the LivePortrait decoder in channels-last layout (GPU speed-up)."""
-    compile: bool = False
-    """Official profile: torch.compile the LivePortrait warp + decoder (GPU hosts; slow start)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Official profile: arithmetic of the LivePortrait networks; auto = fp16 autocast on CUDA (the release's), fp32 on a CPU; fp16 needs CUDA."""
+    compile: Literal["off", "compile", "cudagraphs"] = "off"
+    """Official profile, CUDA only: the LivePortrait warp + decoder under torch.compile (compile) or captured as CUDA graphs (cudagraphs); the first frames of each batch size pay the build."""
 
 
 @dataclass(frozen=True)

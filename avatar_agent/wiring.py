@@ -81,10 +81,27 @@ def make_renderer(cfg: Config) -> Renderer:
         return WarpRenderer(size=cfg.render.size, output=cfg.render.output)
     from .render.liveportrait import LivePortraitRenderer
 
-    d = require_official_files(cfg, ("liveportrait/",))
+    import torch
+
     r = cfg.render
+    cuda = torch.cuda.is_available()
+    check_precision("render.precision", r.precision, cuda)
+    d = require_official_files(cfg, ("liveportrait/",))
+    compile_mode = r.compile
+    if compile_mode != "off" and not cuda:
+        log.warning("render.compile = %r is for CUDA and there is no GPU here: rendering without "
+                    "it (fix: render.compile = \"off\")", compile_mode)
+        compile_mode = "off"
     return LivePortraitRenderer.from_dir(d, size=r.size, output=r.output, max_batch=max(r.batch, 1),
-                                         channels_last=r.channels_last, compile=r.compile)
+                                         channels_last=r.channels_last, compile=compile_mode,
+                                         precision=r.precision)
+
+
+def check_precision(key: str, value: str, cuda: bool) -> None:
+    """fp16 needs CUDA (CPU autocast is bf16 only): a one-line ConfigError naming ``key``."""
+    if value == "fp16" and not cuda:
+        raise ConfigError(f"{key} = \"fp16\" needs a CUDA GPU and there is none here: use "
+                          "\"bf16\" or \"fp32\" on a CPU")
 
 
 def make_motion(cfg: Config) -> MotionGenerator:
@@ -133,12 +150,18 @@ def official_motion(cfg: Config) -> MotionGenerator:
     from .nn.sampling import Guidance
     from .nn.weights import load_hubert, load_mean_std, load_moda_release
 
-    d = require_official_files(cfg, ("moda/", "audio/"))
+    m = cfg.motion
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_precision("motion.precision", m.precision, device == "cuda")
+    d = require_official_files(cfg, ("moda/", "audio/"))
+    model: Any
     model, null_audio = load_moda_release(d / "moda" / "net-200.pth", device)
     mean, std = load_mean_std(d / "moda" / "mean.pt")
-    features = HubertFeatures(load_hubert(d / "audio" / "chinese-hubert-base", device), device)
-    m = cfg.motion
+    features: Any = HubertFeatures(load_hubert(d / "audio" / "chinese-hubert-base", device), device)
+    if m.precision != "fp32":
+        from .nn.precision import AutocastDiT, AutocastFeatures
+
+        model, features = AutocastDiT(model, m.precision), AutocastFeatures(features, device, m.precision)
     guidance = Guidance(audio=m.cfg_audio if m.cfg_audio >= 0 else RELEASE_CFG_AUDIO,
                         emotion=m.cfg_emotion)
     moda = MoDAMotion(model, features, mean, std, profile="official", null_audio=null_audio,

@@ -193,25 +193,8 @@ networks under fp16 autocast on CUDA); the others put all three under that autoc
 
 PRECISION = "release"
 """The run's ``--precision`` (set once by :func:`main`)."""
-COMPILE = False
-"""The run's ``--compile``: the renderer wraps W and G in ``torch.compile`` (fixed shapes)."""
-
-
-def autocast(dev: torch.device) -> Any:
-    """The run's autocast context for DiT/HuBERT/LivePortrait calls (a no-op for release/fp32)."""
-    import contextlib
-
-    dtype = PRECISIONS[PRECISION]
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(dev.type, dtype=dtype)
-
-
-def _under_autocast(fn: Callable[..., Any], dev: torch.device) -> Callable[..., Any]:
-    def run(*a: Any, **k: Any) -> Any:
-        with autocast(dev):
-            return fn(*a, **k)
-    return run
+COMPILE = "off"
+"""The run's ``--compile``: off, compile (W + G under ``torch.compile``) or cudagraphs."""
 
 
 def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0) -> tuple[Any, Any]:
@@ -235,11 +218,8 @@ def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0) -> tu
     motion = SpeechAndIdle(moda, LivePortraitIdle(seed=seed))
     renderer = LivePortraitRenderer(m.liveportrait, device=dev, crop=center_crop, output="crop",
                                     size=512, max_batch=8 if quick else 25,
-                                    half=None if PRECISION == "release" else False,
+                                    precision="auto" if PRECISION == "release" else PRECISION,
                                     compile=COMPILE)
-    if PRECISIONS[PRECISION] not in (None, torch.float32):
-        for name in ("render", "prepare"):          # the renderer has only its fp16 switch
-            setattr(renderer, name, _under_autocast(getattr(renderer, name), dev))
     return motion, renderer
 
 
@@ -295,13 +275,13 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
     nets = renderer.nets
 
     def warp() -> Any:
-        with torch.no_grad(), renderer._autocast(), autocast(dev):
+        with torch.no_grad(), renderer._autocast():
             return nets.warping(ex["f_s"], kp_driving=x_d, kp_source=ex["x_s"])
 
     feat = warp()["out"]
 
     def gen() -> Any:
-        with torch.no_grad(), renderer._autocast(), autocast(dev):
+        with torch.no_grad(), renderer._autocast():
             return nets.spade(feat)
 
     out["warping_per_frame"] = time_ms(warp, dev, reps)
@@ -523,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=sorted(PRECISIONS), default="release",
                     help="release (default): DiT/HuBERT fp32, LivePortrait fp16 autocast on CUDA; "
                          "fp32/fp16/bf16: all three networks under that autocast dtype")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the renderer's W and G (each batch size compiles once; "
-                         "adds minutes on a fresh host)")
+    ap.add_argument("--compile", choices=("off", "compile", "cudagraphs"), default="off",
+                    help="the renderer's W + G under torch.compile or CUDA graphs (CUDA only; each "
+                         "batch bucket builds once, adding time on a fresh host)")
     ap.add_argument("--skip-tests", action="store_true", help="no conformance tests")
     ap.add_argument("--skip-live", action="store_true", help="no live session")
     args = ap.parse_args(argv)

@@ -5,25 +5,35 @@ Per avatar (:meth:`LivePortraitRenderer.prepare`, once): face crop (512², LiveP
 
 Per batch of motion frames (:meth:`LivePortraitRenderer.render`): MoDA's absolute drive
 (specs/moda.md §5.5) → driving keypoints x_d → stitching → W + G → uint8 512² crops, optionally
-pasted back into the portrait with LivePortrait's feathered mask.
+pasted back into the portrait with LivePortrait's feathered mask.  Frames of several avatars
+(sessions) go through one W + G call with :meth:`LivePortraitRenderer.render_many`.
 
-On CUDA, F, M, W and G run under fp16 autocast as the release does; on CPU everything is float32
-(that path is the one proven equal to the release by tests/fixtures/liveportrait).
+Precision (``precision``): "auto" = fp16 autocast on CUDA as the release does, float32 on CPU
+(the path proven equal to the release by tests/fixtures/liveportrait); "bf16"/"fp16" = that
+autocast dtype (fp16 needs CUDA).  On CUDA the whole per-frame path stays on the device (uint8
+conversion, paste-back with :class:`~avatar_agent.render.gpu_paste.GpuPaste`, resizing): only the
+finished uint8 frames cross to the CPU.  ``compile`` puts the fixed-shape W + G under
+``torch.compile`` or CUDA graphs (CUDA only; batches are padded to a few bucket sizes so each
+shape is built once).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from avatar_agent.motion import space
 from avatar_agent.nn.liveportrait import keypoints as K
 from avatar_agent.nn.liveportrait.weights import LivePortraitModules, WeightsError, load_modules
+from avatar_agent.nn.precision import autocast
 from avatar_agent.types import Avatar, Profile
 
 CROP_SIZE = 512
@@ -173,6 +183,51 @@ def letterbox(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(sq, (size, size), interpolation=interp)
 
 
+CompileMode = Literal["off", "compile", "cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = ("off", "compile", "cudagraphs")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The renderer's precision on ``device``: "auto" → fp16 on CUDA (the release), fp32 elsewhere.
+
+    Raises ValueError (one line) for an unknown name and for fp16 without CUDA.
+    """
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    autocast(device, precision)                        # validates (fp16 on a CPU is refused)
+    return precision
+
+
+class WarpDecode(nn.Module):
+    """W + G as one module (what ``compile`` wraps): driving keypoints → crops, under the
+    renderer's autocast; outputs float32.
+
+    Args:
+        warping, spade: the LivePortrait networks.
+        precision: "fp32", "bf16" or "fp16" (autocast inside the forward, so a compiled graph
+            holds it).
+        channels_last: feed G channels-last features.
+    """
+
+    def __init__(self, warping: nn.Module, spade: nn.Module, precision: str,
+                 channels_last: bool) -> None:
+        super().__init__()
+        self.warping, self.spade = warping, spade
+        self.precision, self.channels_last = precision, channels_last
+
+    def forward(self, f_s: torch.Tensor, x_s: torch.Tensor,
+                x_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """f_s [B, 32, 16, 64, 64], x_s / x_d [B, 21, 3] → (image [B, 3, 512, 512] in [0, 1],
+        occlusion map, deformation)."""
+        with autocast(f_s.device, self.precision):
+            w = self.warping(f_s, kp_driving=x_d, kp_source=x_s)
+            feat = w["out"]
+            if self.channels_last:
+                feat = feat.contiguous(memory_format=torch.channels_last)
+            img = self.spade(feat)
+        return img.float(), w["occlusion_map"].float(), w["deformation"].float()
+
+
 class LivePortraitRenderer:
     """Renderer protocol implementation for the ``official`` profile.
 
@@ -181,7 +236,8 @@ class LivePortraitRenderer:
             :func:`avatar_agent.nn.liveportrait.weights.find_weight_files`) or already-built
             :class:`LivePortraitModules` (e.g. tests with synthetic weights).
         device: torch device; default CUDA when available, else CPU.
-        half: fp16 autocast for F/M/W/G; default on for CUDA (as the release), always off on CPU.
+        precision: autocast dtype of F/M/W/G: "auto" (fp16 on CUDA as the release, fp32 on a
+            CPU), "fp32", "bf16" or "fp16" (CUDA only).
         crop: image → (512² crop, crop→image matrix); default FaceMesh + LivePortrait geometry.
         drive: "moda" = MoDA's absolute drive (source scale, masked exp copy, eyeball bias);
             "plain" = x = s·(x_c·R + exp) + t with every motion field as given.
@@ -193,27 +249,36 @@ class LivePortraitRenderer:
         max_batch: frames per W+G forward (bounds memory; MoDA renders 25 at a time).
         channels_last: run G (the SPADE decoder) in channels-last layout (faster convolutions
             with cuDNN / oneDNN; numerically equivalent).
-        compile: wrap W and G in ``torch.compile`` (GPU hosts; the first frames pay the
-            compilation).
+        compile: "off"; "compile" = W + G under ``torch.compile``; "cudagraphs" = W + G
+            captured as CUDA graphs (``torch.compile``'s cudagraphs backend).  CUDA only; batches
+            are padded to bucket sizes (1, 2, 4, … , max_batch) so each shape builds once.
+        device_paste: uint8 conversion, paste-back and resizing on the renderer's device (only
+            finished frames cross to the CPU); default on for CUDA.  Off: the release's NumPy /
+            OpenCV path on the CPU.
     """
 
     profile: Profile = "official"
 
     def __init__(self, weights: str | Path | LivePortraitModules, *,
-                 device: str | torch.device | None = None, half: bool | None = None,
+                 device: str | torch.device | None = None, precision: str = "auto",
                  crop: CropFn | None = None, drive: Literal["moda", "plain"] = "moda",
                  stitching: bool = True, eyeball_bias: bool = True,
                  output: Literal["crop", "image"] = "crop", size: int = CROP_SIZE,
                  max_batch: int = 25, channels_last: bool = False,
-                 compile: bool = False) -> None:
+                 compile: CompileMode = "off", device_paste: bool | None = None) -> None:
         if drive not in ("moda", "plain"):
             raise ValueError(f"drive must be 'moda' or 'plain', got {drive!r}")
         if output not in ("crop", "image"):
             raise ValueError(f"output must be 'crop' or 'image', got {output!r}")
         if size < 16 or max_batch < 1:
             raise ValueError(f"size must be ≥ 16 and max_batch ≥ 1 (got {size}, {max_batch})")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
+        if compile != "off" and self.device.type != "cuda":
+            raise ValueError(f"compile={compile!r} needs CUDA (device is {self.device}); use 'off'")
+        self.precision = resolve_precision(precision, self.device)
         if isinstance(weights, LivePortraitModules):
             self.nets = weights.to(self.device)
         else:
@@ -222,9 +287,6 @@ class LivePortraitRenderer:
                 raise WeightsError(f"LivePortrait weights directory {path} does not exist; fetch "
                                    f"the weights with `avatar-agent models fetch official`")
             self.nets = load_modules(path, self.device)
-        self.half = (self.device.type == "cuda") if half is None else bool(half)
-        if self.device.type != "cuda":
-            self.half = False                                        # fp16 on CPU: slow, untested
         self.crop_fn: CropFn = crop or default_crop
         self.drive = drive
         self.stitching = stitching
@@ -239,11 +301,14 @@ class LivePortraitRenderer:
             # view(), which needs the default layout.
             # (Module.to takes memory_format at run time; torch's typed overloads omit it.)
             self.nets.spade.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self._warp: Any = self.nets.warping
-        self._decode: Any = self.nets.spade
-        if compile:
-            self._warp = torch.compile(self.nets.warping)
-            self._decode = torch.compile(self.nets.spade)
+        self.device_paste = (self.device.type == "cuda") if device_paste is None else bool(device_paste)
+        self.compile: CompileMode = compile
+        self._wd = WarpDecode(self.nets.warping, self.nets.spade, self.precision, self.channels_last)
+        self._wd_call: Any = self._wd
+        if compile == "compile":
+            self._wd_call = torch.compile(self._wd, dynamic=False)
+        elif compile == "cudagraphs":
+            self._wd_call = torch.compile(self._wd, backend="cudagraphs", dynamic=False)
 
     @classmethod
     def from_dir(cls, models_dir: str | Path, **kwargs) -> "LivePortraitRenderer":
@@ -319,15 +384,34 @@ class LivePortraitRenderer:
         "deformation"}`` (float32)."""
         ex = self._extra(avatar)
         b = x_d.shape[0]
-        with torch.no_grad(), self._autocast():
-            w = self._warp(ex["f_s"].expand(b, -1, -1, -1, -1), kp_driving=x_d,
-                                  kp_source=ex["x_s"].expand(b, -1, -1))
-            feat = w["out"]
-            if self.channels_last:
-                feat = feat.contiguous(memory_format=torch.channels_last)
-            img = self._decode(feat)                                 # B×3×512×512
-        return {"image": img.float(), "occlusion_map": w["occlusion_map"].float(),
-                "deformation": w["deformation"].float()}
+        return self._run_wd(ex["f_s"].expand(b, -1, -1, -1, -1), ex["x_s"].expand(b, -1, -1), x_d)
+
+    def _bucket(self, b: int) -> int:
+        """Batch size a compiled W + G runs ``b`` frames at: the next power of two, ≤ max_batch."""
+        if self.compile == "off":
+            return b
+        k = 1
+        while k < b:
+            k *= 2
+        return min(k, max(self.max_batch, b))
+
+    @torch.no_grad()
+    def _run_wd(self, f_s: torch.Tensor, x_s: torch.Tensor,
+                x_d: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One W + G call (padded to the compile bucket by repeating the last frame)."""
+        b = x_d.shape[0]
+        pad = self._bucket(b) - b
+        if pad:
+            f_s, x_s, x_d = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (f_s, x_s, x_d))
+        if self.compile == "cudagraphs":
+            # A CUDA graph's outputs live in memory its next replay overwrites: mark the new
+            # step, and copy the outputs out (below) before anything else runs the graph.
+            torch.compiler.cudagraph_mark_step_begin()
+        img, occ, deform = self._wd_call(f_s, x_s, x_d)
+        out = {"image": img[:b], "occlusion_map": occ[:b], "deformation": deform[:b]}
+        if self.compile == "cudagraphs":
+            out = {k: v.clone() for k, v in out.items()}
+        return out
 
     def render_detailed(self, avatar: Avatar, motion: np.ndarray) -> dict:
         """One forward for raw motion [B, 70] (no chunking): the uint8 crops and the internals.
@@ -343,15 +427,74 @@ class LivePortraitRenderer:
         return {"frames": u8, "x_d": x_d, **out}
 
     def render(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
-        """uint8 [B, size, size, 3] frames for raw motion [B, 70] (in chunks of ``max_batch``)."""
-        motion = _check_motion(motion)
-        frames: list[np.ndarray] = []
-        for i in range(0, motion.shape[0], self.max_batch):
-            crops = self.render_detailed(avatar, motion[i:i + self.max_batch])["frames"]
-            frames.extend(self._finish(avatar, f) for f in crops)
-        if not frames:
-            return np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
-        return np.stack(frames)
+        """uint8 [B, size, size, 3] frames for raw motion [B, 70] (one W + G call per
+        ``max_batch`` frames)."""
+        return self.render_many([(avatar, motion)])[0]
+
+    def render_many(self, jobs: Sequence[tuple[Avatar, np.ndarray]]) -> list[np.ndarray]:
+        """Frames of several avatars (e.g. sessions) at once: all their motion frames go through
+        W + G together, ``max_batch`` frames per call.
+
+        Args:
+            jobs: (avatar, raw motion [B_i, 70]) pairs; avatars may repeat.
+        Returns: uint8 [B_i, size, size, 3] per job, in order.
+        """
+        checked = [(a, _check_motion(m)) for a, m in jobs]
+        extras = [self._extra(a) for a, _ in checked]
+        counts = [m.shape[0] for _, m in checked]
+        outs: list[list[np.ndarray]] = [[] for _ in checked]
+        if sum(counts):
+            x_d = torch.cat([self.driving_keypoints(a, m) for a, m in checked if m.shape[0]])
+            owner = np.repeat(np.arange(len(checked)), counts)       # job of each frame
+            for s in range(0, owner.size, self.max_batch):
+                seg = owner[s:s + self.max_batch]
+                # runs of consecutive frames of one job: (job, first, end) within the segment
+                cuts = [0, *(np.flatnonzero(np.diff(seg)) + 1).tolist(), seg.size]
+                runs = [(int(seg[a]), a, e) for a, e in zip(cuts[:-1], cuts[1:], strict=True)]
+                f_s = torch.cat([extras[j]["f_s"].expand(e - a, -1, -1, -1, -1) for j, a, e in runs])
+                x_s = torch.cat([extras[j]["x_s"].expand(e - a, -1, -1) for j, a, e in runs])
+                img = self._run_wd(f_s, x_s, x_d[s:s + seg.size])["image"]
+                for j, a, e in runs:
+                    outs[j].append(self._frames(checked[j][0], img[a:e]))
+        empty = np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
+        return [np.concatenate(o) if o else empty for o in outs]
+
+    def _frames(self, avatar: Avatar, img: torch.Tensor) -> np.ndarray:
+        """Generator output [n, 3, S, S] in [0, 1] → finished uint8 frames [n, size, size, 3]."""
+        if self.device_paste:
+            return self.device_frames(avatar, img).cpu().numpy()
+        # The release's parse_output: clip, ×255, truncating cast (no rounding).
+        crops = (np.clip(img.permute(0, 2, 3, 1).cpu().numpy(), 0, 1) * 255).astype(np.uint8)
+        return np.stack([self._finish(avatar, f) for f in crops])
+
+    @torch.no_grad()
+    def device_frames(self, avatar: Avatar, img: torch.Tensor) -> torch.Tensor:
+        """The device path of :meth:`_frames`: uint8 [n, size, size, 3] on the renderer's device.
+
+        Crops: the release's truncating uint8 conversion (bit-equal to the CPU path), resized
+        with antialiased bilinear filtering when ``size`` differs.  Image output: paste-back by
+        :class:`~avatar_agent.render.gpu_paste.GpuPaste`, then the letterbox, both on the device.
+        """
+        crops = (img.float().clamp(0, 1) * 255).to(torch.uint8)          # [n, 3, S, S], truncates
+        if self.output == "image":
+            full = self._gpu_paste(avatar, crops.shape[-1])(crops.float() / 255)  # [n, H, W, 3]
+            return _device_letterbox(full, self.size)
+        if crops.shape[-1] != self.size:
+            crops = _device_resize(crops, self.size)
+        return crops.permute(0, 2, 3, 1).contiguous()
+
+    def _gpu_paste(self, avatar: Avatar, side: int) -> Any:
+        """The avatar's :class:`GpuPaste` for crops of ``side`` px on this device (built once)."""
+        from avatar_agent.render.gpu_paste import GpuPaste
+
+        key = f"gpu_paste:{self.device}:{side}"
+        paste = avatar.extra.get(key)
+        if paste is None:
+            k = CROP_SIZE / side                     # crop_to_image refers to 512² crop pixels
+            c2o = np.asarray(avatar.crop_to_image, dtype=np.float64) @ np.diag([k, k, 1.0])
+            mask = self._mask if side == CROP_SIZE else feather_mask(side)
+            paste = avatar.extra[key] = GpuPaste(avatar.image, c2o, mask, self.device)
+        return paste
 
     def paste_back(self, avatar: Avatar, frame: np.ndarray) -> np.ndarray:
         """One crop frame pasted into the avatar's portrait (uint8 [H, W, 3]).
@@ -379,9 +522,28 @@ class LivePortraitRenderer:
         return avatar.extra
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.half and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
+
+
+def _device_resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [n, 3, h, w] → uint8 [n, 3, size, size]: bilinear, antialiased when shrinking
+    (the device counterpart of OpenCV's INTER_AREA / INTER_LINEAR), rounded."""
+    shrink = size < img.shape[-1]
+    out = F.interpolate(img.float(), size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=shrink)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _device_letterbox(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`letterbox` on the device: uint8 [n, H, W, 3] → uint8 [n, size, size, 3]."""
+    n, h, w, _ = frames.shape
+    side = max(h, w)
+    sq = frames.new_zeros((n, 3, side, side))
+    y0, x0 = (side - h) // 2, (side - w) // 2
+    sq[:, :, y0:y0 + h, x0:x0 + w] = frames.permute(0, 3, 1, 2)
+    if side != size:
+        sq = _device_resize(sq, size)
+    return sq.permute(0, 2, 3, 1).contiguous()
 
 
 def _check_motion(motion: np.ndarray) -> np.ndarray:

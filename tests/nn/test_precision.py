@@ -76,3 +76,67 @@ def test_fp16_on_cuda() -> None:
         ref, low = model(*args), AutocastDiT(model, "fp16")(*args)
     assert low.dtype == torch.float32
     assert float((low - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# The config keys: motion.precision (DiT + HuBERT), render.precision (LivePortrait)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_official(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """official_motion's loaders return small real networks (no release files on CI)."""
+    from avatar_agent import wiring
+    from avatar_agent.nn import weights
+    from avatar_agent.nn.hubert import build_hubert, hubert_config
+
+    hub = build_hubert(hubert_config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, conv_dim=(16,) * 7,
+                                     num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))
+    monkeypatch.setattr(wiring, "require_official_files", lambda cfg, prefixes: tmp_path)
+    monkeypatch.setattr(weights, "load_moda_release", lambda path, dev: (MoDADiT(SMALL).eval(), None))
+    monkeypatch.setattr(weights, "load_mean_std", lambda path: (np.zeros(70, np.float32),
+                                                                np.ones(70, np.float32)))
+    monkeypatch.setattr(weights, "load_hubert", lambda path, dev: hub)
+
+
+def _official(*sets: str):  # noqa: ANN202
+    from avatar_agent.config import load_config
+
+    return load_config(None, ["avatar.profile=official", *sets], use_default_path=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal of fp16")
+def test_fp16_without_cuda_is_a_one_line_config_error(small_official) -> None:  # noqa: ANN001
+    from avatar_agent.config import ConfigError
+    from avatar_agent.wiring import make_renderer, official_motion
+
+    with pytest.raises(ConfigError) as e:
+        official_motion(_official("motion.precision=fp16"))
+    assert str(e.value) == ('motion.precision = "fp16" needs a CUDA GPU and there is none here: '
+                            'use "bf16" or "fp32" on a CPU')
+    with pytest.raises(ConfigError, match=r'^render.precision = "fp16" needs a CUDA GPU[^\n]*$'):
+        make_renderer(_official("render.precision=fp16"))
+
+
+def test_motion_precision_wraps_the_dit_and_hubert(small_official) -> None:  # noqa: ANN001
+    from avatar_agent.wiring import official_motion
+
+    plain = official_motion(_official())
+    assert isinstance(plain.moda.model, MoDADiT)                       # fp32: the release as is
+    low = official_motion(_official("motion.precision=bf16"))
+    assert isinstance(low.moda.model, AutocastDiT) and low.moda.model.precision == "bf16"
+    assert isinstance(low.moda.features, AutocastFeatures) and low.moda.features.precision == "bf16"
+
+
+def test_check_shows_the_precisions() -> None:
+    from avatar_agent.check import Report, _check_gpu
+
+    r = Report()
+    _check_gpu(r, _official("motion.precision=bf16", "render.precision=bf16", "render.compile=compile"))
+    lp = "bf16"
+    assert any(f"official precision: DiT + HuBERT bf16, LivePortrait {lp}" in ln for ln in r.lines)
+    if not torch.cuda.is_available():
+        assert any("render.compile = \"compile\" is for CUDA" in ln for ln in r.lines)
+        r = Report()
+        _check_gpu(r, _official("render.precision=fp16"))
+        assert [w for w, _ in r.problems] == ['render.precision = "fp16" needs a CUDA GPU and there is none here']
