@@ -1,0 +1,78 @@
+"""RenderBatcher: render requests of several sessions that wait together become one W + G call
+(tiny LivePortrait presets on the real inference thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from avatar_agent.clock import SystemClock
+from avatar_agent.inference import Inference
+from avatar_agent.nn.liveportrait.weights import build_modules
+from avatar_agent.render.batching import RenderBatcher
+from avatar_agent.render.liveportrait import LivePortraitRenderer, RenderInputError
+from tests.nn.liveportrait.helpers import fixture
+from tests.render.test_liveportrait_gpu_path import WarpCalls, motions
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def lp() -> LivePortraitRenderer:
+    torch.manual_seed(0)
+    return LivePortraitRenderer(build_modules("tiny"), device="cpu", max_batch=16)
+
+
+async def _three_sessions(batcher: RenderBatcher, inference: Inference, jobs: list) -> list:
+    """Submit the jobs while the inference thread is busy, then let it go."""
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(inference.run(0.0, gate.wait))
+    await asyncio.sleep(0.05)                         # the thread is now inside gate.wait
+    tasks = [asyncio.ensure_future(batcher.render(due, av, m)) for due, av, m in jobs]
+    await asyncio.sleep(0.05)                         # all three requests queued behind it
+    gate.set()
+    await blocker
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_waiting_sessions_share_one_warp_call(lp: LivePortraitRenderer) -> None:
+    src = fixture("source")["source_rgb_u8"]
+    a1, a2 = lp.prepare_crop(src), lp.prepare_crop(np.ascontiguousarray(255 - src[:, ::-1]))
+    m1, m2, m3 = motions(a1, 2, 1), motions(a2, 3, 2), motions(a1, 1, 3)
+    alone = [lp.render(a1, m1), lp.render(a2, m2), lp.render(a1, m3)]
+    inference = Inference(SystemClock())
+    try:
+        batcher = RenderBatcher(lp, inference)
+        calls = WarpCalls(lp)
+        outs = await _three_sessions(batcher, inference, [(2.0, a1, m1), (1.0, a2, m2), (3.0, a1, m3)])
+        assert calls.sizes == [6] and batcher.calls == 1              # 2 + 3 + 1 frames, one call
+        for got, ref in zip(outs, alone, strict=True):
+            assert got.shape == ref.shape and np.abs(got.astype(int) - ref).max() <= 1
+        # Alone (nothing else waiting) a request is its own call.
+        calls.sizes.clear()
+        one = await batcher.render(0.0, a2, m2)
+        assert calls.sizes == [3] and np.abs(one.astype(int) - alone[1]).max() <= 1
+    finally:
+        inference.close()
+
+
+async def test_max_frames_and_a_bad_request_stay_apart(lp: LivePortraitRenderer) -> None:
+    av = lp.prepare_crop(fixture("source")["source_rgb_u8"])
+    bad = np.full((2, 70), np.nan, np.float32)
+    inference = Inference(SystemClock())
+    try:
+        batcher = RenderBatcher(lp, inference, max_frames=4)
+        calls = WarpCalls(lp)
+        outs = await _three_sessions(batcher, inference, [(1.0, av, motions(av, 3)),
+                                                         (2.0, av, bad), (3.0, av, motions(av, 2))])
+        assert isinstance(outs[1], RenderInputError)                 # only its own session fails
+        assert outs[0].shape[0] == 3 and outs[2].shape[0] == 2
+        assert sorted(calls.sizes) == [2, 3]                         # 3 + 2 > max_frames: two calls
+    finally:
+        inference.close()
+    with pytest.raises(ValueError, match="max_frames"):
+        RenderBatcher(lp, inference, max_frames=0)
