@@ -1,8 +1,11 @@
 """Injected time.
 
-Every component that waits asks a :class:`Clock`, never ``time`` or ``asyncio.sleep`` directly, so
-tests can run hours of session in seconds on a :class:`FakeClock` and the player's schedule is
-computed from due times (t0 + i/fps), never from accumulated sleeps.
+The pipeline's timing (sources, chunker, player, agent) waits on a :class:`Clock`, so tests can run
+hours of session in seconds on a :class:`FakeClock`, and the player's schedule is computed from due
+times (t0 + i/fps), never from accumulated sleeps.  Outside that timing, ``time``/``asyncio`` are
+used directly on purpose: ``asyncio.sleep(0)`` to yield the loop, ``time.monotonic()`` stamps in
+sink writer threads (they measure the real device), wall-clock timeouts around blocking thread work,
+and the control server's stats interval and rate limits (they serve real clients).
 """
 
 from __future__ import annotations
@@ -111,6 +114,11 @@ class FakeClock:
     async def _drive(self) -> None:
         # Let every runnable task run to its next await before jumping: several loop turns,
         # because work handed to threads (run_in_executor) completes via call_soon_threadsafe.
+        # This is a heuristic, not an idle detector: a task that needs more than 20 loop turns
+        # between clock waits, or thread work started without hold(), sees time jump ahead of it
+        # (an event loop whose clock jumps to the next timer would be exact, at the cost of
+        # replacing the loop).  Wrap thread work in hold(); while held, time stays frozen and
+        # the driver polls every 0.5 ms of real time.
         while self._waiters:
             for _ in range(20):
                 await asyncio.sleep(0)

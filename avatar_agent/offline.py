@@ -1,8 +1,11 @@
 """Offline rendering: the live pipeline's stages on a fake clock, as fast as the CPU allows.
 
-Nothing is special-cased: the source is paced by a :class:`FakeClock` (so its timestamps are exact),
-the clock holds still while the inference thread works (so no frame is ever late), and the player
-delivers every frame, each with its audio slice, to an mp4 sink.
+The stages are the live ones, with four offline settings: the source is paced by a
+:class:`FakeClock` (so its timestamps are exact) that holds still while the inference thread works
+(so no frame is ever late); ``Agent(offline=True)`` animates whole windows (the chunker's offline
+mode) with the latency and player capacity that needs; the shutdown drain is 0 (nothing plays on
+after the end); and :class:`Mp4Sink` runs with ``offline=True``, waiting for the encoder instead of
+dropping images.  The player delivers every frame, each with its audio slice, to that sink.
 """
 
 from __future__ import annotations

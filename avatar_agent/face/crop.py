@@ -1,6 +1,6 @@
 """LivePortrait-style face crop from FaceMesh landmarks, and paste-back into the original frame.
 
-The crop geometry follows specs/liveportrait.md §5: a box rotated so that the eyes-to-mouth
+The crop geometry follows LivePortrait's cropper (``src/utils/crop.py``): a box rotated so that the eyes-to-mouth
 direction points straight down, sized ``scale`` × the rotated extent of the landmarks, shifted
 by ``vy_ratio`` × box size along the face's down axis (negative = towards the forehead), and
 resampled to ``size`` × ``size``.  LivePortrait measures the extent on insightface's 106 points;
@@ -28,7 +28,8 @@ CROP_SUBSET = np.array([
     # lips
     61, 291, 0, 17, 13, 14,
 ], dtype=np.int64)
-"""FaceMesh landmarks whose rotated extent sizes the crop (specs/liveportrait.md §5 proposal)."""
+"""FaceMesh landmarks whose rotated extent sizes the crop (our choice: LivePortrait uses all of its
+detector's landmarks, FaceMesh has no such set)."""
 
 EYE_L = (33, 133)    # corners of the image-left eye
 EYE_R = (362, 263)   # corners of the image-right eye

@@ -1,7 +1,7 @@
 """Official-profile audio features: chinese-hubert-base at 25 fps, layers 1–12 → [T, 12, 768].
 
 The network is transformers' ``HubertModel`` (lazy import); the release's preprocessing around it
-(specs/moda.md §4) is reproduced here:
+(``audio_processer.py``, ``models/audio/hubert.py``) is reproduced here:
 
 1. driving audio only (:func:`release_driving_audio`): librosa-style pre-emphasis (coef 0.97,
    initial state ``2·x[0] − x[1]``), 2 s of exact zeros appended, 16-bit PCM re-quantisation

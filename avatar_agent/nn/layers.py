@@ -1,6 +1,6 @@
 """Small building blocks shared by the networks: norms, modulation, MLPs, RoPE, embedders.
 
-Numerics follow the MoDA release (specs/moda.md §2.2-2.3) so recipe-weight fixtures match: RMSNorm and
+Numerics follow the MoDA release (its ``modules.py``, ``posemb_layers.py``) so recipe-weight fixtures match: RMSNorm and
 RoPE are evaluated in float32 whatever the input dtype.
 """
 

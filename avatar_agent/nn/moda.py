@@ -1,6 +1,6 @@
 """MoDA motion DiT: multi-modal diffusion transformer predicting rectified-flow velocity.
 
-Structure (specs/moda.md §2; paper: coarse-to-fine fusion):
+Structure (the release's ``talking_head_dit.py``; paper: coarse-to-fine fusion):
 
     motion ‖ prev ─ MotionEmbedder ─┐ x [B,N,C]
     audio features ─ AudioEmbedder ─┤ y1 [B,N,C]

@@ -1,6 +1,6 @@
 """Rectified-flow sampling with multi-condition classifier-free guidance (pure functions).
 
-Sampler (specs/moda.md §6, identical to the release): timesteps ``linspace(1000, 1, steps)``
+Sampler (identical to the MoDA release's ``schedulers/flow_matching.py``): timesteps ``linspace(1000, 1, steps)``
 (float32; for 10 steps [1000, 889, ..., 112, 1]); per step ``σ = t/1000``,
 ``σ' = max(σ − (1 − 0.001)/(steps − 1), 0)`` and the Euler update ``x ← x + v·(σ' − σ)`` in float32.
 t = 1000 is pure noise, the result is x0 in normalised motion space.

@@ -4,7 +4,7 @@
   the prefix ``talking_head_dit.``.  Loaded strictly: every missing key, unexpected key and shape
   mismatch is named in the error.  Only the wrapper's own non-DiT entries (``scheduler.sigmas``,
   ``null_audio_feat``, ``null_motion_feat``) are tolerated; ``null_audio_feat`` is returned when
-  present (the release draws it at random otherwise, specs/moda.md §6).
+  present (the release draws it at random otherwise, in ``flow_matching.py``).
 * ``mean.pt``: ``{"mean": [1, 70], "std": [1, 70]}`` motion statistics.
 * chinese-hubert-base directory: ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``.
   Old checkpoints name the positional-conv weight norm ``weight_g``/``weight_v``; transformers ≥ 4.3x

@@ -1,6 +1,6 @@
 """Training the MoDA DiT: rectified-flow objective, condition dropout, EMA, checkpoints, export.
 
-Objective (paper eq. 4–5, release flow_matching.py; specs/moda-paper-facts.md):
+Objective (paper eq. 4–5, arXiv 2507.03256; release flow_matching.py):
 
 * σ ~ U(σ_min, 1), t = 1000·σ, ε ~ N(0, I); x_t = σ·ε + (1 − σ)·x0; the DiT predicts the velocity
   v̂ ≈ ε − x0:  L_RF = ‖v̂ − (ε − x0)‖².

@@ -43,7 +43,7 @@ def stats(fx: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     for d in range(70):
         (a, b), *_ = np.linalg.lstsq(np.stack([n[:, d], np.ones(len(n))], 1), raw[:, d], rcond=None)
         mean[d], std[d] = b, max(a - 1e-5, 0.0)
-    # The spec's published values (specs/moda.md §5.1) come out of the fit.
+    # The release's mean.pt values come out of the fit.
     assert abs(mean[63] - 1.28646) < 1e-5 and abs(std[63] - 0.069130) < 1e-5
     assert abs(std[68] - 23.855) < 1e-3 and abs(std[66]) < 1e-9
     return mean.astype(np.float32), std.astype(np.float32)

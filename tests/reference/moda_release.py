@@ -1,6 +1,6 @@
 """The MoDA release's offline audio → motion path, kept as a test reference (no product code runs it).
 
-It reproduces the release CLI (specs/moda.md §5.3-5.4): 80-frame segments with stride 64, 16-frame
+It reproduces the release CLI (``talking_head_diffusion.py``, ``moda_test.py``): 80-frame segments with stride 64, 16-frame
 linear crossfade, 3-frame pose smoothing (dims 63-69), silence tail + lip modulation,
 denormalisation with ``mean.pt`` statistics (``std + 1e-5``) and the source's rescale ratio.  The
 conformance tests compare it with the release's recorded outputs, and the streaming

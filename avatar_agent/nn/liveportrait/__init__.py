@@ -1,4 +1,4 @@
-"""LivePortrait's five renderer networks in plain PyTorch (specs/liveportrait.md).
+"""LivePortrait's five renderer networks in plain PyTorch (the release's ``src/modules/``).
 
 F :class:`AppearanceFeatureExtractor`, M :class:`MotionExtractor`, W :class:`WarpingNetwork`,
 G :class:`SpadeGenerator`, S :class:`StitchingRetargeting`; keypoint math in :mod:`.keypoints`,

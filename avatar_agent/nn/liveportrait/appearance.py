@@ -1,4 +1,4 @@
-"""F — LivePortrait's appearance feature extractor (specs/liveportrait.md §1.1).
+"""F — LivePortrait's appearance feature extractor (``src/modules/appearance_feature_extractor.py``).
 
 Maps the 256×256 source crop to a 3-D feature volume f_s [B, 32, 16, 64, 64] that the warping
 network deforms.  Computed once per avatar.

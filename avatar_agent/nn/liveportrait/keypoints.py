@@ -1,4 +1,4 @@
-"""Keypoint math around the LivePortrait networks (specs/liveportrait.md §2, §4; moda.md §5.5).
+"""Keypoint math around the LivePortrait networks (LivePortrait ``src/utils/camera.py``; MoDA ``motion_processer.py``).
 
 Torch versions of the conventions in :mod:`avatar_agent.motion.space` (same rotation, same
 transform without tz), written with the release's operation order so float32 results match the

@@ -1,4 +1,4 @@
-"""Building blocks shared by the LivePortrait networks (specs/liveportrait.md §1).
+"""Building blocks shared by the LivePortrait networks (the release's ``src/modules/util.py``).
 
 Attribute names are the state-dict names of the released checkpoints (``conv``, ``norm``, ``pool``
 …), so loading is a plain strict ``load_state_dict``.  BatchNorm layers are always used in eval

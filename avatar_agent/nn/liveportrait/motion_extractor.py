@@ -1,4 +1,4 @@
-"""M — LivePortrait's motion extractor, a ConvNeXt-V2 tiny (specs/liveportrait.md §1.2).
+"""M — LivePortrait's motion extractor, a ConvNeXt-V2 tiny (``src/modules/motion_extractor.py``).
 
 Predicts the implicit-keypoint parameters of a 256×256 crop: canonical keypoints, head pose as
 66-bin logits, translation, expression deltas and scale.  All outputs are raw (no activations);

@@ -1,4 +1,4 @@
-"""G — LivePortrait's SPADE generator (specs/liveportrait.md §1.4).
+"""G — LivePortrait's SPADE generator (``src/modules/spade_generator.py``).
 
 Decodes W's 256×64×64 feature map into the 512×512 RGB crop.  The release wraps every residual
 conv in (old-API) spectral norm; in eval that is a fixed rescaling of the weight, which

@@ -1,4 +1,4 @@
-"""S — LivePortrait's stitching and retargeting MLPs (specs/liveportrait.md §1.5, §4).
+"""S — LivePortrait's stitching and retargeting MLPs (``src/modules/stitching_retargeting_network.py``).
 
 * stitching (checkpoint sub-dict ``retarget_shoulder``): [x_s, x_d] (126) → Δ for x_d (63) + one
   shared (Δtx, Δty) (2); keeps the animated head glued to the shoulders after paste-back.

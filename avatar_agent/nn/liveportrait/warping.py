@@ -1,4 +1,4 @@
-"""W — LivePortrait's warping network and its dense-motion network (specs/liveportrait.md §1.3).
+"""W — LivePortrait's warping network and its dense-motion network (``src/modules/warping_network.py``).
 
 Given the source feature volume f_s and two keypoint sets, the dense-motion network predicts a
 3-D deformation field (a soft blend of 22 candidate motions: identity + one rigid shift per

@@ -1,4 +1,4 @@
-"""Loading the released LivePortrait checkpoints strictly (specs/liveportrait.md §6).
+"""Loading the released LivePortrait checkpoints strictly (the release's ``pretrained_weights/liveportrait/``).
 
 The official files are plain ``torch.save`` state dicts:
 
