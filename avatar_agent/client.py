@@ -1,8 +1,8 @@
 """Python client for a running agent's control API (see :mod:`avatar_agent.server.control`).
 
-Two flavours with the same methods:
-
-* :class:`AvatarClient` — synchronous, standard library only (urllib); good for scripts and bots::
+:class:`AsyncAvatarClient` is the client (asyncio, aiohttp; server-sent events parsed by
+``aiohttp-sse-client2``); :class:`AvatarClient` offers the same calls blocking, for scripts and
+bots, by running them on a private event loop in a background thread::
 
       c = AvatarClient("http://127.0.0.1:8080", token=None)
       uid = c.say("Hello! I am your avatar.")
@@ -10,7 +10,7 @@ Two flavours with the same methods:
           if ev.data["utterance"] == uid:
               break
 
-* :class:`AsyncAvatarClient` — asyncio (aiohttp), adds WebSocket streaming of PCM::
+Only the async client streams PCM over a WebSocket::
 
       async with AsyncAvatarClient(url) as c:
           async with c.audio_stream(rate=48000) as s:
@@ -23,15 +23,21 @@ Errors from the server raise :class:`ApiError` (status, message, retry_after).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import urllib.error
-import urllib.parse
-import urllib.request
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import (Any, AsyncGenerator, AsyncIterator, Callable, Concatenate, Coroutine, Generic, Iterable,
+                    Iterator, ParamSpec, TypeVar)
 
 import numpy as np
+
+from .audio.resample import PCM_FORMATS
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ApiError(RuntimeError):
@@ -82,10 +88,10 @@ def audio_payload(audio: np.ndarray | bytes | str | Path, rate: int = 16000, cha
             channels = a.shape[1]
         elif a.ndim != 1:
             raise ValueError(f"audio array shape {a.shape}: expected [n] or [n, channels]")
-        kinds = {np.dtype(np.int16): ("s16le", "<i2"), np.dtype(np.int32): ("s32le", "<i4"),
-                 np.dtype(np.uint8): ("u8", "u1")}
-        format, dt = kinds.get(a.dtype, ("f32le", "<f4"))
-        audio = np.ascontiguousarray(a, dtype=dt).tobytes()
+        # The wire format of the array's own dtype; other dtypes (float64, ...) go as f32le.
+        format = next((f for f, dt in PCM_FORMATS.items()
+                       if np.dtype(dt).newbyteorder("=") == a.dtype.newbyteorder("=")), "f32le")
+        audio = np.ascontiguousarray(a, dtype=PCM_FORMATS[format]).tobytes()
     if not isinstance(audio, (bytes, bytearray)):
         raise TypeError("audio must be a numpy array, bytes or a file path")
     if bytes(audio[:4]) == b"RIFF" and bytes(audio[8:12]) == b"WAVE":
@@ -108,6 +114,12 @@ def _error_of(status: int, body: bytes, headers: Any) -> ApiError:
     return ApiError(status, msg, retry)
 
 
+async def _raise_api_error(r: Any) -> None:
+    """aiohttp ``raise_for_status`` hook: a 4xx/5xx answer becomes :class:`ApiError`."""
+    if r.status >= 400:
+        raise _error_of(r.status, await r.read(), r.headers)
+
+
 def _event_body(kind: str | None, data: str, id_: str | None) -> Event:
     try:
         payload = json.loads(data) if data else {}
@@ -119,169 +131,6 @@ def _event_body(kind: str | None, data: str, id_: str | None) -> Event:
         ident = None
     return Event(kind or "message", payload if isinstance(payload, dict) else {"value": payload},
                  ident)
-
-
-class _SseParser:
-    """Incremental text/event-stream parser (lines in, events out)."""
-
-    def __init__(self) -> None:
-        self.kind: str | None = None
-        self.data: list[str] = []
-        self.id: str | None = None
-
-    def line(self, line: str) -> Event | None:
-        line = line.rstrip("\r\n")
-        if not line:
-            if not self.data and self.kind is None:
-                return None
-            ev = _event_body(self.kind, "\n".join(self.data), self.id)
-            self.kind, self.data = None, []
-            return ev
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            self.kind = value
-        elif name == "data":
-            self.data.append(value)
-        elif name == "id":
-            self.id = value
-        return None
-
-
-class AvatarClient:
-    """Synchronous client (urllib only).
-
-    Args:
-        base_url: the agent's server, e.g. "http://127.0.0.1:8080".
-        token: bearer token when the server requires one (server.token).
-        timeout: seconds per request.
-    """
-
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None,
-                 timeout: float = 30.0, prefix: str = "/api") -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-        self.prefix = prefix
-        """Path of the control routes: "/api" (``start``) or "/v1/sessions/<id>" (a session)."""
-        self.session: dict[str, Any] = {}
-
-    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        h = {"Accept": "application/json"}
-        if self.token:
-            h["Authorization"] = f"Bearer {self.token}"
-        h.update(extra or {})
-        return h
-
-    def _url(self, path: str, query: dict[str, str] | None = None) -> str:
-        q = f"?{urllib.parse.urlencode(query)}" if query else ""
-        return f"{self.base_url}{path}{q}"
-
-    def request(self, method: str, path: str, body: Any = None, *, data: bytes | None = None,
-                content_type: str | None = None, query: dict[str, str] | None = None) -> Any:
-        """One API call; JSON in (``body``) or raw bytes (``data``), JSON out."""
-        headers = self._headers()
-        if body is not None:
-            data = json.dumps(body).encode()
-            content_type = "application/json"
-        if content_type:
-            headers["Content-Type"] = content_type
-        req = urllib.request.Request(self._url(path, query), data=data, method=method,
-                                     headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                raw = r.read()
-        except urllib.error.HTTPError as e:
-            raise _error_of(e.code, e.read(), e.headers) from None
-        return json.loads(raw) if raw else {}
-
-    def open_session(self, avatar: str | None = None, emotion: str | None = None,
-                     voice: str | None = None) -> "AvatarClient":
-        """Open a session on a session server (``avatar-agent serve``); returns its client
-        (``.session`` holds the server's answer: id, WHEP and audio URLs).
-
-        Raises ApiError 503 (``retry_after`` set) when the server is at capacity."""
-        body = {k: v for k, v in (("avatar", avatar), ("emotion", emotion), ("voice", voice)) if v}
-        info = self.request("POST", "/v1/sessions", body)
-        c = AvatarClient(self.base_url, self.token, self.timeout, f"/v1/sessions/{info['id']}")
-        c.session = info
-        return c
-
-    def close_session(self) -> None:
-        """Close the session this client drives (a client from :meth:`open_session`)."""
-        self.request("DELETE", self.prefix)
-
-    def say(self, text: str, voice: str | None = None, emotion: str | None = None) -> int:
-        """Speak ``text``; returns the utterance id (watch events for its end)."""
-        body: dict[str, Any] = {"text": text}
-        if voice:
-            body["voice"] = voice
-        if emotion:
-            body["emotion"] = emotion
-        return int(self.request("POST", self.prefix + "/say", body)["utterance"])
-
-    def push_audio(self, audio: np.ndarray | bytes | str | Path, rate: int = 16000,
-                   channels: int = 1, format: str = "s16le") -> dict[str, Any]:
-        """Upload speech (WAV file/bytes, raw PCM, or an array); returns {utterance, duration_s}."""
-        data, query, ctype = audio_payload(audio, rate, channels, format)
-        return self.request("POST", self.prefix + "/audio", data=data, content_type=ctype, query=query)
-
-    def interrupt(self) -> dict[str, Any]:
-        """Drop queued speech now."""
-        return self.request("POST", self.prefix + "/interrupt", data=b"")
-
-    def set_emotion(self, name: str, intensity: float | None = None) -> None:
-        """One of anger, contempt, disgust, fear, happiness, neutral, sadness, surprise, none."""
-        body: dict[str, Any] = {"name": name}
-        if intensity is not None:
-            body["intensity"] = intensity
-        self.request("POST", self.prefix + "/emotion", body)
-
-    def set_scales(self, expression: float | None = None, head: float | None = None) -> None:
-        """Multiply expression / head motion (1 = as generated)."""
-        body = {k: v for k, v in (("expression", expression), ("head", head)) if v is not None}
-        self.request("POST", self.prefix + "/scales", body)
-
-    def set_gaze(self, x: float, y: float) -> None:
-        """Gaze direction, each axis -1..1."""
-        self.request("POST", self.prefix + "/gaze", {"x": x, "y": y})
-
-    def swap_avatar(self, path: str, wait: bool = False) -> dict[str, Any]:
-        """Switch to another portrait (inside the server's avatar directories)."""
-        return self.request("POST", self.prefix + "/avatar", {"path": str(path), "wait": wait})
-
-    def status(self) -> dict[str, Any]:
-        """The agent's statistics."""
-        return self.request("GET", self.prefix + "/status")
-
-    def openapi(self) -> dict[str, Any]:
-        """The API's OpenAPI document."""
-        return self.request("GET", self.prefix + "/openapi.json")
-
-    def events(self, types: Iterable[str] | None = None, timeout: float | None = None
-               ) -> Iterator[Event]:
-        """Server-sent events, as they come (stop iterating to disconnect).
-
-        Args:
-            types: only these kinds (e.g. ["speech_finished"]).
-            timeout: socket read timeout in seconds (None: the client's timeout; the server
-                pings every 15 s, so keep it above that).
-        """
-        query = {"types": ",".join(types)} if types else None
-        req = urllib.request.Request(self._url(self.prefix + "/events", query),
-                                     headers=self._headers({"Accept": "text/event-stream"}))
-        try:
-            resp = urllib.request.urlopen(req, timeout=timeout or self.timeout)
-        except urllib.error.HTTPError as e:
-            raise _error_of(e.code, e.read(), e.headers) from None
-        parser = _SseParser()
-        with resp:
-            for raw in resp:
-                ev = parser.line(raw.decode("utf-8", "replace"))
-                if ev is not None:
-                    yield ev
 
 
 class AudioStream:
@@ -383,10 +232,9 @@ class AsyncAvatarClient:
         kw: dict[str, Any] = {"json": body} if body is not None else {"data": data}
         async with self._get_session().request(
                 method, self.base_url + path, params=query, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout), **kw) as r:
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                raise_for_status=_raise_api_error, **kw) as r:
             raw = await r.read()
-            if r.status >= 400:
-                raise _error_of(r.status, raw, r.headers)
             return json.loads(raw) if raw else {}
 
     async def open_session(self, avatar: str | None = None, emotion: str | None = None,
@@ -451,6 +299,11 @@ class AsyncAvatarClient:
         """The agent's statistics."""
         return await self.request("GET", self.prefix + "/status")
 
+    async def openapi(self) -> dict[str, Any]:
+        """The API's OpenAPI document."""
+        doc = "/v1/openapi.json" if self.prefix.startswith("/v1/") else self.prefix + "/openapi.json"
+        return await self.request("GET", doc)
+
     def audio_stream(self, rate: int = 16000, channels: int = 1, format: str = "s16le"
                      ) -> "_StreamContext":
         """``async with c.audio_stream(48000) as s: await s.send(pcm)`` — one utterance streamed
@@ -465,30 +318,46 @@ class AsyncAvatarClient:
                 await s.send(b)
         return s.utterance
 
-    async def events(self, types: Iterable[str] | None = None, websocket: bool = False
-                     ) -> AsyncIterator[Event]:
-        """Events as they come, over SSE (default) or the WebSocket endpoint."""
+    async def events(self, types: Iterable[str] | None = None, websocket: bool = False,
+                     read_timeout: float | None = None) -> AsyncGenerator[Event, None]:
+        """Events as they come, over SSE (default) or the WebSocket endpoint.
+
+        Args:
+            types: only these kinds (e.g. ["speech_finished"]).
+            websocket: use /events/ws instead of server-sent events.
+            read_timeout: seconds without a byte from the server before ``TimeoutError`` (the
+                server pings every 15 s, so keep it above that; None: wait for ever).
+
+        Server-sent events follow EventSource rules: a stream the server closes is reopened
+        after the server's ``retry`` hint; the iteration ends when it cannot be (the server is
+        gone).  A refusal raises :class:`ApiError`.
+        """
         import aiohttp
+        from aiohttp_sse_client2.client import EventSource
 
         params = {"types": ",".join(types)} if types else None
         session = self._get_session()
         if websocket:
-            async with session.ws_connect(self.base_url + self.prefix + "/events/ws", params=params) as ws:
+            async with session.ws_connect(self.base_url + self.prefix + "/events/ws",
+                                          params=params, receive_timeout=read_timeout) as ws:
                 async for msg in ws:
                     if msg.type != aiohttp.WSMsgType.TEXT:
                         break
                     m = json.loads(msg.data)
                     yield Event(m.get("type", "message"), m.get("data") or {}, m.get("id"))
             return
-        async with session.get(self.base_url + self.prefix + "/events", params=params,
-                               headers={"Accept": "text/event-stream"}) as r:
-            if r.status >= 400:
-                raise _error_of(r.status, await r.read(), r.headers)
-            parser = _SseParser()
-            async for raw in r.content:
-                ev = parser.line(raw.decode("utf-8", "replace"))
-                if ev is not None:
-                    yield ev
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout,
+                                        sock_read=read_timeout)
+        # max_connect_retry=0: a server that cannot be reached is an error now, not after
+        # minutes of backed-off retries.
+        async with EventSource(self.base_url + self.prefix + "/events", session=session,
+                               max_connect_retry=0, params=params, timeout=timeout,
+                               raise_for_status=_raise_api_error) as source:
+            try:
+                async for msg in source:
+                    yield _event_body(msg.type, msg.data, msg.last_event_id)
+            except aiohttp.ClientConnectionError:
+                return                            # closed, and the server is gone
 
 
 class _StreamContext:
@@ -523,6 +392,148 @@ class _StreamContext:
         finally:
             await self.ws.close()
             self.stream._reader.cancel()
+
+
+# ------------------------------------------------------------------------------------------------
+# The blocking client: the async one on a private event loop
+# ------------------------------------------------------------------------------------------------
+
+class _Loop:
+    """One event loop on a daemon thread, shared by every :class:`AvatarClient` (started on
+    first use; it idles between calls)."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def run(cls, coro: Coroutine[Any, Any, R], timeout: float | None = None) -> R:
+        """Run ``coro`` on the loop and wait for its result (its exception is raised here)."""
+        with cls._lock:
+            if cls._loop is None:
+                cls._loop = asyncio.new_event_loop()
+                threading.Thread(target=cls._loop.run_forever, name="avatar-client",
+                                 daemon=True).start()
+            loop = cls._loop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+class _Blocking(Generic[P, R]):
+    """``AsyncAvatarClient.<name>`` as a blocking method of :class:`AvatarClient` (same
+    arguments, result and docstring)."""
+
+    def __init__(self, fn: Callable[Concatenate[AsyncAvatarClient, P], Coroutine[Any, Any, R]]
+                 ) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj: AvatarClient | None, owner: type) -> Callable[P, R]:
+        if obj is None:
+            return self                           # type: ignore[return-value]  # class access
+        fn, client = self.fn, obj.aio
+
+        @functools.wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            return _Loop.run(fn(client, *args, **kwargs))
+
+        return call
+
+
+async def _anext(it: AsyncIterator[Event]) -> Event:
+    return await it.__anext__()
+
+
+class AvatarClient:
+    """Blocking client: each call runs :class:`AsyncAvatarClient`'s on a private event loop.
+
+    Safe to use from several threads at once (e.g. one following :meth:`events` while another
+    speaks).  Close it (or use ``with``) to release its connections; a forgotten one is closed
+    when it is garbage-collected or the program exits.
+
+    Args:
+        base_url: the agent's server, e.g. "http://127.0.0.1:8080".
+        token: bearer token when the server requires one (server.token).
+        timeout: seconds per request.
+        prefix: path of the control routes: "/api" (``start``) or "/v1/sessions/<id>".
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None,
+                 timeout: float = 30.0, prefix: str = "/api", *,
+                 aio: AsyncAvatarClient | None = None) -> None:
+        self.aio = aio or AsyncAvatarClient(base_url, token, timeout, prefix)
+        """The async client doing the work (its HTTP session lives on the private loop)."""
+        weakref.finalize(self, _close_quietly, self.aio)
+
+    def __enter__(self) -> AvatarClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def base_url(self) -> str:
+        """The server's URL."""
+        return self.aio.base_url
+
+    @property
+    def prefix(self) -> str:
+        """Path of the control routes."""
+        return self.aio.prefix
+
+    @property
+    def session(self) -> dict[str, Any]:
+        """For a session's client: the server's answer to POST /v1/sessions."""
+        return self.aio.session
+
+    def close(self) -> None:
+        """Close the HTTP connections (not ones shared with the client that opened a session)."""
+        _Loop.run(self.aio.close())
+
+    request = _Blocking(AsyncAvatarClient.request)
+    close_session = _Blocking(AsyncAvatarClient.close_session)
+    say = _Blocking(AsyncAvatarClient.say)
+    push_audio = _Blocking(AsyncAvatarClient.push_audio)
+    interrupt = _Blocking(AsyncAvatarClient.interrupt)
+    set_emotion = _Blocking(AsyncAvatarClient.set_emotion)
+    set_scales = _Blocking(AsyncAvatarClient.set_scales)
+    set_gaze = _Blocking(AsyncAvatarClient.set_gaze)
+    swap_avatar = _Blocking(AsyncAvatarClient.swap_avatar)
+    status = _Blocking(AsyncAvatarClient.status)
+    openapi = _Blocking(AsyncAvatarClient.openapi)
+
+    def open_session(self, avatar: str | None = None, emotion: str | None = None,
+                     voice: str | None = None) -> AvatarClient:
+        """Open a session on a session server (``avatar-agent serve``); returns its client
+        (``.session`` holds the server's answer: id, WHEP and audio URLs).
+
+        Raises ApiError 503 (``retry_after`` set) when the server is at capacity."""
+        return AvatarClient(aio=_Loop.run(self.aio.open_session(avatar, emotion, voice)))
+
+    def events(self, types: Iterable[str] | None = None, timeout: float | None = None
+               ) -> Iterator[Event]:
+        """Server-sent events, as they come (close the iterator to disconnect).
+
+        Args:
+            types: only these kinds (e.g. ["speech_finished"]).
+            timeout: seconds without a byte from the server before ``TimeoutError`` (None: the
+                client's timeout; the server pings every 15 s, so keep it above that).
+        """
+        it = self.aio.events(types, read_timeout=timeout or self.aio.timeout)
+        try:
+            while True:
+                try:
+                    ev = _Loop.run(_anext(it))
+                except StopAsyncIteration:
+                    return
+                yield ev
+        finally:
+            _Loop.run(it.aclose())
+
+
+def _close_quietly(client: AsyncAvatarClient) -> None:
+    try:
+        _Loop.run(client.close(), timeout=5)
+    except Exception:  # the loop may be gone at interpreter exit; nothing is left to release
+        pass
 
 
 __all__ = ["AvatarClient", "AsyncAvatarClient", "AudioStream", "ApiError", "Event",

@@ -14,8 +14,7 @@ import soundfile as sf
 from aiohttp import web
 
 from avatar_agent.audio.resample import to_pipeline
-from avatar_agent.client import (ApiError, AsyncAvatarClient, AvatarClient, _SseParser,
-                                 audio_payload)
+from avatar_agent.client import ApiError, AsyncAvatarClient, AvatarClient, audio_payload
 from avatar_agent.server.control import ControlSettings, mount, security_settings
 from avatar_agent.types import FRAME_SAMPLES
 
@@ -212,26 +211,58 @@ async def test_async_client_with_token_over_websockets(tmp_path: Path) -> None:
         await asyncio.to_thread(s.close)
 
 
-def test_audio_payload_and_sse_parser() -> None:
+def test_audio_payload() -> None:
     body, q, ctype = audio_payload(np.zeros(4, np.int16), rate=8000)
     assert (len(body), q, ctype) == (8, {"rate": "8000", "channels": "1", "format": "s16le"},
                                      "application/octet-stream")
     body, q, _ = audio_payload(np.zeros((4, 2), np.float64), rate=44100)
     assert len(body) == 32 and q["format"] == "f32le" and q["channels"] == "2"
+    body, q, _ = audio_payload(np.array([1, 255], np.uint8))
+    assert body == b"\x01\xff" and q["format"] == "u8"
+    body, q, _ = audio_payload(np.array([-2], np.int32))
+    assert body == (-2).to_bytes(4, "little", signed=True) and q["format"] == "s32le"
     buf = io.BytesIO()
     sf.write(buf, np.zeros(10, np.float32), 8000, format="WAV")
     body, q, ctype = audio_payload(buf.getvalue())
     assert q == {} and ctype == "audio/wav"
     with pytest.raises(ValueError):
         audio_payload(np.zeros((2, 2, 2), np.int16))
-    p = _SseParser()
-    lines = [": comment", "retry: 100", "id: 7", "event: speech_started",
-             'data: {"utterance": 3,', 'data:  "sample": 640}', ""]
-    out = [p.line(x + "\n") for x in lines]
-    assert out[:-1] == [None] * 6
-    ev = out[-1]
-    assert ev is not None and (ev.kind, ev.data, ev.id) == ("speech_started",
-                                                           {"utterance": 3, "sample": 640}, 7)
+
+
+async def test_sse_stream_is_parsed_comments_multiline_data_and_ids() -> None:
+    """The client's SSE reading on a hand-written stream: comments and retry hints skipped,
+    multi-line data joined, ids kept; a stream the server ends (and cannot reopen) ends."""
+    sent = [b": comment\n", b"retry: 100\nid: 7\nevent: speech_started\n",
+            b'data: {"utterance": 3,\ndata:  "sample": 640}\n\n',
+            b"event: speech_finished\r\ndata: [1, 2]\r\n\r\n"]
+    runner: web.AppRunner | None = None
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        assert request.query["types"] == "a,b"
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for part in sent:
+            await resp.write(part)
+        return resp                                # closes the stream
+
+    app = web.Application()
+    app.router.add_get("/api/events", stream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    got = []
+    async with AsyncAvatarClient(f"http://{host}:{port}") as c:
+        it = c.events(types=["a", "b"])
+        got.append(await asyncio.wait_for(it.__anext__(), 10))
+        got.append(await asyncio.wait_for(it.__anext__(), 10))
+        await runner.cleanup()                     # the server goes: reconnecting fails
+        rest = [ev async for ev in it]
+    assert [(e.kind, e.data, e.id) for e in got] == [
+        ("speech_started", {"utterance": 3, "sample": 640}, 7),
+        ("speech_finished", {"value": [1, 2]}, 7)]        # the last id carries over (SSE rule)
+    assert rest == []
 
 
 def test_example_chatbot_speaks_each_reply(server: ServerThread,

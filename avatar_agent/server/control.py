@@ -11,15 +11,23 @@ All routes live under ``/api/`` and speak JSON (errors: ``{"error": "..."}`` wit
     POST /api/scales       {"expression"?, "head"?}
     POST /api/gaze         {"x", "y"}
     POST /api/avatar       {"path", "wait"?}   prepared in the background; 202, then an event
-    GET  /api/status       the controller's statistics
+    GET  /api/status       the controller's statistics (the one status route; ``/healthz`` of
+                           :mod:`avatar_agent.server.app` is the liveness probe)
     GET  /api/events       server-sent events (``?types=a,b`` filters)
     GET  /api/events/ws    the same events over a WebSocket
     GET  /api/openapi.json this API as an OpenAPI 3.1 document
 
-The agent implements :class:`Controller`; :func:`control_routes` turns one into aiohttp routes
-(mountable through ``make_app(extra_routes=...)``) and :func:`mount` also installs the security
-middlewares (:mod:`avatar_agent.server.security`).  Request bodies are validated against the same
-JSON schemas the OpenAPI document publishes.
+Events are what the controller emits (a session: ``speech_started`` {utterance, frame},
+``speech_finished`` {utterance, frame, interrupted, played_s}, ``avatar_swapped`` {path, frame},
+``session_ended`` {reason}; see :mod:`avatar_agent.events`) plus the API's own: ``frame_stats``
+(the status counters, every ``stats_interval_s``), ``avatar_ready`` {path} / ``avatar_failed``
+{path, error} after POST /api/avatar, and ``events_dropped`` {count} when a slow client lost some.
+
+:data:`ENDPOINTS` is the one table of the routes: :class:`ControlApi` serves each with the method
+named by its operationId, validates bodies against its JSON schemas (:mod:`.openapi`, the
+``jsonschema`` library) and publishes the same schemas as the OpenAPI document.  :func:`mount`
+also installs the security middlewares (:mod:`avatar_agent.server.security`); the session server
+(:mod:`avatar_agent.server.sessions`) serves one :class:`ControlApi` per session.
 """
 
 from __future__ import annotations
@@ -31,28 +39,25 @@ import io
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
 from ..audio.queue import QueueFullError, StreamError, TooLongError, pcm_to_array
-from ..audio.resample import AudioFormatError, StreamResampler, to_pipeline
+from ..audio.resample import (PCM_CHANNELS, PCM_FORMATS, PCM_RATES, PCM_WIDTH, AudioFormatError,
+                              StreamResampler, to_pipeline)
 from ..types import EMOTIONS, SAMPLE_RATE, Interrupted
-from .openapi import Endpoint, document
-from .security import (PathNotAllowedError, RateLimit, SecuritySettings, canonical_path,
+from .openapi import BadRequest, Endpoint, document, parse_json, validate
+from .security import (PathNotAllowedError, RateLimit, SecuritySettings,
                        check_avatar_path, install, json_error, read_body)
 
 if TYPE_CHECKING:
     from ..config import Config
 
 log = logging.getLogger(__name__)
-
-_PCM_WIDTH = {"s16le": 2, "s32le": 4, "f32le": 4, "u8": 1}
-"""Bytes per sample of the raw PCM formats the API accepts."""
 
 
 class Controller(Protocol):
@@ -141,41 +146,64 @@ def settings_from_config(cfg: Config) -> tuple[ControlSettings, SecuritySettings
 
 
 # ------------------------------------------------------------------------------------------------
-# The endpoint table (drives routes, validation and the OpenAPI document)
+# The endpoint table: routes, body validation and the OpenAPI document all come from it
 # ------------------------------------------------------------------------------------------------
 
-_VOICE = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[A-Za-z0-9_+\-.]+$"}
-_EMOTION = {"type": "string", "enum": [*EMOTIONS, "none"]}
+VOICE: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 64,
+                         "pattern": r"^[A-Za-z0-9_+\-.]+$"}
+"""An espeak-ng voice name (letters, digits, ``_+-.``: it reaches a command line)."""
+EMOTION: dict[str, Any] = {"type": "string", "enum": [*EMOTIONS, "none"]}
+"""An emotion class of the motion model, or "none"."""
+
+PCM_PARAMS: dict[str, dict[str, Any]] = {
+    "rate": {"type": "integer", "minimum": PCM_RATES[0], "maximum": PCM_RATES[1],
+             "description": "sample rate of the raw PCM in Hz"},
+    "channels": {"type": "integer", "minimum": PCM_CHANNELS[0], "maximum": PCM_CHANNELS[1],
+                 "default": 1, "description": "channels of the raw PCM (interleaved)"},
+    "format": {"type": "string", "enum": list(PCM_FORMATS), "default": "s16le",
+               "description": "sample format of the raw PCM (little-endian)"},
+}
+"""How raw PCM is described: the upload's query and the audio WebSocket's header."""
+PCM_HEADER: dict[str, Any] = {"type": "object", "additionalProperties": False,
+                              "required": ["rate"], "properties": PCM_PARAMS}
+"""The first (text) message of an /api/audio/ws stream."""
+PCM_END: dict[str, Any] = {"type": "object", "additionalProperties": False, "required": ["final"],
+                           "properties": {"final": {"type": "boolean"}}}
+"""A later text message of an /api/audio/ws stream ({"final": true} ends the utterance)."""
+_PCM_QUERY: dict[str, Any] = {"type": "object", "properties": PCM_PARAMS}
+
 _UTT = {"type": "object", "properties": {"utterance": {"type": "integer"}}}
+_TYPES = ({"type": "string"}, "comma-separated event kinds to receive")
 
 ENDPOINTS: list[Endpoint] = [
     Endpoint("POST", "/api/say", "Speak text with the TTS voice", kind="json",
              body={"type": "object", "additionalProperties": False, "required": ["text"],
-                   "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 10000},
-                                  "voice": _VOICE, "emotion": _EMOTION}},
+                   "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 10000,
+                                           "pattern": r"\S"},
+                                  "voice": VOICE, "emotion": EMOTION}},
              responses={200: "queued", 400: "invalid body",
                         413: "body too large, or speech longer than the queue ever holds",
                         429: "rate limited", 503: "speech queue full"}, result=_UTT),
     Endpoint("POST", "/api/audio", "Upload speech audio (WAV, or raw PCM with ?rate=)",
              kind="audio",
-             query={"rate": ({"type": "integer", "minimum": 1000, "maximum": 384000},
-                             "sample rate of raw PCM (ignored for WAV)"),
-                    "channels": ({"type": "integer", "minimum": 1, "maximum": 16},
-                                 "channels of raw PCM (interleaved)"),
-                    "format": ({"type": "string", "enum": ["s16le", "s32le", "f32le", "u8"]},
-                               "sample format of raw PCM (default s16le)")},
+             query={name: ({k: v for k, v in schema.items() if k != "description"},
+                           schema["description"] + (" (ignored for WAV)" if name == "rate" else ""))
+                    for name, schema in PCM_PARAMS.items()},
              responses={200: "queued", 400: "not audio", 409: "a WebSocket stream is active",
                         413: "too large (bytes, or seconds beyond the speech queue's size)",
                         429: "rate limited", 503: "speech queue full"},
              result={"type": "object", "properties": {"utterance": {"type": "integer"},
-                                                      "duration_s": {"type": "number"}}}),
+                                                      "duration_s": {"type": "number"},
+                                                      "samples": {"type": "integer"}}}),
     Endpoint("GET", "/api/audio/ws", "Stream PCM speech over a WebSocket", kind="websocket",
              description='First message: JSON text {"rate": 48000, "channels": 1, "format": '
-                         '"s16le"}; then binary PCM. Text {"final": true} or closing ends the '
-                         'utterance. The server answers {"type": "accepted", "utterance": id} and '
+                         '"s16le"} (x-websocket-messages.header); then binary PCM. Text '
+                         '{"final": true} or closing ends the utterance. The server answers '
+                         '{"type": "ready"}, {"type": "accepted", "utterance": id} and '
                          '{"type": "error", "error": "..."} messages. A stream whose audio has run '
                          'out for server.audio_idle_s is ended ({"type": "finished", "reason": '
                          '...}) and closed, so it never holds later speech back.',
+             messages={"header": PCM_HEADER, "end": PCM_END},
              responses={101: "upgraded", 409: "another stream is active", 429: "rate limited"}),
     Endpoint("POST", "/api/interrupt", "Drop queued speech and return to idle", kind="none",
              description="Repeated interrupts with no speech accepted in between are coalesced "
@@ -184,7 +212,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("POST", "/api/emotion", "Set the emotion (8 classes or none) and its intensity",
              kind="json",
              body={"type": "object", "additionalProperties": False, "required": ["name"],
-                   "properties": {"name": _EMOTION,
+                   "properties": {"name": EMOTION,
                                   "intensity": {"type": "number", "minimum": 0, "maximum": 1}}},
              responses={200: "set", 400: "invalid body"}),
     Endpoint("POST", "/api/scales", "Scale expression and head motion", kind="json",
@@ -205,17 +233,20 @@ ENDPOINTS: list[Endpoint] = [
                         200: "swapped (wait: true)", 400: "invalid body",
                         403: "path outside the allowed directories", 404: "no such file",
                         409: "a swap is already in progress", 422: "the image has no usable face"},
-             result={"type": "object", "properties": {"path": {"type": "string"}}}),
+             result={"type": "object", "properties": {"path": {"type": "string"},
+                                                      "ready": {"type": "boolean"}}}),
     Endpoint("GET", "/api/status", "Agent statistics", kind="none", responses={200: "statistics"}),
     Endpoint("GET", "/api/events", "Events as server-sent events", kind="sse",
-             query={"types": ({"type": "string"}, "comma-separated event kinds to receive")},
-             description="Events: speech_started {utterance, sample}, speech_finished "
-                         "{utterance, sample, interrupted, started}, frame_stats {...}, "
-                         "avatar_ready/avatar_failed {path}, events_dropped {count}.",
+             query={"types": _TYPES},
+             description="The controller's events (a session's: speech_started {utterance, "
+                         "frame}, speech_finished {utterance, frame, interrupted, played_s}, "
+                         "avatar_swapped {path, frame}, session_ended {reason}) and the API's "
+                         "own: frame_stats {the status counters}, avatar_ready {path}, "
+                         "avatar_failed {path, error}, events_dropped {count}.",
              responses={200: "text/event-stream", 503: "too many event streams"}),
     Endpoint("GET", "/api/events/ws", "Events over a WebSocket (JSON text messages)",
-             kind="websocket",
-             query={"types": ({"type": "string"}, "comma-separated event kinds to receive")},
+             kind="websocket", query={"types": _TYPES},
+             description='The events of GET /api/events as {"id", "type", "data"} messages.',
              responses={101: "upgraded", 503: "too many event streams"}),
     Endpoint("GET", "/api/openapi.json", "This document", kind="none",
              responses={200: "OpenAPI 3.1 document"}),
@@ -257,89 +288,6 @@ def security_settings(*, host: str = "127.0.0.1", token: str = "",
                             "/offer": "offer", "/api/interrupt": "interrupt"},
         public_paths=public_paths, long_lived_paths=LONG_LIVED_PATHS,
         avatar_dirs=tuple(avatar_dirs))
-
-
-# ------------------------------------------------------------------------------------------------
-# Body validation against the endpoint schemas
-# ------------------------------------------------------------------------------------------------
-
-class BadRequest(ValueError):
-    """The request body does not match the endpoint's schema (message names the field)."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise BadRequest(f"{name} is not valid JSON (numbers must be finite)")
-
-
-def parse_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, bounded nesting (hostile input → BadRequest)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("body is not UTF-8 text") from None
-    if not text.strip():
-        raise BadRequest("body is empty; send a JSON object")
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise BadRequest("JSON nested too deeply") from None
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"body is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-
-
-def validate(value: Any, schema: dict[str, Any], where: str = "body") -> Any:
-    """Check ``value`` against the small JSON-schema subset the endpoint table uses."""
-    t = schema.get("type")
-    if t == "object":
-        if not isinstance(value, dict):
-            raise BadRequest(f"{where} must be a JSON object, got {_json_type(value)}")
-        props = schema.get("properties", {})
-        if schema.get("additionalProperties") is False:
-            extra = sorted(set(value) - set(props))
-            if extra:
-                raise BadRequest(f"{where}: unknown field(s) {', '.join(map(repr, extra[:5]))}; "
-                                 f"allowed: {', '.join(props)}")
-        for k in schema.get("required", []):
-            if k not in value:
-                raise BadRequest(f"{where}: missing required field {k!r}")
-        if len(value) < schema.get("minProperties", 0):
-            raise BadRequest(f"{where}: give at least one of {', '.join(props)}")
-        for k, v in value.items():
-            if k in props:
-                validate(v, props[k], f"{where}.{k}")
-        return value
-    if t == "string":
-        if not isinstance(value, str):
-            raise BadRequest(f"{where} must be a string, got {_json_type(value)}")
-        if len(value) < schema.get("minLength", 0) or (schema.get("minLength") and not value.strip()):
-            raise BadRequest(f"{where} must not be empty")
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            raise BadRequest(f"{where} is longer than {schema['maxLength']} characters")
-        if "pattern" in schema and not re.fullmatch(schema["pattern"].strip("^$"), value):
-            raise BadRequest(f"{where} {value[:40]!r} has characters outside "
-                             f"{schema['pattern']}")
-    elif t in ("number", "integer"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                t == "integer" and not isinstance(value, int)):
-            raise BadRequest(f"{where} must be a {t}, got {_json_type(value)}")
-        if not math.isfinite(value):
-            raise BadRequest(f"{where} must be finite")
-        if "minimum" in schema and value < schema["minimum"]:
-            raise BadRequest(f"{where} = {value} is below the minimum {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            raise BadRequest(f"{where} = {value} is above the maximum {schema['maximum']}")
-    elif t == "boolean":
-        if not isinstance(value, bool):
-            raise BadRequest(f"{where} must be true or false, got {_json_type(value)}")
-    if "enum" in schema and value not in schema["enum"]:
-        raise BadRequest(f"{where} = {str(value)[:40]!r} is not one of "
-                         f"{', '.join(map(str, schema['enum']))}")
-    return value
-
-
-def _json_type(v: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,58 +419,94 @@ def _clean(data: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
-# Routes
+# The handlers
 # ------------------------------------------------------------------------------------------------
 
-def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
-                   hub: EventHub | None = None) -> list[web.RouteDef]:
-    """aiohttp routes of the control API for ``ctl`` (mount with ``app.add_routes``).
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-    Event streams end when their client leaves; pass a ``hub`` and call ``hub.shutdown()`` from
-    ``app.on_shutdown`` to end them when the server stops (:func:`mount` does this).
+
+class ControlApi:
+    """The control API over one :class:`Controller`: a handler method per :data:`ENDPOINTS`
+    entry, named by its operationId (``post_say`` serves POST /api/say).
+
+    JSON-body endpoints get their body parsed and validated against the table's schema before
+    the method runs (``body`` argument); a :class:`BadRequest` anywhere answers 400 with its
+    one-line message.  Event streams end when their client leaves; pass a ``hub`` and call
+    ``hub.shutdown()`` from ``app.on_shutdown`` to end them when the server stops (:func:`mount`
+    does this).
+
+    Attributes:
+        ws_busy: an /api/audio/ws stream is open (one at a time; uploads wait for it: 409).
+        swap_busy: an avatar is being prepared (one swap at a time: 409).
     """
-    s = settings or ControlSettings()
-    hub = hub or EventHub(ctl, s)
-    schemas = {ep.path: ep.body for ep in ENDPOINTS}
-    ws_busy = False
-    swap_busy = False
-    tasks: set[asyncio.Task[Any]] = set()
-    decoding = asyncio.Semaphore(max(1, s.decode_concurrency))
-    accepted = 0                                  # speech accepted through this API (say/push)
-    last_interrupt: tuple[float, int, dict[str, Any]] | None = None
 
-    def speech_accepted() -> None:
-        nonlocal accepted
-        accepted += 1
+    def __init__(self, ctl: Controller, settings: ControlSettings | None = None, *,
+                 hub: EventHub | None = None) -> None:
+        self.ctl = ctl
+        self.settings = s = settings or ControlSettings()
+        self.hub = hub or EventHub(ctl, s)
+        self.ws_busy = False
+        self.swap_busy = False
+        self._swaps: set[asyncio.Task[None]] = set()    # referenced until done
+        self._decoding = asyncio.Semaphore(max(1, s.decode_concurrency))
+        self._accepted = 0                             # speech accepted through this API
+        self._last_interrupt: tuple[float, int, dict[str, Any]] | None = None
+        self._doc = document(ENDPOINTS)
 
-    async def body_of(request: web.Request) -> dict[str, Any]:
+    # ---- the route table --------------------------------------------------------------------
+
+    def handlers(self) -> dict[tuple[str, str], Handler]:
+        """``(method, "/api/…" path)`` → its aiohttp handler."""
+        return {(ep.method, ep.path): self._handler(ep) for ep in ENDPOINTS}
+
+    def routes(self) -> list[web.RouteDef]:
+        """The aiohttp routes (mount with ``app.add_routes``)."""
+        return [web.route(m, p, h) for (m, p), h in self.handlers().items()]
+
+    def _handler(self, ep: Endpoint) -> Handler:
+        method = getattr(self, ep.operation_id)      # every table entry has its method
+        schema = ep.body if ep.kind == "json" else None
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                if schema is not None:
+                    return await method(request, await self._json_body(request, schema))
+                return await method(request)
+            except BadRequest as e:
+                return json_error(400, str(e))
+
+        handler.__name__ = ep.operation_id
+        handler.__doc__ = method.__doc__
+        return handler
+
+    async def _json_body(self, request: web.Request, schema: dict[str, Any]) -> dict[str, Any]:
         ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
         if ctype not in ("application/json", ""):
             raise BadRequest(f"Content-Type {ctype!r}: send application/json")
-        raw = await read_body(request)
-        schema = schemas[canonical_path(request.path)]   # a session's route is the same
-        assert schema is not None
-        return validate(parse_json(raw), schema)
+        return validate(parse_json(await read_body(request)), schema)
 
-    def ok(data: dict[str, Any] | None = None, status: int = 200) -> web.Response:
-        return web.Response(text=_to_json(_clean(data if data is not None else {"ok": True})),
-                            status=status, content_type="application/json")
+    def _speech_accepted(self) -> None:
+        self._accepted += 1
 
-    async def say(request: web.Request) -> web.Response:
-        b = await body_of(request)
+    # ---- speech -----------------------------------------------------------------------------
+
+    async def post_say(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        """POST /api/say: queue text for the TTS voice."""
         try:
-            uid = ctl.say(b["text"], b.get("voice"), b.get("emotion"))
+            uid = self.ctl.say(body["text"], body.get("voice"), body.get("emotion"))
         except QueueFullError as e:
             return json_error(503, str(e), headers={"Retry-After": "1"})
         except TooLongError as e:                 # can never fit: waiting would not help
             return json_error(413, str(e))
         except ValueError as e:
             return json_error(400, str(e))
-        speech_accepted()
-        return ok({"utterance": uid})
+        self._speech_accepted()
+        return _ok({"utterance": uid})
 
-    async def audio_upload(request: web.Request) -> web.Response:
-        if ws_busy:
+    async def post_audio(self, request: web.Request) -> web.Response:
+        """POST /api/audio: a WAV or raw PCM upload, decoded off the event loop."""
+        s = self.settings
+        if self.ws_busy:
             # push_audio continues the open stream's utterance: an upload now would end it.
             return json_error(409, "an audio stream is active on /api/audio/ws; upload after it")
         try:
@@ -552,117 +536,115 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
                 return _too_long(fmt, s.max_audio_s)
             if not fmt.frames:
                 return json_error(400, "the upload holds no audio samples")
-            async with decoding:
+            async with self._decoding:
                 x = await asyncio.to_thread(_decode_to_pipeline, raw, fmt)
         except (BadRequest, StreamError, AudioFormatError) as e:
             return json_error(400, str(e))
         if not x.size:
             return json_error(400, "the upload holds no audio samples")
         try:
-            uid = ctl.push_audio(x, final=True)
+            uid = self.ctl.push_audio(x, final=True)
         except QueueFullError as e:
             return json_error(503, str(e), headers={"Retry-After": "1"})
         except TooLongError as e:
             return json_error(413, str(e))
         except ValueError as e:
             return json_error(400, str(e))
-        speech_accepted()
-        return ok({"utterance": uid, "duration_s": round(x.size / SAMPLE_RATE, 4),
-                   "samples": int(x.size)})
+        self._speech_accepted()
+        return _ok({"utterance": uid, "duration_s": round(x.size / SAMPLE_RATE, 4),
+                    "samples": int(x.size)})
 
-    async def audio_ws(request: web.Request) -> web.StreamResponse:
-        nonlocal ws_busy
-        if ws_busy:
+    async def get_audio_ws(self, request: web.Request) -> web.StreamResponse:
+        """GET /api/audio/ws: one utterance streamed as PCM over a WebSocket."""
+        if self.ws_busy:
             return json_error(409, "another audio stream is active; one stream at a time")
-        ws = web.WebSocketResponse(max_msg_size=s.max_ws_message_bytes,
-                                   heartbeat=s.heartbeat_s)
+        ws = web.WebSocketResponse(max_msg_size=self.settings.max_ws_message_bytes,
+                                   heartbeat=self.settings.heartbeat_s)
         await ws.prepare(request)
-        ws_busy = True
+        self.ws_busy = True
         try:
-            await _audio_stream(ws, ctl, s, speech_accepted)
+            await _audio_stream(ws, self.ctl, self.settings, self._speech_accepted)
         finally:
-            ws_busy = False
+            self.ws_busy = False
         return ws
 
-    async def interrupt(request: web.Request) -> web.Response:
-        nonlocal last_interrupt
+    async def post_interrupt(self, request: web.Request) -> web.Response:
+        """POST /api/interrupt: drop queued speech (a flood of them costs one interrupt)."""
         await read_body(request)                      # a body, if any, must respect the limit
         now = time.monotonic()
-        if (last_interrupt is not None and last_interrupt[1] == accepted
-                and now - last_interrupt[0] < s.interrupt_coalesce_s):
+        last = self._last_interrupt
+        if (last is not None and last[1] == self._accepted
+                and now - last[0] < self.settings.interrupt_coalesce_s):
             # Nothing was accepted since the last interrupt: this one would only redo its work.
-            return ok({**last_interrupt[2], "coalesced": True})
-        result = dataclasses.asdict(ctl.interrupt())
-        last_interrupt = (now, accepted, result)
-        return ok(result)
+            return _ok({**last[2], "coalesced": True})
+        result = dataclasses.asdict(self.ctl.interrupt())
+        self._last_interrupt = (now, self._accepted, result)
+        return _ok(result)
 
-    async def emotion(request: web.Request) -> web.Response:
-        b = await body_of(request)
-        ctl.set_emotion(b["name"], b.get("intensity"))
-        return ok()
+    # ---- the face ---------------------------------------------------------------------------
 
-    async def scales(request: web.Request) -> web.Response:
-        b = await body_of(request)
-        ctl.set_scales(b.get("expression"), b.get("head"))
-        return ok()
+    async def post_emotion(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        """POST /api/emotion."""
+        self.ctl.set_emotion(body["name"], body.get("intensity"))
+        return _ok()
 
-    async def gaze(request: web.Request) -> web.Response:
-        b = await body_of(request)
-        ctl.set_gaze(float(b["x"]), float(b["y"]))
-        return ok()
+    async def post_scales(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        """POST /api/scales."""
+        self.ctl.set_scales(body.get("expression"), body.get("head"))
+        return _ok()
 
-    async def avatar(request: web.Request) -> web.Response:
-        nonlocal swap_busy
-        b = await body_of(request)
+    async def post_gaze(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        """POST /api/gaze."""
+        self.ctl.set_gaze(float(body["x"]), float(body["y"]))
+        return _ok()
+
+    async def post_avatar(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        """POST /api/avatar: prepare another portrait in the background (or wait for it)."""
         try:
-            path = check_avatar_path(b["path"], s.avatar_dirs)
+            path = check_avatar_path(body["path"], self.settings.avatar_dirs)
         except PathNotAllowedError as e:
             return json_error(403, str(e))
         except FileNotFoundError as e:
             return json_error(404, str(e))
-        if swap_busy:
+        if self.swap_busy:
             return json_error(409, "an avatar swap is already in progress")
-        swap_busy = True
-
-        async def run() -> None:
-            nonlocal swap_busy
-            try:
-                await ctl.swap_avatar(str(path))
-            except Exception as e:
-                hub.publish("avatar_failed", {"path": str(path), "error": str(e)})
-                raise
-            else:
-                hub.publish("avatar_ready", {"path": str(path)})
-            finally:
-                swap_busy = False
-
-        task = asyncio.get_running_loop().create_task(run())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        if b.get("wait"):
+        self.swap_busy = True
+        task = asyncio.get_running_loop().create_task(self._swap(str(path)))
+        self._swaps.add(task)
+        task.add_done_callback(self._swaps.discard)
+        if body.get("wait"):
             try:
                 await asyncio.shield(task)
             except Exception as e:
                 return json_error(422, f"avatar {path.name!r} could not be prepared: {e}")
-            return ok({"path": str(path), "ready": True})
+            return _ok({"path": str(path), "ready": True})
         task.add_done_callback(_log_failure)
-        return ok({"path": str(path), "ready": False}, status=202)
+        return _ok({"path": str(path), "ready": False}, status=202)
 
-    async def status(request: web.Request) -> web.Response:
-        st = dict(ctl.stats())
-        st.setdefault("event_listeners", hub.listeners)
-        return ok(st)
+    async def _swap(self, path: str) -> None:
+        try:
+            await self.ctl.swap_avatar(path)
+        except Exception as e:
+            self.hub.publish("avatar_failed", {"path": path, "error": str(e)})
+            raise
+        else:
+            self.hub.publish("avatar_ready", {"path": path})
+        finally:
+            self.swap_busy = False
 
-    def events_full() -> web.Response | None:
-        if hub.listeners < s.max_event_streams:
-            return None
-        return json_error(503, f"{s.max_event_streams} event streams are open already; close "
-                               "one or retry later", headers={"Retry-After": "5"})
+    # ---- observation ------------------------------------------------------------------------
 
-    async def events_sse(request: web.Request) -> web.StreamResponse:
-        if (full := events_full()) is not None:
+    async def get_status(self, request: web.Request) -> web.Response:
+        """GET /api/status: the controller's counters."""
+        st = dict(self.ctl.stats())
+        st.setdefault("event_listeners", self.hub.listeners)
+        return _ok(st)
+
+    async def get_events(self, request: web.Request) -> web.StreamResponse:
+        """GET /api/events: server-sent events."""
+        if (full := self._events_full()) is not None:
             return full
-        sub = hub.open(_types(request))           # counted from now: no await since the check
+        sub = self.hub.open(_types(request))      # counted from now: no await since the check
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
@@ -671,7 +653,7 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
             await resp.write(b"retry: 2000\n: connected\n\n")
             while True:
                 try:
-                    item = await asyncio.wait_for(sub.queue.get(), s.heartbeat_s)
+                    item = await asyncio.wait_for(sub.queue.get(), self.settings.heartbeat_s)
                 except TimeoutError:
                     await resp.write(b": ping\n\n")
                     continue
@@ -685,18 +667,19 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            hub.close(sub)
+            self.hub.close(sub)
         return resp
 
-    async def events_ws(request: web.Request) -> web.StreamResponse:
-        if (full := events_full()) is not None:
+    async def get_events_ws(self, request: web.Request) -> web.StreamResponse:
+        """GET /api/events/ws: the same events as JSON WebSocket messages."""
+        if (full := self._events_full()) is not None:
             return full
-        sub = hub.open(_types(request))           # counted from now: no await since the check
-        ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, max_msg_size=4096)
+        sub = self.hub.open(_types(request))      # counted from now: no await since the check
+        ws = web.WebSocketResponse(heartbeat=self.settings.heartbeat_s, max_msg_size=4096)
         try:
             await ws.prepare(request)
         except BaseException:
-            hub.close(sub)
+            self.hub.close(sub)
             raise
 
         async def drain_incoming() -> None:
@@ -723,38 +706,33 @@ def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            hub.close(sub)
+            self.hub.close(sub)
             reader.cancel()
             with contextlib.suppress(Exception):
                 await ws.close()
         return ws
 
-    doc = document(ENDPOINTS)
+    def _events_full(self) -> web.Response | None:
+        cap = self.settings.max_event_streams
+        if self.hub.listeners < cap:
+            return None
+        return json_error(503, f"{cap} event streams are open already; close one or retry "
+                               "later", headers={"Retry-After": "5"})
 
-    async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(doc)
+    async def get_openapi_json(self, request: web.Request) -> web.Response:
+        """GET /api/openapi.json."""
+        return web.json_response(self._doc)
 
-    handlers: dict[tuple[str, str], Callable[[web.Request], Any]] = {
-        ("POST", "/api/say"): say, ("POST", "/api/audio"): audio_upload,
-        ("GET", "/api/audio/ws"): audio_ws, ("POST", "/api/interrupt"): interrupt,
-        ("POST", "/api/emotion"): emotion, ("POST", "/api/scales"): scales,
-        ("POST", "/api/gaze"): gaze, ("POST", "/api/avatar"): avatar,
-        ("GET", "/api/status"): status, ("GET", "/api/events"): events_sse,
-        ("GET", "/api/events/ws"): events_ws, ("GET", "/api/openapi.json"): openapi,
-    }
-    assert set(handlers) == {(ep.method, ep.path) for ep in ENDPOINTS}
 
-    def wrap(fn: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            try:
-                return await fn(request)
-            except BadRequest as e:
-                return json_error(400, str(e))
-        handler.__name__ = fn.__name__
-        handler.__doc__ = fn.__doc__
-        return handler
+def control_routes(ctl: Controller, settings: ControlSettings | None = None, *,
+                   hub: EventHub | None = None) -> list[web.RouteDef]:
+    """aiohttp routes of the control API for ``ctl`` (``ControlApi(ctl, ...).routes()``)."""
+    return ControlApi(ctl, settings, hub=hub).routes()
 
-    return [web.route(m, p, wrap(h)) for (m, p), h in handlers.items()]
+
+def _ok(data: dict[str, Any] | None = None, status: int = 200) -> web.Response:
+    return web.Response(text=_to_json(_clean(data if data is not None else {"ok": True})),
+                        status=status, content_type="application/json")
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
@@ -767,18 +745,9 @@ def _sse(seq: int, kind: str, data: dict[str, Any]) -> bytes:
     return f"id: {seq}\nevent: {kind}\ndata: {_to_json(_clean(data))}\n\n".encode()
 
 
-def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise BadRequest(f"?{name}={raw[:20]!r} must be an integer") from None
-    if not lo <= v <= hi:
-        raise BadRequest(f"?{name}={v} must be within {lo}..{hi}")
-    return v
-
+# ------------------------------------------------------------------------------------------------
+# Audio uploads
+# ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _UploadFormat:
@@ -811,11 +780,31 @@ def _upload_format(raw: bytes, request: web.Request) -> _UploadFormat:
             info = sf.info(io.BytesIO(raw))
         except Exception as e:  # libsndfile raises its own types on malformed files
             raise BadRequest(f"WAV could not be decoded: {e}") from None
-        if not 1000 <= info.samplerate <= 384000 or not 1 <= info.channels <= 16:
+        if (not PCM_RATES[0] <= info.samplerate <= PCM_RATES[1]
+                or not PCM_CHANNELS[0] <= info.channels <= PCM_CHANNELS[1]):
             raise BadRequest(f"WAV with {info.samplerate} Hz, {info.channels} channels is not "
-                             "supported")
+                             f"supported ({PCM_RATES[0]}..{PCM_RATES[1]} Hz, "
+                             f"{PCM_CHANNELS[0]}..{PCM_CHANNELS[1]} channels)")
         return _UploadFormat(True, float(info.samplerate), int(info.channels), int(info.frames))
     return _pcm_format(len(raw), request)
+
+
+def _pcm_query(request: web.Request) -> dict[str, Any]:
+    """?rate=&channels=&format= as validated values (PCM_PARAMS; absent ones: defaults)."""
+    q: dict[str, Any] = {}
+    for name, schema in PCM_PARAMS.items():
+        raw = request.query.get(name)
+        if raw is None:
+            continue
+        if schema["type"] == "integer":
+            try:
+                q[name] = int(raw)
+            except ValueError:
+                raise BadRequest(f"?{name}={raw[:20]!r} must be an integer") from None
+        else:
+            q[name] = raw
+    validate(q, _PCM_QUERY, "query")
+    return {"rate": SAMPLE_RATE, "channels": 1, "format": "s16le", **q}
 
 
 def _pcm_format(nbytes: int, request: web.Request) -> _UploadFormat:
@@ -824,19 +813,16 @@ def _pcm_format(nbytes: int, request: web.Request) -> _UploadFormat:
     if ctype.startswith("audio/") and ctype not in ("audio/l16", "audio/pcm", "audio/raw"):
         raise BadRequest(f"Content-Type {ctype}: send WAV or raw PCM "
                          "(application/octet-stream with ?rate=&channels=&format=)")
-    rate = _query_int(request, "rate", SAMPLE_RATE, 1000, 384000)
-    channels = _query_int(request, "channels", 1, 1, 16)
-    fmt = request.query.get("format", "s16le")
-    if fmt not in _PCM_WIDTH:
-        raise BadRequest(f"?format={fmt[:20]!r}: use s16le, s32le, f32le or u8")
-    width = _PCM_WIDTH[fmt]
+    q = _pcm_query(request)
+    channels, fmt = q["channels"], q["format"]
+    width = PCM_WIDTH[fmt]
     if nbytes % width:
         raise BadRequest(f"{nbytes} bytes is not a whole number of {fmt} samples "
                          f"({width} bytes each)")
     if (nbytes // width) % channels:
         raise BadRequest(f"{nbytes // width} samples is not a whole number of "
                          f"{channels}-channel frames")
-    return _UploadFormat(False, float(rate), channels, nbytes // width // channels, fmt)
+    return _UploadFormat(False, float(q["rate"]), channels, nbytes // width // channels, fmt)
 
 
 def _decode_to_pipeline(raw: bytes, fmt: _UploadFormat) -> np.ndarray:
@@ -856,6 +842,10 @@ def _decode_to_pipeline(raw: bytes, fmt: _UploadFormat) -> np.ndarray:
         return np.zeros(0, np.float32)
     return to_pipeline(x, fmt.rate, fmt.channels)
 
+
+# ------------------------------------------------------------------------------------------------
+# The audio WebSocket
+# ------------------------------------------------------------------------------------------------
 
 async def _audio_stream(ws: web.WebSocketResponse, ctl: Controller, s: ControlSettings,
                         on_accepted: Callable[[], None] = lambda: None) -> None:
@@ -877,17 +867,13 @@ async def _audio_stream(ws: web.WebSocketResponse, ctl: Controller, s: ControlSe
                     '"format": "s16le"}')
         return
     try:
-        hdr = validate(parse_json(first.data.encode()), {
-            "type": "object", "additionalProperties": False, "required": ["rate"],
-            "properties": {"rate": {"type": "integer", "minimum": 1000, "maximum": 384000},
-                           "channels": {"type": "integer", "minimum": 1, "maximum": 16},
-                           "format": {"type": "string",
-                                      "enum": ["s16le", "s32le", "f32le", "u8"]}}}, "header")
+        hdr = validate(parse_json(first.data.encode()), PCM_HEADER, "header")
     except BadRequest as e:
         await error(str(e))
         return
-    rate, channels, fmt = hdr["rate"], hdr.get("channels", 1), hdr.get("format", "s16le")
-    width = _PCM_WIDTH[fmt] * channels
+    rate, channels = hdr["rate"], hdr.get("channels", 1)
+    fmt = hdr.get("format", PCM_PARAMS["format"]["default"])
+    width = PCM_WIDTH[fmt] * channels
     rs = StreamResampler(rate, channels, name="ws-push")
     await ws.send_json({"type": "ready"})
     uid: int | None = None
@@ -991,9 +977,7 @@ async def _pump(ws: web.WebSocketResponse, rs: StreamResampler, fmt: str, width:
                 return "error"
         elif msg.type == WSMsgType.TEXT:
             try:
-                cmd = validate(parse_json(msg.data.encode()), {
-                    "type": "object", "additionalProperties": False, "required": ["final"],
-                    "properties": {"final": {"type": "boolean"}}}, "message")
+                cmd = validate(parse_json(msg.data.encode()), PCM_END, "message")
             except BadRequest as e:
                 await error(str(e))
                 return "error"
@@ -1004,23 +988,25 @@ async def _pump(ws: web.WebSocketResponse, rs: StreamResampler, fmt: str, width:
 
 
 def mount(app: web.Application, ctl: Controller, settings: ControlSettings | None = None,
-          security: SecuritySettings | None = None) -> None:
-    """Add the control routes and the security middlewares to ``app`` (before it starts).
+          security: SecuritySettings | None = None) -> ControlApi:
+    """Add the control routes and the security middlewares to ``app`` (before it starts);
+    returns the :class:`ControlApi` serving them.
 
     ``security`` defaults to :func:`security_settings` (loopback, no token).
     """
     s = settings or ControlSettings()
     sec = security or security_settings(avatar_dirs=s.avatar_dirs)
-    hub = EventHub(ctl, s)
-    app.add_routes(control_routes(ctl, s, hub=hub))
+    api = ControlApi(ctl, s)
+    app.add_routes(api.routes())
     install(app, sec)
 
     async def end_streams(app: web.Application) -> None:
-        hub.shutdown()
+        api.hub.shutdown()
 
     app.on_shutdown.append(end_streams)
+    return api
 
 
-__all__ = ["Controller", "ControlSettings", "control_routes", "mount", "security_settings",
-           "settings_from_config",
-           "ENDPOINTS", "EventHub", "BadRequest", "parse_json", "validate", "LONG_LIVED_PATHS"]
+__all__ = ["Controller", "ControlApi", "ControlSettings", "control_routes", "mount",
+           "security_settings", "settings_from_config", "ENDPOINTS", "EventHub", "BadRequest",
+           "parse_json", "validate", "LONG_LIVED_PATHS", "PCM_HEADER", "VOICE", "EMOTION"]

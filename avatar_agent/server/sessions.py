@@ -31,9 +31,8 @@ from aiohttp import web
 from ..engine import CapacityError, Engine
 from ..session import Session
 from ..sinks.webrtc import OfferError, UplinkBusyError, WebRtcError, WebRtcSink
-from ..types import EMOTIONS
-from .control import ENDPOINTS, ControlSettings, EventHub, control_routes, validate
-from .openapi import Endpoint, document
+from .control import EMOTION, ENDPOINTS, VOICE, ControlApi, ControlSettings
+from .openapi import BadRequest, Endpoint, document, parse_json, validate
 from .security import RateLimit, SecuritySettings, TokenBuckets, install
 
 log = logging.getLogger(__name__)
@@ -43,12 +42,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPEN_SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
-    "properties": {
-        "avatar": {"type": "string", "minLength": 1, "maxLength": 4096},
-        "emotion": {"type": "string", "enum": [*EMOTIONS, "none"]},
-        "voice": {"type": "string", "minLength": 1, "maxLength": 64,
-                  "pattern": r"^[A-Za-z0-9_+\-.]+$"},
-    },
+    "properties": {"avatar": {"type": "string", "minLength": 1, "maxLength": 4096},
+                   "emotion": EMOTION, "voice": VOICE},
 }
 """Body of POST /v1/sessions."""
 
@@ -90,13 +85,13 @@ def session_document() -> dict[str, Any]:
 
 
 class _Routes:
-    """One session's control handlers, keyed by (method, "/api/…" path)."""
+    """One session's control API (handlers keyed by (method, "/api/…" path)) and its sink."""
 
     def __init__(self, session: Session, settings: ControlSettings, sink: WebRtcSink) -> None:
         self.session, self.sink = session, sink
-        self.hub = EventHub(session, settings)
-        self.handlers: dict[tuple[str, str], Handler] = {
-            (r.method, r.path): r.handler for r in control_routes(session, settings, hub=self.hub)}
+        api = ControlApi(session, settings)
+        self.hub = api.hub
+        self.handlers: dict[tuple[str, str], Handler] = api.handlers()
 
 
 class SessionApi:
@@ -127,9 +122,9 @@ class SessionApi:
             return web.json_response({"error": f"opening sessions too fast; retry in {wait:.1f} s"},
                                      status=429, headers={"Retry-After": str(max(1, round(wait)))})
         try:
-            body = json.loads(await request.text() or "{}")
-            validate(body, OPEN_SCHEMA)
-        except (ValueError, UnicodeDecodeError) as e:
+            raw = await request.read()
+            body = validate(parse_json(raw), OPEN_SCHEMA) if raw.strip() else {}
+        except BadRequest as e:
             return _error(400, f"bad session request: {e}")
         avatar = body.get("avatar")
         if avatar is not None:
