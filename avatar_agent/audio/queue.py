@@ -37,7 +37,7 @@ import numpy as np
 from ..clock import Clock, SystemClock
 from ..types import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Phoneme
 from .frames import capture_time
-from .resample import AudioFormatError, Framer, StreamResampler, to_float
+from .resample import PCM_FORMATS, AudioFormatError, Framer, StreamResampler, to_float
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,11 @@ Listener = Callable[[str, dict[str, Any]], None]
 MAX_TEXT_CHARS = 10_000
 """Longest text one ``say`` accepts (≈10 minutes of speech)."""
 
-_PCM_DTYPES = {"s16le": "<i2", "int16": "<i2", "s32le": "<i4", "int32": "<i4", "f32le": "<f4",
-               "float32": "<f4", "u8": "u1", "uint8": "u1", "f64le": "<f8", "float64": "<f8"}
-"""Byte formats ``push`` accepts for raw bytes (little-endian, interleaved)."""
+_PCM_DTYPES = {name: dt for fmt, dt in {**PCM_FORMATS, "f64le": "<f8"}.items()
+               for name in (fmt, np.dtype(dt).name)}
+"""Byte formats ``push`` accepts for raw bytes (little-endian, interleaved): the wire formats of
+:data:`~avatar_agent.audio.resample.PCM_FORMATS`, f64le (in-process callers only), and each
+one's numpy name (int16, float32, ...)."""
 
 
 class QueueFullError(RuntimeError):
