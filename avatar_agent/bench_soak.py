@@ -2,8 +2,8 @@
 time: speech (say and pushed PCM), emotion changes, interrupts, WebRTC viewers coming and going,
 and avatar swaps, while one viewer stays connected all along.
 
-Prints one JSON object: fps and dropped % over the whole run, RSS every 30 s, and the RSS slope
-after the warm-up (linear fit, MB per hour).  Figures only; no pass/fail.
+Prints one JSON object: fps and dropped % over the whole run, RSS every 30 s, the RSS slope
+after the warm-up (linear fit, MB per hour), and which calls the dropped frames followed.  Figures only; no pass/fail.
 """
 
 from __future__ import annotations
@@ -92,6 +92,25 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
     frames = [0]
     rss: list[tuple[float, float]] = []
     calls = {"say": 0, "push": 0, "emotion": 0, "interrupt": 0, "viewers": 0, "swaps": 0}
+    marks: list[tuple[float, str]] = []               # (monotonic time, call kind)
+    drops: list[tuple[float, int]] = []               # (monotonic time, frames dropped since)
+
+    def mark(kind: str) -> None:
+        calls[kind] += 1
+        marks.append((time.monotonic(), kind))
+
+    def n_dropped() -> int:
+        st = agent.player.stats
+        return st.underruns + st.late_dropped
+
+    async def monitor() -> None:
+        last = n_dropped()
+        while True:
+            await asyncio.sleep(0.1)
+            now = n_dropped()
+            if now > last:
+                drops.append((time.monotonic(), now - last))
+            last = now
 
     async def driver() -> None:
         k = 0
@@ -101,35 +120,36 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
                 if k % 3 == 0:
                     wav = (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
                     await http.post(url + "api/audio?rate=16000&format=s16le", data=wav)
-                    calls["push"] += 1
+                    mark("push")
                 else:
                     await http.post(url + "api/say", json={"text": _LINES[k % len(_LINES)]})
-                    calls["say"] += 1
+                    mark("say")
                 if k % 4 == 0:
                     await http.post(url + "api/emotion", json={"name": ["happiness", "surprise",
                                     "neutral", "sadness"][k // 4 % 4], "intensity": 0.8})
-                    calls["emotion"] += 1
+                    mark("emotion")
                 await asyncio.sleep(4.0)
                 if k % 5 == 0:
                     await http.post(url + "api/interrupt", data=b"")
-                    calls["interrupt"] += 1
+                    mark("interrupt")
                 if k % 15 == 0:
                     path = swap if k // 15 % 2 else portrait
                     await http.post(url + "api/avatar", json={"path": str(path)})
-                    calls["swaps"] += 1
+                    mark("swaps")
 
     async def churn() -> None:
         while True:
             await asyncio.sleep(10.0)
+            mark("viewers")
             await _viewer(url, 5.0, [0])
-            calls["viewers"] += 1
 
     while agent.player.stats.delivered < 25:          # warmed up and streaming
         await asyncio.sleep(0.1)
         if run.done():
             await run                                 # its error
     watcher = asyncio.create_task(_viewer(url, None, frames))
-    tasks = [asyncio.create_task(driver()), asyncio.create_task(churn())]
+    tasks = [asyncio.create_task(driver()), asyncio.create_task(churn()),
+             asyncio.create_task(monitor())]
     await asyncio.sleep(5.0)
     st0, f0, t0 = dataclasses.replace(agent.player.stats), frames[0], time.monotonic()
     end = t0 + minutes * 60
@@ -152,7 +172,21 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
             "fps_at_viewer": round((f1 - f0) / (t1 - t0), 2),
             "dropped_pct": round(100 * dropped / max(1, delivered), 3),
             "rss_mb": [round(r, 1) for _, r in rss], "rss_slope_mb_per_h": round(slope, 2),
-            "calls": calls}
+            "calls": calls, "dropped_after": _attribute(drops, marks, t0, t1)}
+
+
+def _attribute(drops: list[tuple[float, int]], marks: list[tuple[float, str]], t0: float,
+               t1: float, window_s: float = 2.0) -> dict[str, int]:
+    """Frames dropped within ``window_s`` after each kind of call (the latest call before the
+    drop), and those with no call before them ("none"): where the drops come from."""
+    out: dict[str, int] = {}
+    for t, n in drops:
+        if not t0 <= t <= t1:
+            continue
+        before = [k for tm, k in marks if t - window_s <= tm <= t]
+        kind = before[-1] if before else "none"
+        out[kind] = out.get(kind, 0) + n
+    return out
 
 
 def run(cfg: Config, minutes: float) -> int:
