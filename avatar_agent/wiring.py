@@ -141,12 +141,16 @@ RELEASE_CFG_AUDIO = 0.2
 
 def official_motion(cfg: Config) -> MotionGenerator:
     """MoDA release DiT + chinese-hubert-base features (CUDA when available) for speech, the idle
-    layer in LivePortrait's motion space for silence (motion/compose.py)."""
+    layer in LivePortrait's motion space for silence (motion/compose.py).
+
+    HuBERT streams (:class:`~avatar_agent.nn.hubert.StreamingHubert`): each live hop encodes its
+    chunk plus the session's last 3.2 s of audio, the context the release's features have.
+    ``motion.precision`` puts the DiT and HuBERT under autocast (bf16/fp16)."""
     import torch
 
     from .motion.compose import LivePortraitIdle, SpeechAndIdle
     from .motion.moda import MoDAMotion
-    from .nn.hubert import HubertFeatures
+    from .nn.hubert import HubertFeatures, StreamingHubert
     from .nn.sampling import Guidance
     from .nn.weights import load_hubert, load_mean_std, load_moda_release
 
@@ -162,6 +166,7 @@ def official_motion(cfg: Config) -> MotionGenerator:
         from .nn.precision import AutocastDiT, AutocastFeatures
 
         model, features = AutocastDiT(model, m.precision), AutocastFeatures(features, device, m.precision)
+    features = StreamingHubert(features)
     guidance = Guidance(audio=m.cfg_audio if m.cfg_audio >= 0 else RELEASE_CFG_AUDIO,
                         emotion=m.cfg_emotion)
     moda = MoDAMotion(model, features, mean, std, profile="official", null_audio=null_audio,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -41,6 +41,28 @@ OVERLAP = 16
 SMOOTH_DIMS = slice(63, 70)
 
 Features = Callable[[np.ndarray], "torch.Tensor | np.ndarray"]
+
+
+@runtime_checkable
+class StreamFeatures(Protocol):
+    """Features with per-session state (live HuBERT with remembered context,
+    :class:`~avatar_agent.nn.hubert.StreamingHubert`): told where each chunk's audio sits."""
+
+    def __call__(self, audio: np.ndarray) -> "torch.Tensor | np.ndarray":
+        """Stateless features of ``audio``."""
+        ...
+
+    def at(self, audio: np.ndarray, start: int) -> "torch.Tensor | np.ndarray":
+        """Features of ``audio`` starting at sample ``start`` of the session's audio timeline."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the session's state."""
+        ...
+
+    def fork(self) -> "StreamFeatures":
+        """The same network with fresh state, for another session."""
+        ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,9 +253,12 @@ class MoDAMotion:
         raw = from_model_space(norm, self.mean, self.std, self.rr)
         return raw + self.rest if self.relative else raw
 
-    def _features(self, audio: np.ndarray) -> torch.Tensor:
+    def _features(self, audio: np.ndarray, start: int) -> torch.Tensor:
         p = self.params
-        f = torch.as_tensor(self.features(audio)).float()                        # [T, L, D]
+        if isinstance(self.features, StreamFeatures):
+            f = torch.as_tensor(self.features.at(audio, start)).float()          # [T, L, D]
+        else:
+            f = torch.as_tensor(self.features(audio)).float()
         if f.dim() == 3:
             f = f[:, None]                                                       # [T, 1, L, D]
         if tuple(f.shape[1:]) != (p.audio_unit_len, p.audio_blocks, p.audio_dim):
@@ -305,7 +330,7 @@ class MoDAMotion:
         if self.feature_context is not None and first > self.feature_context + self.context:
             keep = self.feature_context + self.context
             skip, first = skip + (first - keep) * HOP, keep
-        feats = self._features(chunk.audio[skip:])                               # [F, U, L, D]
+        feats = self._features(chunk.audio[skip:], chunk.start - chunk.left + skip)  # [F, U, L, D]
         if feats.shape[0] < first + n_new:
             raise ValueError(f"features gave {feats.shape[0]} frames for a chunk needing "
                              f"{first + n_new} (left context + new audio); the feature callable "
@@ -363,6 +388,8 @@ class MoDAMotion:
         new = copy.copy(self)
         new.generator = torch.Generator().manual_seed(seed)
         new.identity, new.rest, new.rr = None, None, 1.0
+        if isinstance(self.features, StreamFeatures):
+            new.features = self.features.fork()
         new.reset()
         return new
 
@@ -370,6 +397,8 @@ class MoDAMotion:
         """Forget the frames shown and the seam prediction (after an interruption)."""
         self._hist, self._hist_end = None, -1
         self._ahead, self._ahead_at, self._ahead_real = None, -1, 0
+        if isinstance(self.features, StreamFeatures):
+            self.features.reset()
 
     def idle(self, n: int, prev: np.ndarray, t0: float) -> np.ndarray:
         """``prev`` held: the bare generator has no idle motion.  Products wrap it in

@@ -225,3 +225,67 @@ def streaming_features(extract: HubertFeatures, audio: np.ndarray, hop_frames: i
         feats = extract(a[w0 * HOP : w1 * HOP])                                  # [w1-w0, L, C]
         out.append(feats[f0 - w0 : f1 - w0])
     return torch.cat(out, dim=0)
+
+
+LIVE_CONTEXT_FRAMES = 80
+"""Left context of live HuBERT features: one release DiT window (80 frames, 3.2 s)."""
+
+
+class StreamingHubert:
+    """Live HuBERT features of one session: each hop encodes its audio plus up to ``left_frames``
+    of the audio heard just before it, and returns the rows of its own audio only.
+
+    The release computes HuBERT over whole ≤ 60 s pieces, so every frame's features see seconds
+    of context; a live hop carries only the chunker's short left context.  This keeps the
+    session's recent audio (bounded: ``left_frames`` frames plus one chunk) and puts it in front
+    of each hop's audio, so the network sees the release's context at a bounded cost per hop
+    (``left_frames`` + the hop's frames), instead of re-encoding a growing utterance.  When the
+    context covers the whole signal the rows equal the offline features exactly
+    (tests/nn/test_hubert.py).
+
+    Args:
+        extract: ``audio(float32 16 kHz [S]) -> [S // 640, layers, dim]`` (e.g.
+            :class:`HubertFeatures`, possibly under autocast).
+        left_frames: frames of remembered audio put before each hop's audio.
+    """
+
+    fps = FPS
+
+    def __init__(self, extract: Any, left_frames: int = LIVE_CONTEXT_FRAMES) -> None:
+        if left_frames < 0:
+            raise ValueError(f"left_frames must be ≥ 0, got {left_frames}")
+        self.extract, self.left_frames = extract, left_frames
+        self._hist = np.zeros(0, np.float32)
+        self._hist_start = 0
+        self.encoded_samples = 0
+        """Samples given to ``extract`` so far (what the per-hop cost scales with)."""
+
+    def __call__(self, audio: np.ndarray) -> torch.Tensor:
+        """Stateless features of ``audio`` alone (offline use)."""
+        return torch.as_tensor(self.extract(audio))
+
+    def at(self, audio: np.ndarray, start: int) -> torch.Tensor:
+        """Features [len(audio) // 640, layers, dim] of ``audio``, whose first sample is sample
+        ``start`` of the session's audio timeline, with the remembered audio before it as
+        context (none after a gap or a jump back)."""
+        a = check_audio(audio)
+        h0, h = self._hist_start, self._hist
+        prefix = np.zeros(0, np.float32)
+        if h.size and h0 <= start <= h0 + h.size:
+            # whole frames only, so the returned rows line up with the audio's frames
+            n = min(self.left_frames * HOP, start - h0) // HOP * HOP
+            prefix = h[start - h0 - n : start - h0]
+        x = np.concatenate([prefix, a]) if prefix.size else a
+        self.encoded_samples += x.size
+        feats = torch.as_tensor(self.extract(x))[prefix.size // HOP :]
+        keep = self.left_frames * HOP + a.size
+        self._hist, self._hist_start = x[-keep:], start + a.size - min(keep, x.size)
+        return feats
+
+    def reset(self) -> None:
+        """Forget the remembered audio (a new utterance after an interruption)."""
+        self._hist, self._hist_start = np.zeros(0, np.float32), 0
+
+    def fork(self) -> "StreamingHubert":
+        """The same network for another session, with no remembered audio."""
+        return StreamingHubert(self.extract, self.left_frames)

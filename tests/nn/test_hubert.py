@@ -101,3 +101,115 @@ def test_normalisation_and_short_audio(extractor: HubertFeatures) -> None:
         extractor(np.zeros(HOP - 1, np.float32))
     with pytest.raises(ValueError, match="mono"):
         extractor(np.zeros((2, 16000), np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Live streaming with remembered context (StreamingHubert)
+# --------------------------------------------------------------------------------------------
+
+def hops(n: int, hop: int, left: int, ahead: int) -> list[tuple[int, int, int]]:
+    """(first frame of the chunk's audio, first new frame, end frame) of live chunks."""
+    return [(max(0, f - left), f, min(n, f + hop + ahead)) for f in range(0, n, hop)]
+
+
+def test_streaming_hubert_with_whole_context_equals_offline(extractor: HubertFeatures,
+                                                            speech: np.ndarray) -> None:
+    from avatar_agent.nn.hubert import StreamingHubert
+
+    n = speech.size // HOP
+    speech = speech[: n * HOP]
+    offline = extractor(speech)
+    live = StreamingHubert(extractor, left_frames=n)
+    rows = []
+    # chunks with 2 frames of their own left context and lookahead to the end: with the remembered
+    # audio in front, each hop's input is the whole signal
+    for a0, f, a1 in hops(n, 25, left=2, ahead=n):
+        feats = live.at(speech[a0 * HOP : a1 * HOP], a0 * HOP)
+        assert feats.shape[0] == a1 - a0                             # rows of the given audio only
+        rows.append(feats[f - a0 : f - a0 + 25])
+    torch.testing.assert_close(torch.cat(rows), offline, atol=1e-5, rtol=0)
+
+
+def test_streaming_hubert_bounded_context_and_gaps(extractor: HubertFeatures, speech: np.ndarray) -> None:
+    from avatar_agent.nn.hubert import StreamingHubert
+
+    n = speech.size // HOP
+    speech = speech[: n * HOP]
+    offline = extractor(speech)
+
+    def run(left_frames: int) -> tuple[float, list[int]]:
+        live, rows, sizes = StreamingHubert(extractor, left_frames=left_frames), [], []
+        for a0, f, a1 in hops(n, 10, left=2, ahead=1):
+            before = live.encoded_samples
+            feats = live.at(speech[a0 * HOP : a1 * HOP], a0 * HOP)
+            sizes.append((live.encoded_samples - before) // HOP)
+            rows.append(feats[f - a0 : f - a0 + 10])
+        s = torch.cat(rows)
+        return float((s - offline).pow(2).mean().sqrt() / offline.pow(2).mean().sqrt()), sizes
+
+    short, no_ctx = run(0)
+    long, ctx = run(50)
+    print(f"live HuBERT relative RMS deviation: chunk only {short:.3f}, +2 s remembered {long:.3f}")
+    assert long < short
+    chunk = 2 + 10 + 1                                               # own left + new + lookahead
+    assert max(no_ctx) == chunk and max(ctx) == 50 + chunk           # bounded work per hop
+    assert ctx[0] == 10 + 1 and ctx[1] == 8 + chunk                  # remembered audio grows ...
+    assert ctx[-2] == 50 + chunk                                     # ... to its bound
+    # a gap (or a jump back) means no remembered context
+    live = StreamingHubert(extractor, left_frames=50)
+    live.at(speech[: 20 * HOP], 0)
+    before = live.encoded_samples
+    live.at(speech[40 * HOP : 50 * HOP], 40 * HOP)
+    assert live.encoded_samples - before == 10 * HOP
+    live.reset()
+    before = live.encoded_samples
+    live.at(speech[50 * HOP : 60 * HOP], 50 * HOP)
+    assert live.encoded_samples - before == 10 * HOP
+    with pytest.raises(ValueError, match="left_frames"):
+        StreamingHubert(extractor, left_frames=-1)
+
+
+def test_moda_motion_streams_features_per_session() -> None:
+    """MoDAMotion tells streaming features where each chunk sits; sessions forked from one
+    generator keep their own remembered audio."""
+    from avatar_agent.motion.moda import MoDAMotion
+    from avatar_agent.nn.hubert import StreamingHubert, hubert_config
+    from avatar_agent.nn.moda import MoDADiT, MoDAParams
+    from avatar_agent.types import Avatar, SpeechChunk
+
+    torch.manual_seed(0)
+    hub = HubertFeatures(build_hubert(hubert_config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)))
+    params = MoDAParams(hidden=32, heads=2, audio_dim=16, audio_blocks=1, n_four=1, n_two=1,
+                        n_single=1, seq_len=16)
+    gen = MoDAMotion(MoDADiT(params).eval(), StreamingHubert(hub, left_frames=20),
+                     np.zeros(70, np.float32), np.ones(70, np.float32), steps=2)
+    avatar = Avatar("official", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8),
+                    np.eye(3), np.zeros((21, 3), np.float32), np.full(70, 0.1, np.float32))
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(40 * HOP)).astype(np.float32)
+
+    def chunk(f: int, left: int = 4, hop: int = 4) -> SpeechChunk:
+        a0 = max(0, f - left)
+        return SpeechChunk(audio=audio[a0 * HOP : (f + hop) * HOP], start=f * HOP,
+                           n_new=hop * HOP, left=(f - a0) * HOP, right=0, speech=True)
+
+    sessions = [gen.fork(1), gen.fork(2)]
+    for s in sessions:
+        s.prepare(avatar)
+    feats = [s.features for s in sessions]
+    assert feats[0] is not feats[1] and all(isinstance(f, StreamingHubert) for f in feats)
+    prev = avatar.rest_motion
+    for f in range(0, 16, 4):
+        before = feats[0].encoded_samples
+        out = sessions[0].generate(chunk(f), prev)
+        assert out.shape == (4, 70) and np.isfinite(out).all()
+        # chunk (≤ 4 frames of its own context + 4 new) + remembered audio up to 20 frames back
+        assert (feats[0].encoded_samples - before) // HOP == f + 4
+        prev = out[-1]
+    assert feats[1].encoded_samples == 0                              # the other session: untouched
+    sessions[0].reset()                                               # an interruption forgets
+    before = feats[0].encoded_samples
+    sessions[0].generate(chunk(16), prev)
+    assert (feats[0].encoded_samples - before) // HOP == 8

@@ -125,7 +125,8 @@ def test_motion_precision_wraps_the_dit_and_hubert(small_official) -> None:  # n
     assert isinstance(plain.moda.model, MoDADiT)                       # fp32: the release as is
     low = official_motion(_official("motion.precision=bf16"))
     assert isinstance(low.moda.model, AutocastDiT) and low.moda.model.precision == "bf16"
-    assert isinstance(low.moda.features, AutocastFeatures) and low.moda.features.precision == "bf16"
+    feats = low.moda.features.extract                                 # inside the live streaming
+    assert isinstance(feats, AutocastFeatures) and feats.precision == "bf16"
 
 
 def test_check_shows_the_precisions() -> None:
