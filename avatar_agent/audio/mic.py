@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, cast
 import numpy as np
 
 from avatar_agent.audio.resample import Framer, StreamResampler
+from avatar_agent.queues import DropOldest
 from avatar_agent.clock import Clock, SystemClock
 from avatar_agent.types import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, AudioFrame
 
@@ -183,13 +184,13 @@ class MicSource:
         self.start_timeout_s = start_timeout_s
         self.fail_if_missing = fail_if_missing
         self.status = "idle"
-        self.dropped_blocks = 0
         self.overflows = 0
         self.silence_frames = 0
         self.reconnects = 0
         self.open_failures = 0
         self.device_info: InputDevice | None = None
-        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=queue_blocks)
+        # Overflow policy: drop the oldest block so latency stays bounded.
+        self._queue = DropOldest[tuple[str, Any]](queue_blocks)
         self._stream: Any = None
         self._stream_gen = 0  # generation id: callbacks of a stream we already dropped are ignored
         self._closed = False
@@ -231,15 +232,15 @@ class MicSource:
             return
         self._put(("lost", "stream stopped by PortAudio"))
 
+    @property
+    def dropped_blocks(self) -> int:
+        """Capture blocks dropped because the consumer fell behind (queue full)."""
+        return self._queue.dropped
+
     def _put(self, item: tuple[str, Any]) -> None:
-        if self._queue.full():
-            # Overflow policy: drop the oldest block so latency stays bounded.
-            self._queue.get_nowait()
-            self.dropped_blocks += 1
-            if self.dropped_blocks == 1 or self.dropped_blocks % 100 == 0:
-                log.warning("mic: consumer too slow, dropped %d capture block(s) so far",
-                            self.dropped_blocks)
-        self._queue.put_nowait(item)
+        if self._queue.put(item) and (self.dropped_blocks == 1 or self.dropped_blocks % 100 == 0):
+            log.warning("mic: consumer too slow, dropped %d capture block(s) so far",
+                        self.dropped_blocks)
 
     def _open_blocking(self) -> tuple[Any, InputDevice]:
         sd = _sd()
@@ -279,7 +280,7 @@ class MicSource:
 
     async def _get(self, deadline: float) -> tuple[str, Any] | None:
         """Next queue item, or None once the clock reaches ``deadline``."""
-        if not self._queue.empty():
+        if len(self._queue):
             return self._queue.get_nowait()
         getter = asyncio.ensure_future(self._queue.get())
         sleeper = asyncio.ensure_future(self.clock.sleep_until(deadline))
@@ -395,9 +396,5 @@ class MicSource:
         self._closed = True
         self.status = "closed"
         self._stream_gen += 1
-        try:
-            self._queue.put_nowait(("closed", None))
-        except asyncio.QueueFull:
-            self._queue.get_nowait()
-            self._queue.put_nowait(("closed", None))
+        self._queue.close()  # wakes a waiting _get (it returns None; frames() sees _closed)
         await self._close_stream()
