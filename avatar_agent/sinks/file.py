@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -32,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from avatar_agent.audio.resample import Upsampler3
+from avatar_agent.queues import SyncDropOldest
+from avatar_agent.sinks.writer import WriterThread
 from avatar_agent.types import SAMPLE_RATE, VideoFrame
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ def _import_av() -> Any:
 
 @dataclass(slots=True)
 class _Entry:
+    """One frame's audio (its image travels in the bounded image queue)."""
+
     index: int
-    image: np.ndarray | None  # None: image dropped on overflow, audio kept
     audio: np.ndarray
 
 
@@ -96,18 +97,14 @@ class Mp4Sink:
         self.max_queued_images = max_queued_images
         self.threads = threads
         self.frames_written = 0
-        self.frames_dropped = 0
         self.audio_samples_written = 0  # at 48 kHz
         self.finished = False
         """True once close() finalised the file without an error."""
         self.failure: str | None = None
         """Why the file could not be created or written (None: no failure so far)."""
-        self._cond = threading.Condition()
-        self._queue: deque[_Entry] = deque()
-        self._n_images = 0  # the entries holding an image are always the newest _n_images
-        self._stop = False
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._writer: WriterThread[_Entry] | None = None
+        self._images: SyncDropOldest[tuple[int, np.ndarray]] | None = None
+        self._expected: int | None = None  # writer thread: the next index it should encode
         self._next_index: int | None = None
         self._first_index = 0
         self._samples_per_frame = 0
@@ -135,9 +132,13 @@ class Mp4Sink:
         except Exception as e:
             self.failure = str(e)
             raise
-        self._stop = False
-        self._thread = threading.Thread(target=self._worker, name=f"{self.name}-encoder", daemon=True)
-        self._thread.start()
+        # Audio is never dropped (an entry is a few KB); images are, oldest first, beyond
+        # max_queued_images — the worker finds an entry's image at the head of this queue, or
+        # knows it was dropped.
+        self._images = SyncDropOldest(self.max_queued_images)
+        self._writer = WriterThread(f"{self.name}-encoder", SyncDropOldest[_Entry](None),
+                                    self._write, finish=self._finish, on_error=self._failed)
+        self._writer.start()
 
     def _open(self, width: int, height: int, fps: int) -> None:
         av = self._av
@@ -173,9 +174,10 @@ class Mp4Sink:
 
     async def send(self, frame: VideoFrame) -> None:
         """Queue a frame and its audio slice for encoding (never blocks in live mode)."""
-        if self._error is not None:
-            raise FileSinkError(f"{self.name}: writing {self.path} failed: {self._error}") from self._error
-        if self._thread is None:
+        writer, images = self._writer, self._images
+        if writer is not None and writer.error is not None:
+            raise FileSinkError(f"{self.name}: writing {self.path} failed: {writer.error}") from writer.error
+        if writer is None or images is None or writer.queue.closed:
             raise FileSinkError(f"{self.name}: send() before start() or after close()")
         assert self.fps is not None and self.max_queued_images is not None  # set by start()
         v = self._vstream
@@ -192,81 +194,58 @@ class Mp4Sink:
         if self._next_index is None:
             self._first_index = frame.index
         self._next_index = frame.index + 1
-        entry = _Entry(frame.index, frame.image, audio)
         if self.offline:
-            while True:
-                with self._cond:
-                    if self._n_images < self.max_queued_images or self._error is not None:
-                        break
-                await asyncio.to_thread(self._wait_for_room)
-        with self._cond:
-            self._queue.append(entry)
-            self._n_images += 1
-            if self._n_images > self.max_queued_images:  # live overflow: drop the oldest image
-                self._queue[len(self._queue) - self._n_images].image = None
-                self._n_images -= 1
-                self.frames_dropped += 1
-                now = time.monotonic()
-                if now - self._last_drop_log > 1.0:
-                    self._last_drop_log = now
-                    log.warning("%s: encoder behind, %d images dropped so far (audio kept)",
-                                self.name, self.frames_dropped)
-            self._cond.notify_all()
+            while len(images) >= self.max_queued_images and writer.error is None:
+                await asyncio.to_thread(images.wait_for_room, 1.0)
+        # The image first: when the worker takes the entry, its image is queued or dropped.
+        if images.put((frame.index, frame.image)):  # live overflow: the oldest image went
+            now = time.monotonic()
+            if now - self._last_drop_log > 1.0:
+                self._last_drop_log = now
+                log.warning("%s: encoder behind, %d images dropped so far (audio kept)",
+                            self.name, self.frames_dropped)
+        writer.put(_Entry(frame.index, audio))
 
-    def _wait_for_room(self) -> None:
-        limit = self.max_queued_images
-        assert limit is not None  # set by start()
-        with self._cond:
-            self._cond.wait_for(lambda: self._n_images < limit or self._error is not None,
-                                timeout=1.0)
+    @property
+    def frames_dropped(self) -> int:
+        """Images dropped because the encoder fell behind (their audio was kept)."""
+        return self._images.dropped if self._images is not None else 0
 
     async def close(self) -> None:
         """Encode what is queued, flush the encoders and finalise the file."""
-        thread, self._thread = self._thread, None
-        if thread is None:
+        writer = self._writer
+        if writer is None or writer.queue.closed:
             return
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        await asyncio.to_thread(thread.join)
-        if self._error is not None:
-            self.failure = f"writing {self.path} failed: {self._error}"
-            raise FileSinkError(f"{self.name}: writing {self.path} failed: {self._error}") from self._error
+        writer.stop()
+        await asyncio.to_thread(writer.join)
+        if writer.error is not None:
+            self.failure = f"writing {self.path} failed: {writer.error}"
+            raise FileSinkError(f"{self.name}: writing {self.path} failed: {writer.error}") from writer.error
         self.finished = True
         log.info("%s: wrote %d frames (%d dropped) to %s", self.name, self.frames_written,
                  self.frames_dropped, self.path)
 
     # ---- worker thread ----------------------------------------------------------------------
 
-    def _worker(self) -> None:
+    def _write(self, entry: _Entry) -> None:
+        """Writer thread: one frame's audio, and its image unless it was dropped."""
+        expected = entry.index if self._expected is None else self._expected
+        if entry.index > expected:  # frames never produced: keep audio continuous
+            self._encode_audio(np.zeros((entry.index - expected) * self._samples_per_frame, np.float32))
+        self._expected = entry.index + 1
+        self._encode_audio(entry.audio)
+        assert self._images is not None  # set by start()
+        image = self._images.pop_if(lambda item: item[0] == entry.index)
+        if image is not None:
+            self._encode_video(entry.index, image[1])
+
+    def _failed(self, e: BaseException) -> None:
+        """Writer thread: the encoder failed (reported through send()/close())."""
+        log.error("%s: encoder failed: %s", self.name, e)
         try:
-            expected: int | None = None
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._queue or self._stop)
-                    if not self._queue:
-                        break
-                    entry = self._queue.popleft()
-                    if entry.image is not None:
-                        self._n_images -= 1
-                    self._cond.notify_all()
-                expected = entry.index if expected is None else expected
-                if entry.index > expected:  # frames never produced: keep audio continuous
-                    self._encode_audio(np.zeros((entry.index - expected) * self._samples_per_frame, np.float32))
-                expected = entry.index + 1
-                self._encode_audio(entry.audio)
-                if entry.image is not None:
-                    self._encode_video(entry.index, entry.image)
-            self._finish()
-        except BaseException as e:  # reported through send()/close()
-            log.error("%s: encoder failed: %s", self.name, e)
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
-            try:
-                self._container.close()
-            except Exception:
-                pass
+            self._container.close()
+        except Exception:
+            pass
 
     def _encode_video(self, index: int, image: np.ndarray) -> None:
         vf = self._av.VideoFrame.from_ndarray(image, format="rgb24")

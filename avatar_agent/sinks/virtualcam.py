@@ -22,12 +22,13 @@ import glob
 import logging
 import os
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+from avatar_agent.queues import SyncDropOldest
+from avatar_agent.sinks.writer import WriterThread
 from avatar_agent.types import VideoFrame
 
 log = logging.getLogger(__name__)
@@ -173,14 +174,16 @@ class VirtualCamSink:
         self.device = device
         self.fourcc: Fourcc = fourcc
         self.frames_written = 0
-        self.frames_dropped = 0
+        self._dropped_before = 0                     # frames dropped by writers already closed
         self._cam: Any = None
         self._size: tuple[int, int] = (0, 0)
-        self._cond = threading.Condition()
-        self._slot: VideoFrame | None = None
-        self._stop = False
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._writer: WriterThread[VideoFrame] | None = None
+
+    @property
+    def frames_dropped(self) -> int:
+        """Frames overwritten in the mailbox because the writer fell behind by a whole frame."""
+        w = self._writer
+        return self._dropped_before + (w.queue.dropped if w is not None else 0)
 
     @property
     def device_path(self) -> str | None:
@@ -207,60 +210,46 @@ class VirtualCamSink:
 
         self._cam = await asyncio.to_thread(open_camera)
         self._size = (width, height)
-        self._stop, self._slot, self._error = False, None, None
-        self._thread = threading.Thread(target=self._writer, name=f"{self.name}-writer", daemon=True)
-        self._thread.start()
+        # The mailbox: one slot, latest frame wins; on close the frame in it is still written.
+        self._writer = WriterThread(f"{self.name}-writer", SyncDropOldest[VideoFrame](1),
+                                    self._write, on_error=self._failed)
+        self._writer.start()
         log.info("%s: writing %dx%d %s to %s", self.name, width, height, self.fourcc, self._cam.device)
 
     async def send(self, frame: VideoFrame) -> None:
         """Queue a frame for the device (latest wins); raises VirtualCamError if the writer failed."""
-        if self._error is not None:
-            raise VirtualCamError(f"{self.name}: device {self.device_path} failed: {self._error}") from self._error
-        if self._cam is None:
+        writer = self._writer
+        if writer is not None and writer.error is not None:
+            raise VirtualCamError(f"{self.name}: device {self.device_path} failed: {writer.error}") from writer.error
+        if self._cam is None or writer is None:
             raise VirtualCamError(f"{self.name}: send() before start()")
         w, h = self._size
         if frame.image.shape != (h, w, 3) or frame.image.dtype != np.uint8:
             raise ValueError(
                 f"{self.name}: frame {frame.index} is {frame.image.dtype} {frame.image.shape}, "
                 f"the device was started for uint8 ({h}, {w}, 3)")
-        with self._cond:
-            if self._slot is not None:
-                self.frames_dropped += 1  # the writer fell behind by a whole frame
-            self._slot = frame
-            self._cond.notify()
+        writer.put(frame)
 
     async def close(self) -> None:
         """Stop the writer and release the device."""
-        thread, self._thread = self._thread, None
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        if thread is not None:
-            await asyncio.to_thread(thread.join, 5.0)
+        w = self._writer
+        if w is not None:
+            w.stop()
+            await asyncio.to_thread(w.join, 5.0)
         cam, self._cam = self._cam, None
         if cam is not None:
             await asyncio.to_thread(cam.close)
 
-    def _writer(self) -> None:
+    def _write(self, frame: VideoFrame) -> None:
+        """Writer thread: one frame to the device."""
         cam = self._cam
-        path = cam.device
-        check_every = max(1, int(round(cam.fps)))
-        while True:
-            with self._cond:
-                while self._slot is None and not self._stop:
-                    self._cond.wait()
-                if self._slot is None:  # stopping, and the last frame is already written
-                    return
-                frame, self._slot = self._slot, None
-            try:
-                data = frame.image if self.fourcc == "I420" else rgb_to_yuyv(frame.image)
-                cam.send(np.ascontiguousarray(data))
-                self.frames_written += 1
-                # pyvirtualcam only prints write errors to stderr; a vanished node (module unloaded,
-                # device removed) is the failure we can see, so check once a second.
-                if self.frames_written % check_every == 0 and not os.path.exists(path):
-                    raise OSError(f"{path} disappeared (v4l2loopback unloaded?)")
-            except BaseException as e:  # handed to the loop through send()
-                log.error("%s: writing frame %d failed: %s", self.name, frame.index, e)
-                self._error = e
-                return
+        data = frame.image if self.fourcc == "I420" else rgb_to_yuyv(frame.image)
+        cam.send(np.ascontiguousarray(data))
+        self.frames_written += 1
+        # pyvirtualcam only prints write errors to stderr; a vanished node (module unloaded,
+        # device removed) is the failure we can see, so check once a second.
+        if self.frames_written % max(1, int(round(cam.fps))) == 0 and not os.path.exists(cam.device):
+            raise OSError(f"{cam.device} disappeared (v4l2loopback unloaded?)")
+
+    def _failed(self, e: BaseException) -> None:
+        log.error("%s: writing to %s failed: %s", self.name, self.device_path, e)

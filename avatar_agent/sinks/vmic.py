@@ -25,20 +25,20 @@ pipewire-pulse serves the same protocol.  Needs apt ``pulseaudio-utils`` (pactl)
 from __future__ import annotations
 
 import asyncio
-import collections
 import ctypes
 import ctypes.util
 import logging
 import os
 import re
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
+from avatar_agent.queues import SyncDropOldest
+from avatar_agent.sinks.writer import WriterThread
 from avatar_agent.types import SAMPLE_RATE, VideoFrame
 
 log = logging.getLogger(__name__)
@@ -137,41 +137,25 @@ def _libs() -> tuple[Any, Any]:
     return simple, pulse
 
 
-class _Writer(threading.Thread):
-    """Owns the playback stream; writes each block so it starts ``latency`` after it was sent."""
+class _Playback:
+    """The playback stream, used only on its writer thread: each block starts ``latency`` after
+    it was sent (the thread, the queue and error hand-back are :class:`WriterThread`'s)."""
+
+    MAX_BLOCKS = 50
+    """Blocks queued at most (2 s of 40 ms frames); more: the oldest is dropped (counted)."""
 
     def __init__(self, sink: str, latency_s: float, slack_s: float, stats: VirtualMicStats
                  ) -> None:
-        super().__init__(name="vmic-writer", daemon=True)
         self.sink, self.latency, self.slack, self.stats = sink, latency_s, slack_s, stats
-        self.error: str | None = None
-        self.ready = threading.Event()
-        self._cond = threading.Condition()
-        self._blocks: collections.deque[tuple[float, bytes]] = collections.deque()
-        self._stopping = False
-        self._max_blocks = 50                         # 2 s of 40 ms frames
+        self._simple: Any = None
+        self._pulse: Any = None
+        self._handle: Any = None
+        self._err = ctypes.c_int(0)
 
-    def put(self, t_sent: float, pcm: bytes) -> None:
-        with self._cond:
-            if len(self._blocks) >= self._max_blocks:
-                self._blocks.popleft()
-                self.stats.dropped += 1
-            self._blocks.append((t_sent, pcm))
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-
-    def run(self) -> None:
-        try:
-            simple, pulse = _libs()
-        except VirtualMicError as e:
-            self.error = str(e)
-            self.ready.set()
-            return
-        err = ctypes.c_int(0)
+    def open(self) -> None:
+        """Connect the stream (raises VirtualMicError with the server's reason)."""
+        simple, pulse = _libs()
+        err = self._err
         spec = _SampleSpec(_PA_SAMPLE_S16LE, SAMPLE_RATE, 1)
         bps = 2 * SAMPLE_RATE
         # A roomy target length (never blocks on a 40 ms block) and a tiny prebuffer (restart at
@@ -193,42 +177,44 @@ class _Writer(threading.Thread):
         else:
             os.environ["PULSE_LATENCY_MSEC"] = saved
         if not handle:
-            self.error = (f"cannot open a playback stream on {self.sink!r}: "
-                          f"{pulse.pa_strerror(err.value).decode()}")
-            self.ready.set()
-            return
-        self.ready.set()
+            raise VirtualMicError(f"cannot open a playback stream on {self.sink!r}: "
+                                  f"{pulse.pa_strerror(err.value).decode()}")
+        self._simple, self._pulse, self._handle = simple, pulse, handle
+
+    def write(self, block: tuple[float, bytes]) -> None:
+        """Write one block so that it starts at its send time + latency."""
+        t_sent, pcm = block
+        simple, pulse, handle, err = self._simple, self._pulse, self._handle, self._err
         try:
-            while True:
-                with self._cond:
-                    while not self._blocks and not self._stopping:
-                        self._cond.wait()
-                    if self._stopping:
-                        return
-                    t_sent, pcm = self._blocks.popleft()
-                lat = simple.pa_simple_get_latency(handle, ctypes.byref(err))
-                if lat == 0xFFFFFFFFFFFFFFFF:
-                    raise VirtualMicError(pulse.pa_strerror(err.value).decode())
-                # This block would start after what is buffered; it should start at
-                # t_sent + latency.  error > 0: late (trim), error < 0: early (pad).
-                error = time.monotonic() + lat / 1e6 - (t_sent + self.latency)
-                self.stats.max_error_ms = max(self.stats.max_error_ms, abs(error) * 1000)
-                if error < -self.latency / 2:
-                    pad = int(-error * SAMPLE_RATE)
-                    pcm = bytes(2 * pad) + pcm
-                    self.stats.padded_ms += pad / SAMPLE_RATE * 1000
-                elif error > self.slack:
-                    cut = min(len(pcm) // 2, int(error * SAMPLE_RATE))
-                    pcm = pcm[2 * cut:]
-                    self.stats.trimmed_ms += cut / SAMPLE_RATE * 1000
-                if pcm and simple.pa_simple_write(handle, pcm, len(pcm), ctypes.byref(err)) < 0:
-                    raise VirtualMicError(pulse.pa_strerror(err.value).decode())
-                self.stats.frames += 1
+            lat = simple.pa_simple_get_latency(handle, ctypes.byref(err))
+            if lat == 0xFFFFFFFFFFFFFFFF:
+                raise VirtualMicError(pulse.pa_strerror(err.value).decode())
+            # This block would start after what is buffered; it should start at
+            # t_sent + latency.  error > 0: late (trim), error < 0: early (pad).
+            error = time.monotonic() + lat / 1e6 - (t_sent + self.latency)
+            self.stats.max_error_ms = max(self.stats.max_error_ms, abs(error) * 1000)
+            if error < -self.latency / 2:
+                pad = int(-error * SAMPLE_RATE)
+                pcm = bytes(2 * pad) + pcm
+                self.stats.padded_ms += pad / SAMPLE_RATE * 1000
+            elif error > self.slack:
+                cut = min(len(pcm) // 2, int(error * SAMPLE_RATE))
+                pcm = pcm[2 * cut:]
+                self.stats.trimmed_ms += cut / SAMPLE_RATE * 1000
+            if pcm and simple.pa_simple_write(handle, pcm, len(pcm), ctypes.byref(err)) < 0:
+                raise VirtualMicError(pulse.pa_strerror(err.value).decode())
         except VirtualMicError as e:
-            self.error = f"playback to {self.sink!r} failed: {e} (sound server gone?)"
-            log.error("virtual microphone: %s", self.error)
-        finally:
-            simple.pa_simple_free(handle)
+            raise VirtualMicError(f"playback to {self.sink!r} failed: {e} (sound server gone?)"
+                                  ) from None
+        self.stats.frames += 1
+
+    def free(self, error: BaseException | None = None) -> None:
+        """Release the stream (after the last write, or after a failed one)."""
+        if error is not None:
+            log.error("virtual microphone: %s", error)
+        handle, self._handle = self._handle, None
+        if handle:
+            self._simple.pa_simple_free(handle)
 
 
 class VirtualMicSink:
@@ -269,7 +255,7 @@ class VirtualMicSink:
         self.stats = VirtualMicStats()
         self.modules: list[int] = []
         """Indices of the modules this sink loaded (exactly these are unloaded on close)."""
-        self._writer: _Writer | None = None
+        self._writer: WriterThread[tuple[float, bytes]] | None = None
 
     # -------------------------------------------------------------------------------------------
 
@@ -287,14 +273,19 @@ class VirtualMicSink:
         elif self.sink_name not in _names("sinks"):
             raise VirtualMicError(f"sink {self.sink_name!r} does not exist and manage_modules is "
                                   "off: create it or let the agent manage the devices")
-        w = _Writer(self.sink_name, self.latency_ms / 1000, self.slack_ms / 1000, self.stats)
+        pb = _Playback(self.sink_name, self.latency_ms / 1000, self.slack_ms / 1000, self.stats)
+        # Audio that cannot be written within 2 s would play late anyway: drop the oldest, and
+        # on close stop without writing the rest.
+        w = WriterThread("vmic-writer", SyncDropOldest[tuple[float, bytes]](_Playback.MAX_BLOCKS),
+                         pb.write, open=pb.open, finish=pb.free, on_error=pb.free, drain=False)
         w.start()
         w.ready.wait(10)
         if w.error or not w.ready.is_set():
             w.stop()
             if self.manage_modules:
                 self._unload_modules()
-            raise VirtualMicError(w.error or "the playback stream did not open within 10 s")
+            raise VirtualMicError(str(w.error) if w.error else
+                                  "the playback stream did not open within 10 s")
         self._writer = w
         log.info("virtual microphone %r ready (sink %s, %d ms delay)", self.source_name,
                  self.sink_name, self.latency_ms)
@@ -332,9 +323,11 @@ class VirtualMicSink:
         if w is None:
             raise VirtualMicError("virtual microphone not started")
         if w.error is not None or not w.is_alive():
-            raise VirtualMicError(w.error or "the virtual microphone writer stopped")
+            raise VirtualMicError(str(w.error) if w.error else
+                                  "the virtual microphone writer stopped")
         pcm = np.clip(np.asarray(frame.audio, np.float32), -1.0, 1.0)
-        w.put(time.monotonic(), (pcm * 32767.0).round().astype("<i2").tobytes())
+        if w.put((time.monotonic(), (pcm * 32767.0).round().astype("<i2").tobytes())):
+            self.stats.dropped += 1
 
     async def close(self) -> None:
         """Stop the playback stream and remove the devices this sink created."""
