@@ -289,12 +289,12 @@ def _check_port(r: Report, cfg: Config) -> None:
 
 
 def _running_agent(cfg: Config) -> tuple[str, dict] | None:
-    """Figures of an agent already running with this config (GET /status), if any."""
+    """Figures of an agent already running with this config (GET /api/status), if any."""
     import json
     import urllib.request
 
     host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::") else cfg.server.host
-    url = f"http://{host}:{cfg.server.port}/status"
+    url = f"http://{host}:{cfg.server.port}/api/status"
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {cfg.server.token}"}
                                  if cfg.server.token else {})
     try:

@@ -356,6 +356,8 @@ class AsyncAvatarClient:
             try:
                 async for msg in source:
                     yield _event_body(msg.type, msg.data, msg.last_event_id)
+            except TimeoutError:                  # (aiohttp's is a ClientConnectionError too)
+                raise
             except aiohttp.ClientConnectionError:
                 return                            # closed, and the server is gone
 
@@ -461,6 +463,7 @@ class AvatarClient:
                  aio: AsyncAvatarClient | None = None) -> None:
         self.aio = aio or AsyncAvatarClient(base_url, token, timeout, prefix)
         """The async client doing the work (its HTTP session lives on the private loop)."""
+        self._parent: AvatarClient | None = None
         weakref.finalize(self, _close_quietly, self.aio)
 
     def __enter__(self) -> AvatarClient:
@@ -506,7 +509,9 @@ class AvatarClient:
         (``.session`` holds the server's answer: id, WHEP and audio URLs).
 
         Raises ApiError 503 (``retry_after`` set) when the server is at capacity."""
-        return AvatarClient(aio=_Loop.run(self.aio.open_session(avatar, emotion, voice)))
+        child = AvatarClient(aio=_Loop.run(self.aio.open_session(avatar, emotion, voice)))
+        child._parent = self                      # it borrows our connections: keep them open
+        return child
 
     def events(self, types: Iterable[str] | None = None, timeout: float | None = None
                ) -> Iterator[Event]:

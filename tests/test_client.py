@@ -174,6 +174,28 @@ def test_sync_client_errors(server: ServerThread, tmp_path: Path) -> None:
     assert e.value.status == 401
 
 
+def test_sync_client_is_the_async_one_on_a_private_loop(server: ServerThread) -> None:
+    import time
+
+    with AvatarClient(server.url, token=TOKEN) as c:
+        it = c.events(types=["never_sent"], timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):                # read timeout: nothing came for 0.5 s
+            next(it)
+        assert 0.4 < time.monotonic() - t0 < 10
+        assert c.status()["pending"] == 0                # the client goes on after it
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(c.say("Hi.")))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert sorted(results) == list(range(min(results), min(results) + 4))
+        assert c.aio._session is not None
+    assert c.aio._session is None                        # closed by the with block
+
+
 def test_rate_limit_error_carries_retry_after(tmp_path: Path) -> None:
     s = ServerThread(tmp_path, rate_say_per_min=6)
     try:

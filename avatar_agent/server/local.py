@@ -23,13 +23,10 @@ def make_local_app(cfg: Config, session: Any, webrtc: Any) -> web.Application:
         return web.Response(body=session.agent.metrics.render(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    async def status(_: web.Request) -> web.Response:   # the old name of /api/status
-        raise web.HTTPPermanentRedirect("/api/status")
-
     def healthy() -> bool:
         return bool(session.agent.producing)
 
-    app = make_app(webrtc, extra_routes=[web.get("/metrics", metrics), web.get("/status", status)],
+    app = make_app(webrtc, extra_routes=[web.get("/metrics", metrics)],
                    on_uplink_audio=uplink, healthy=healthy)
     control, security = settings_from_config(cfg)
     session.stats_providers.append(lambda: {"viewers": webrtc.viewers,

@@ -398,3 +398,82 @@ async def test_frame_statistics_are_published_while_someone_listens(api: Api) ->
     assert first.kind == "frame_stats" and second.id > first.id
     assert second.data["frames"] > first.data["frames"]       # the timeline is running
     assert second.data["position"] == second.data["frames"] * FRAME_SAMPLES
+
+
+# ------------------------------------------------------------------------------------------------
+# One set of definitions: the table, the validator, the document and the PCM table agree
+# ------------------------------------------------------------------------------------------------
+
+async def test_document_publishes_the_schemas_the_server_validates_with(api: Api) -> None:
+    from avatar_agent.audio.resample import PCM_CHANNELS, PCM_FORMATS, PCM_RATES
+    from avatar_agent.server.control import PCM_HEADER, ControlApi
+
+    async with api.client() as c:
+        doc = await c.openapi()
+    for ep in ENDPOINTS:
+        op = doc["paths"][ep.path][ep.method.lower()]
+        assert callable(getattr(ControlApi, op["operationId"]))       # the method serving it
+        if ep.body is not None:
+            assert op["requestBody"]["content"]["application/json"]["schema"] == ep.body
+    audio_ws = doc["paths"]["/api/audio/ws"]["get"]["x-websocket-messages"]["header"]
+    assert audio_ws == PCM_HEADER
+    assert audio_ws["properties"]["format"]["enum"] == list(PCM_FORMATS) == [
+        "s16le", "s32le", "f32le", "u8"]
+    query = {p["name"]: p["schema"] for p in doc["paths"]["/api/audio"]["post"]["parameters"]}
+    assert (query["rate"]["minimum"], query["rate"]["maximum"]) == PCM_RATES == (1000, 384000)
+    assert (query["channels"]["minimum"], query["channels"]["maximum"]) == PCM_CHANNELS == (1, 16)
+    avatar = doc["paths"]["/api/avatar"]["post"]["responses"]
+    assert "ready" in avatar["200"]["content"]["application/json"]["schema"]["properties"]
+    assert "ready" in avatar["202"]["content"]["application/json"]["schema"]["properties"]
+    events = doc["paths"]["/api/events"]["get"]["description"]
+    for kind in ("speech_started", "speech_finished", "avatar_swapped", "session_ended",
+                 "frame_stats", "avatar_ready", "avatar_failed", "events_dropped"):
+        assert kind in events
+
+
+async def test_validation_errors_are_one_line_naming_the_field(api: Api) -> None:
+    async with api.client() as c:
+        cases = [("/api/say", {"text": "hi", "voice": "en\n"}, "body.voice 'en\\n' has characters"),
+                 ("/api/say", {"text": "hi", "voice": None}, "body.voice must be a string, got null"),
+                 ("/api/say", {}, "body: missing required field 'text'"),
+                 ("/api/scales", {}, "body: give at least one of expression, head"),
+                 ("/api/emotion", {"name": "joy"}, "body.name = 'joy' is not one of anger,"),
+                 ("/api/gaze", {"x": 0, "y": -2}, "body.y = -2 is below the minimum -1"),
+                 ("/api/avatar", {"path": "a.png", "wait": 1}, "body.wait must be true or false")]
+        for path, body, msg in cases:
+            with pytest.raises(ApiError) as e:
+                await c.request("POST", path, body)
+            assert e.value.status == 400 and e.value.message.startswith(msg), (body, e.value.message)
+            assert "\n" not in e.value.message.replace("\\n", "")
+        with pytest.raises(ApiError) as e:
+            await c.request("POST", "/api/audio", data=b"\x00\x00",
+                            query={"rate": "16000", "format": "mp3"})
+        assert e.value.message == "query.format = 'mp3' is not one of s16le, s32le, f32le, u8"
+        with pytest.raises(ApiError) as e:
+            await c.request("POST", "/api/audio", data=b"\x00\x00", query={"channels": "17"})
+        assert e.value.message == "query.channels = 17 is above the maximum 16"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(api.url + "/api/gaze", data=b'{"x": 1e999, "y": 0}',
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 400 and "finite" in (await r.json())["error"]
+        for header, msg in [('{"rate": 48000.0}', "header.rate must be an integer, got a number"),
+                            ('{"rate": 16000, "channels": 17}',
+                             "header.channels = 17 is above the maximum 16"),
+                            ('{"rate": 16000, "bits": 16}', "header: unknown field(s) 'bits'")]:
+            async with s.ws_connect(api.url + "/api/audio/ws") as ws:
+                await ws.send_str(header)
+                got = json.loads((await ws.receive(timeout=10)).data)
+                assert got["type"] == "error" and got["error"].startswith(msg), got
+    assert api.ctl.calls == []                            # nothing invalid reached the controller
+
+
+async def test_check_reads_a_running_agent_from_the_one_status_route(api: Api) -> None:
+    from avatar_agent.check import _running_agent
+    from avatar_agent.config import load_config
+
+    port = int(api.url.rsplit(":", 1)[1])
+    cfg = load_config(None, [f"server.port={port}"])
+    found = await asyncio.to_thread(_running_agent, cfg)
+    assert found is not None
+    url, stats = found
+    assert url.endswith("/api/status") and stats["frames"] >= 0 and "emotion" in stats

@@ -134,7 +134,7 @@ async def test_idle_sessions_time_out_but_watched_ones_stay() -> None:
 
 
 async def test_python_client_and_openapi_cover_the_session_routes() -> None:
-    from avatar_agent.client import ApiError, AsyncAvatarClient
+    from avatar_agent.client import ApiError, AsyncAvatarClient, AvatarClient
 
     async with session_server("server.max_sessions=1") as (url, engine, http):
         async with AsyncAvatarClient(url) as c:
@@ -148,7 +148,18 @@ async def test_python_client_and_openapi_cover_the_session_routes() -> None:
             assert st["session"] == s.session["id"] and uid >= 1
             await s.close_session()
             assert engine.get(s.session["id"]) is None
+            sync = await asyncio.to_thread(lambda: AvatarClient(url).open_session())
+            assert sync.prefix == f"/v1/sessions/{sync.session['id']}"
+            assert (await asyncio.to_thread(sync.status))["session"] == sync.session["id"]
+            await asyncio.to_thread(sync.close_session)
+            assert engine.get(sync.session["id"]) is None
             doc = await c.request("GET", "/v1/openapi.json")
             for path in ("/v1/sessions", "/v1/sessions/{id}", "/v1/sessions/{id}/whep",
                          "/v1/sessions/{id}/say", "/v1/sessions/{id}/audio/ws", "/readyz"):
                 assert path in doc["paths"], path
+            opened = doc["paths"]["/v1/sessions"]["post"]["responses"]["201"]
+            assert "whep" in opened["content"]["application/json"]["schema"]["properties"]
+            say = doc["paths"]["/v1/sessions/{id}/say"]["post"]
+            assert say["parameters"][0] == {"name": "id", "in": "path", "required": True,
+                                            "schema": {"type": "string"}}
+            assert say["operationId"] == "post_v1_sessions_id_say"
