@@ -24,21 +24,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from ..engine import CapacityError, Engine
 from ..session import Session
 from ..sinks.webrtc import OfferError, UplinkBusyError, WebRtcError, WebRtcSink
-from .control import EMOTION, ENDPOINTS, VOICE, ControlApi, ControlSettings
+from .control import EMOTION, ENDPOINTS, VOICE, ControlApi, ControlSettings, Handler
 from .openapi import BadRequest, Endpoint, document, parse_json, validate
 from .security import RateLimit, SecuritySettings, TokenBuckets, install
 
 log = logging.getLogger(__name__)
 
 ENGINE_KEY = web.AppKey("engine", Engine)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPEN_SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
