@@ -4,15 +4,17 @@ Routes (JSON; errors ``{"error": "..."}``):
 
     POST   /v1/sessions              {avatar?, emotion?, voice?} → 201 {id, urls…}; 503 + Retry-After
                                      when the engine is at capacity (running sessions are untouched)
-    GET    /v1/sessions              [{id, …status}]
+    GET    /v1/sessions              [{id, viewers, avatar}]
     DELETE /v1/sessions/{id}         204 (queued frames drain); 404 unknown id
     POST   /v1/sessions/{id}/whep    SDP offer (raw application/sdp, WHEP; or JSON {sdp, type})
                                      → the session's own video + audio; 201 + Location
     DELETE /v1/sessions/{id}/whep/{peer}
     …      /v1/sessions/{id}/say | audio | audio/ws | interrupt | emotion | scales | gaze |
-           status | events | events/ws   — the control API of :mod:`avatar_agent.server.control`
-                                     for that session (same bodies, limits and rate limits)
-    GET    /healthz                  {"ok", sessions, capacity, load}; 503 when a session is frozen
+           avatar | status | events | events/ws   — the control API of
+                                     :mod:`avatar_agent.server.control` for that session (one
+                                     ControlApi each: same bodies, limits and rate limits)
+    GET    /healthz                  {"ok", frozen, sessions, capacity, load, …}; 503 when a
+                                     session is frozen
     GET    /readyz                   200 while a new session fits, else 503 (for a load balancer)
     GET    /v1/openapi.json          this API (and every session's control routes) as OpenAPI 3.1
 
@@ -38,6 +40,7 @@ from .security import RateLimit, SecuritySettings, TokenBuckets, install
 log = logging.getLogger(__name__)
 
 ENGINE_KEY = web.AppKey("engine", Engine)
+_CONTROL_DOC = "/api/openapi.json"
 
 OPEN_SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
@@ -79,7 +82,7 @@ SESSION_ENDPOINTS = [
 def session_document() -> dict[str, Any]:
     """OpenAPI for the session server: its routes + every control route per session."""
     per_session = [dataclasses.replace(ep, path=ep.path.replace("/api/", "/v1/sessions/{id}/", 1))
-                   for ep in ENDPOINTS if ep.path != "/api/openapi.json"]
+                   for ep in ENDPOINTS if ep.path != _CONTROL_DOC]
     return document([*SESSION_ENDPOINTS, *per_session], title="avatar-agent session server")
 
 
@@ -90,7 +93,9 @@ class _Routes:
         self.session, self.sink = session, sink
         api = ControlApi(session, settings)
         self.hub = api.hub
-        self.handlers: dict[tuple[str, str], Handler] = api.handlers()
+        # Not /api/openapi.json: the session's routes are described by /v1/openapi.json.
+        self.handlers: dict[tuple[str, str], Handler] = {
+            route: h for route, h in api.handlers().items() if route[1] != _CONTROL_DOC}
 
 
 class SessionApi:

@@ -144,6 +144,10 @@ async def test_python_client_and_openapi_cover_the_session_routes() -> None:
                 await c.open_session()
             assert e.value.status == 503 and e.value.retry_after
             uid = await s.say("Hello there.")
+            with pytest.raises(ApiError) as e:            # a session's routes: /v1/openapi.json
+                await s.request("GET", s.prefix + "/openapi.json")
+            assert e.value.status == 404
+            assert "/v1/sessions/{id}/say" in (await s.openapi())["paths"]
             st = await s.status()
             assert st["session"] == s.session["id"] and uid >= 1
             await s.close_session()
