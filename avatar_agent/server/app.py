@@ -31,8 +31,8 @@ from typing import Callable, Iterable
 
 from aiohttp import web
 
-from avatar_agent.sinks.webrtc import (OfferError, UplinkBusyError, UplinkCallback, WebRtcError,
-                                       WebRtcSink)
+from avatar_agent.audio.uplink import Uplink, UplinkCallback
+from avatar_agent.sinks.webrtc import OfferError, UplinkBusyError, WebRtcError, WebRtcSink
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def make_app(webrtc_sink: WebRtcSink, extra_routes: Iterable[web.AbstractRouteDe
     app = web.Application(client_max_size=MAX_OFFER_BYTES)
     app[SINK_KEY] = webrtc_sink
     app[HEALTHY_KEY] = healthy
-    if on_uplink_audio is not None:
-        webrtc_sink.on_uplink_audio = on_uplink_audio
+    if on_uplink_audio is not None:  # the peer's audio → the agent's speech (audio/uplink.py)
+        webrtc_sink.uplink = Uplink(on_uplink_audio, name=f"{webrtc_sink.name} uplink")
     app.add_routes([
         web.get("/", _index),
         web.post("/offer", _offer),

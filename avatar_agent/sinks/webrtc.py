@@ -18,33 +18,31 @@ is closed and removed; the others and the player never notice.
 server answers ``Location: /session/<id>`` and ``DELETE /session/<id>`` ends it).
 
 **Uplink (chatbots).**  A peer whose offer *sends* audio (``sendrecv``/``sendonly``) is the
-speaker: its decoded audio (aiortc hands out 20 ms ``av.AudioFrame`` s, usually 48 kHz stereo s16)
-is converted to 16 kHz mono float32 and handed to ``on_uplink_audio(samples, final=False)`` as it
-arrives, one utterance at a time: a loud block opens an utterance, 0.4 s of silence ends it with
-``on_uplink_audio(empty, final=True)`` (a track carries silence between sentences forever, and one
-endless stream would block ``say()`` and every other push); when the peer leaves (DELETE, ICE
-failure, close, connect timeout) an open utterance is ended the same way.  Only one speaker at a
-time: while one is connected a second sending offer is refused with :class:`UplinkBusyError`
-(HTTP 409); viewers (recvonly offers) are never refused for that.  Without a callback, a sending offer is accepted but its audio
-is declined in the answer (the transceiver becomes ``sendonly`` from our side), so nothing
-buffers.  Silence inside an utterance is pushed like speech: the VAD decides what is speech.
+speaker.  This sink only reads its track: each decoded ``av.AudioFrame`` (aiortc hands out 20 ms
+frames, usually 48 kHz stereo s16) goes to the :class:`~avatar_agent.audio.uplink.Uplink` the
+wiring gave it (``uplink=``), which converts, cuts utterances and pushes them into the speech
+source; when the peer leaves (DELETE, ICE failure, close, connect timeout) the uplink is told to
+end an open utterance.  Only one speaker at a time: while one is connected a second sending offer
+is refused with :class:`UplinkBusyError` (HTTP 409); viewers (recvonly offers) are never refused
+for that.  Without an uplink, a sending offer is accepted but its audio is declined in the answer
+(the transceiver becomes ``sendonly`` from our side), so nothing buffers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import secrets
 import time
 from collections import deque
 from fractions import Fraction
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from avatar_agent.audio.resample import Upsampler3
+from avatar_agent.audio.uplink import Uplink, UplinkCallback
 from avatar_agent.types import SAMPLE_RATE, VideoFrame
 
 log = logging.getLogger(__name__)
@@ -66,10 +64,6 @@ class OfferError(WebRtcError, ValueError):
 
 class UplinkBusyError(WebRtcError):
     """Another peer is already sending audio; offer audio as recvonly to watch (HTTP 409)."""
-
-
-UplinkCallback = Callable[[np.ndarray, bool], Any]
-"""``on_uplink_audio(samples, final)``: samples are 16 kHz mono float32; may return an awaitable."""
 
 
 class Answer(NamedTuple):
@@ -176,124 +170,6 @@ def _track_classes() -> tuple[type, type]:
     return MailboxVideoTrack, QueueAudioTrack
 
 
-UPLINK_GATE_RMS = 0.003
-"""A 20 ms uplink block louder than this (≈ -50 dBFS) opens or extends an utterance."""
-UPLINK_HANGOVER_S = 0.4
-"""Silence after which the uplink's utterance is ended (``final=True``)."""
-
-
-class _Uplink:
-    """The speaking peer's audio → 16 kHz mono float32 blocks for the callback, in utterances.
-
-    A WebRTC track never stops: between sentences it carries silence.  Pushed as one endless
-    stream, that silence would keep the speech queue's stream open and block ``say()`` and other
-    pushes forever, so the uplink is cut into utterances: a loud block opens one (with the block
-    before it as pre-roll, so no onset is clipped), and ``UPLINK_HANGOVER_S`` of silence ends it.
-    Silence inside an utterance is passed on (the VAD and the queue judge it); silence between
-    utterances is not.
-    """
-
-    def __init__(self, name: str, callback: UplinkCallback, gate_rms: float = UPLINK_GATE_RMS,
-                 hangover_s: float = UPLINK_HANGOVER_S) -> None:
-        from avatar_agent.audio.resample import StreamResampler
-
-        self._resampler_cls = StreamResampler
-        self.name = name
-        self.callback = callback
-        self.gate_rms = gate_rms
-        self.hangover = int(hangover_s * SAMPLE_RATE)
-        self.task: asyncio.Task[None] | None = None
-        self.frames = 0           # decoded frames received
-        self.samples = 0          # 16 kHz samples handed to the callback
-        self.dropped = 0          # blocks the callback refused (e.g. speech queue full)
-        self.utterances = 0       # utterances opened
-        self.finished = False
-        self._open = False        # an utterance is being pushed
-        self._quiet = 0           # 16 kHz samples of silence since the last loud block
-        self._pre: np.ndarray | None = None
-        self._fmt: tuple[int, int] | None = None
-        self._rs: Any = None
-        self._disabled = False
-
-    def convert(self, frame: Any) -> np.ndarray:
-        """One decoded ``av.AudioFrame`` → float32 16 kHz mono samples (a few may lag in soxr)."""
-        fmt = (int(frame.sample_rate), len(frame.layout.channels))
-        out = []
-        if fmt != self._fmt:  # first frame, or the peer renegotiated: restart the resampler
-            if self._rs is not None:
-                out.append(self._rs.flush())
-            self._rs = self._resampler_cls(fmt[0], fmt[1], name=f"{self.name} uplink")
-            self._fmt = fmt
-        x = frame.to_ndarray()  # packed: [1, n * ch]; planar: [ch, n]
-        x = x.T.reshape(-1) if frame.format.is_planar else x.reshape(-1)
-        out.append(self._rs.process(x))
-        return np.concatenate(out) if len(out) > 1 else out[0]
-
-    async def feed(self, y: np.ndarray) -> None:
-        """Gate one converted block into utterances (see the class docstring)."""
-        if not y.size:
-            return
-        loud = float(np.sqrt(np.mean(y * y))) > self.gate_rms
-        if loud:
-            if not self._open:
-                self._open = True
-                self.utterances += 1
-                if self._pre is not None:
-                    await self.deliver(self._pre, False)
-            self._pre = None
-            self._quiet = 0
-            await self.deliver(y, False)
-        elif self._open:
-            await self.deliver(y, False)
-            self._quiet += y.size
-            if self._quiet >= self.hangover:
-                self._open = False
-                await self.deliver(np.zeros(0, np.float32), True)
-        else:
-            self._pre = y
-
-    async def deliver(self, samples: np.ndarray, final: bool) -> None:
-        if self._disabled or (not final and not samples.size):
-            return
-        try:
-            r = self.callback(samples, final)
-            if inspect.isawaitable(r):
-                await r
-            self.samples += int(samples.size)
-        except ValueError as e:  # the agent cannot take pushed audio at all (e.g. a mic source)
-            self._disabled = True
-            log.error("%s: uplink audio refused, ignoring this peer's audio: %s", self.name, e)
-        except Exception as e:  # e.g. the speech queue is full: this block is lost, go on
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 50 == 0:
-                log.warning("%s: uplink audio block dropped (%d so far): %s", self.name,
-                            self.dropped, e)
-
-    async def run(self, track: Any) -> None:
-        """Read the remote track until it ends (the peer left or the connection closed)."""
-        from aiortc.mediastreams import MediaStreamError
-
-        try:
-            while True:
-                frame = await track.recv()
-                self.frames += 1
-                await self.feed(self.convert(frame))
-        except MediaStreamError:
-            pass
-        finally:
-            await self.finish()
-
-    async def finish(self) -> None:
-        """The peer left: end an open utterance with the resampler's tail (``final=True``)."""
-        if self.finished:
-            return
-        self.finished = True
-        if self._open:
-            self._open = False
-            tail = self._rs.flush() if self._rs is not None else np.zeros(0, np.float32)
-            await self.deliver(tail, True)
-
-
 class _Viewer:
     """One browser: its peer connection, its two tracks and its timestamp origin."""
 
@@ -305,7 +181,7 @@ class _Viewer:
         self.first_index: int | None = None
         self.video: Any = None
         self.audio: Any = None
-        self.uplink: _Uplink | None = None
+        self.uplink_task: asyncio.Task[None] | None = None   # reads its track (the speaker)
         self.timer: asyncio.TimerHandle | None = None  # the connect timeout
         self.joined = time.monotonic()
 
@@ -329,9 +205,9 @@ class WebRtcSink:
             seconds gives its slot to the new offer (a peer that never completes ICE must not
             lock real viewers out for the whole ``connect_timeout``).
         ice_servers: optional STUN/TURN URLs for viewers outside the LAN (none: host candidates).
-        on_uplink_audio: ``callback(samples16k_float32, final)`` receiving the audio a speaking
-            peer sends (see the module docstring); None declines peers' audio.  May also be set
-            later as the ``on_uplink_audio`` attribute (``make_app`` does).
+        uplink: where a speaking peer's decoded audio goes (see the module docstring); None
+            declines peers' audio.  May also be set later as the ``uplink`` attribute
+            (``make_app`` does).
 
     Use: ``await sink.start(w, h, fps)``; the server calls ``await sink.accept(sdp, "offer")`` per
     peer and returns the answer (an :class:`Answer`: sdp, type, session id); ``await
@@ -340,13 +216,13 @@ class WebRtcSink:
 
     def __init__(self, name: str = "webrtc", max_viewers: int = 16, connect_timeout: float = 30.0,
                  connect_grace: float = 5.0, ice_servers: list[str] | None = None,
-                 on_uplink_audio: UplinkCallback | None = None) -> None:
+                 uplink: Uplink | None = None) -> None:
         self.name = name
         self.max_viewers = max_viewers
         self.connect_timeout = connect_timeout
         self.connect_grace = connect_grace
         self.ice_servers = list(ice_servers or [])
-        self.on_uplink_audio = on_uplink_audio
+        self.uplink = uplink
         self.sessions_opened = 0
         self.sessions_closed = 0
         self._speaker: _Viewer | None = None
@@ -380,13 +256,17 @@ class WebRtcSink:
         """Session id of the peer whose audio is the uplink now (None: nobody sends audio)."""
         return self._speaker.session if self._speaker is not None else None
 
+    @property
+    def on_uplink_audio(self) -> UplinkCallback | None:
+        """Where the uplink pushes (None: peers' audio is declined)."""
+        return self.uplink.push if self.uplink is not None else None
+
     def uplink_stats(self) -> dict[str, Any]:
         """The current uplink's counters (frames received, 16 kHz samples pushed, blocks dropped)."""
-        up = self._speaker.uplink if self._speaker is not None else None
-        if up is None:
+        speaker, up = self._speaker, self.uplink
+        if speaker is None or speaker.uplink_task is None or up is None:
             return {"session": None}
-        return {"session": self._speaker.session, "frames": up.frames,  # type: ignore[union-attr]
-                "samples": up.samples, "dropped": up.dropped, "utterances": up.utterances}
+        return {"session": speaker.session, **up.stats()}
 
     async def start(self, width: int, height: int, fps: int) -> None:
         """Fix the stream geometry; viewers may connect from now on."""
@@ -466,7 +346,7 @@ class WebRtcSink:
                 elif t.kind == "audio":
                     pc.addTrack(viewer.audio)
                     if t.receiver.track is not None:  # the peer sends audio: an uplink offer
-                        if uplink_track is not None or self.on_uplink_audio is None:
+                        if uplink_track is not None or self.uplink is None:
                             t.direction = "sendonly"  # decline it: nothing is received or buffered
                         elif self._speaker is not None:
                             raise UplinkBusyError(
@@ -494,9 +374,9 @@ class WebRtcSink:
                 await self._drop(viewer)
 
         if uplink_track is not None:
-            assert self.on_uplink_audio is not None
-            viewer.uplink = _Uplink(f"{self.name} session {viewer.id}", self.on_uplink_audio)
-            viewer.uplink.task = asyncio.ensure_future(viewer.uplink.run(uplink_track))
+            assert self.uplink is not None
+            self.uplink.begin(f"{self.name} session {viewer.id}")
+            viewer.uplink_task = asyncio.ensure_future(self._read_uplink(self.uplink, uplink_track))
         viewer.timer = asyncio.get_running_loop().call_later(self.connect_timeout,
                                                              self._check_connected, viewer)
         self._viewers[viewer.id] = viewer
@@ -552,20 +432,33 @@ class WebRtcSink:
             await viewer.pc.close()
         except Exception as e:  # closing a half-dead connection may fail; it is gone either way
             log.debug("%s: closing viewer %d: %s", self.name, viewer.id, e)
-        if viewer.uplink is not None:
+        task = viewer.uplink_task
+        if task is not None:
             # pc.close() ended the remote track, so the reader is finishing; never wait long.
-            up = viewer.uplink
-            if up.task is not None and not up.task.done():
+            if not task.done():
                 try:
-                    await asyncio.wait_for(asyncio.shield(up.task), 2.0)
+                    await asyncio.wait_for(asyncio.shield(task), 2.0)
                 except (TimeoutError, asyncio.CancelledError):
-                    up.task.cancel()
+                    task.cancel()
                 except Exception as e:
                     log.debug("%s: uplink reader of viewer %d: %s", self.name, viewer.id, e)
-            await up.finish()  # a no-op when the reader already ended the stream
+            if self.uplink is not None:
+                await self.uplink.finish()  # a no-op when the reader already ended the stream
             if self._speaker is viewer:
                 self._speaker = None
         log.info("%s: viewer %d left (%d now)", self.name, viewer.id, len(self._viewers))
+
+    async def _read_uplink(self, uplink: Uplink, track: Any) -> None:
+        """Hand the speaker's decoded frames to the uplink until its track ends."""
+        from aiortc.mediastreams import MediaStreamError
+
+        try:
+            while True:
+                await uplink.push_frame(await track.recv())
+        except MediaStreamError:
+            pass
+        finally:
+            await uplink.finish()
 
     async def close_viewers(self) -> None:
         """Disconnect every viewer (server shutdown); the sink stays usable."""

@@ -23,6 +23,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from avatar_agent.audio.uplink import Uplink
 from avatar_agent.sinks.webrtc import OfferError, UplinkBusyError, WebRtcError, WebRtcSink
 from avatar_agent.types import VideoFrame
 from tests.sinks.conftest import live_stream, loopback_ice
@@ -327,7 +328,7 @@ async def test_uplink_audio_is_decoded_to_16k_mono_in_utterances_ended_by_silenc
     got = Collector()
     with loopback_ice():
         async with live_stream(160, 120, freq=330.0) as live:
-            live.sink.on_uplink_audio = got
+            live.sink.uplink = Uplink(got)
             track = PcmTrack()
             v = await connect(live.url, send=track)
             assert live.sink.speaker == v.session
@@ -366,7 +367,7 @@ async def test_one_speaker_at_a_time_viewers_always_welcome() -> None:
     got = Collector()
     with loopback_ice():
         async with live_stream(160, 120) as live:
-            live.sink.on_uplink_audio = got
+            live.sink.uplink = Uplink(got)
             a = await connect(live.url, send=PcmTrack())
             b = await connect(live.url, send=PcmTrack(), expect=409)   # second speaker refused
             assert "already sending audio" in b.location
@@ -431,7 +432,7 @@ async def test_sessions_location_delete_and_whip_style_sdp() -> None:
 
 async def test_uplink_busy_error_in_process() -> None:
     """The sink itself: a second sending offer raises UplinkBusyError and leaves nothing behind."""
-    sink = WebRtcSink(on_uplink_audio=Collector())
+    sink = WebRtcSink(uplink=Uplink(Collector()))
     await sink.start(160, 120, 25)
     offers = []
     for _ in range(2):
@@ -457,7 +458,7 @@ async def test_whip_ingest_sendonly_audio_peer_is_the_speaker() -> None:
     got = Collector()
     with loopback_ice():
         async with live_stream(160, 120) as live:
-            live.sink.on_uplink_audio = got
+            live.sink.uplink = Uplink(got)
             pc = RTCPeerConnection()
             track = PcmTrack(_tone48(0.6, 600.0, 0.4))
             pc.addTransceiver(track, direction="sendonly")
