@@ -24,7 +24,8 @@ from avatar_agent.types import SAMPLE_RATE
 
 N_FFT = 512
 WIN = 400
-HOP = 160
+STFT_HOP = 160
+"""STFT hop in samples (10 ms); not the video frame (nn/hubert.py's HOP, 640)."""
 SPEECH_BAND = (300.0, 3400.0)
 LOW_BAND = (250.0, 1000.0)
 HIGH_BAND = (1500.0, 4000.0)
@@ -85,8 +86,8 @@ def check_audio(audio: np.ndarray, name: str = "audio") -> np.ndarray:
 
 def samples_per_frame(fps: int, sr: int = SAMPLE_RATE) -> int:
     """Samples per video frame; fps must divide the sample rate and give whole STFT hops."""
-    if fps <= 0 or sr % fps or (sr // fps) % HOP:
-        raise AudioInputError(f"fps={fps} must divide {sr} into a whole number of {HOP}-sample "
+    if fps <= 0 or sr % fps or (sr // fps) % STFT_HOP:
+        raise AudioInputError(f"fps={fps} must divide {sr} into a whole number of {STFT_HOP}-sample "
                               "hops (e.g. 25, 50, 20)")
     return sr // fps
 
@@ -142,21 +143,21 @@ def _power_frames(audio: np.ndarray, fps: int, left: int) -> tuple[np.ndarray, i
         raise AudioInputError(f"left={left} must be within [0, len(audio)={a.shape[0]}]")
     spf = samples_per_frame(fps)
     n_frames = (a.shape[0] - left) // spf
-    sub = spf // HOP
+    sub = spf // STFT_HOP
     if n_frames == 0:
         return np.zeros((0, sub, N_FFT // 2 + 1), np.float32), 0
     # Padded coordinates: sample i of `a` sits at i + N_FFT/2, so the STFT frame centred on sample c
-    # starts at padded index c.  First centre: left + HOP/2.
+    # starts at padded index c.  First centre: left + STFT_HOP/2.
     padded = np.zeros(a.shape[0] + N_FFT, np.float32)
     padded[N_FFT // 2 : N_FFT // 2 + a.shape[0]] = a
-    start = left + HOP // 2
+    start = left + STFT_HOP // 2
     n_stft = n_frames * sub
-    need = start + (n_stft - 1) * HOP + N_FFT
+    need = start + (n_stft - 1) * STFT_HOP + N_FFT
     if need > padded.shape[0]:
         padded = np.pad(padded, (0, need - padded.shape[0]))
     seg = torch.from_numpy(padded[start:need])
     window = _hann()
-    spec = torch.stft(seg, N_FFT, HOP, win_length=WIN, window=window, center=False,
+    spec = torch.stft(seg, N_FFT, STFT_HOP, win_length=WIN, window=window, center=False,
                       return_complex=True)                                      # [F, n_stft]
     power = (spec.real ** 2 + spec.imag ** 2).T.numpy()[:n_stft]               # [n_stft, F]
     return power.reshape(n_frames, sub, -1).astype(np.float32), n_frames
