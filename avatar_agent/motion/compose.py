@@ -25,7 +25,7 @@ import numpy as np
 
 from avatar_agent.motion import space
 from avatar_agent.motion.idle import IdleLayer, IdleParams, IdleTrack
-from avatar_agent.types import EMOTION_NONE, Avatar, Profile, SpeechChunk
+from avatar_agent.types import EMOTION_NONE, MOTION_FPS, Avatar, Profile, SpeechChunk
 
 
 class IdleSource(Protocol):
@@ -78,7 +78,7 @@ class SpeechAndIdle:
             generated around it (``speech.prepare(avatar, reference=idle.rest_pose)``).
     """
 
-    fps = 25
+    fps = MOTION_FPS
 
     def __init__(self, speech: SpeechGenerator, idle: IdleSource) -> None:
         self.moda, self.idle_gen = speech, idle
