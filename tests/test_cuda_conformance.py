@@ -10,6 +10,13 @@ Half-precision tolerances, relative to the largest magnitude of the float32 refe
 float16 1e-2, bfloat16 4e-2 (bfloat16 keeps 8 mantissa bits: 2⁻⁸ ≈ 4e-3 per rounding, and the
 deepest network here chains ~40 of them).  They are stated, not yet measured: the first GPU run
 prints the measured errors (``-s``) to tighten them.
+
+The renderer's GPU fast path on CUDA: the chain fixture through the whole renderer in fp32
+(within tests/render/test_liveportrait.py's CPU tolerances) and fp16/bf16 (image slice within the
+half-precision tolerances above; uint8 frames within a mean of 2 (fp16) / 4 (bf16) levels); the
+device frame path (uint8 conversion on the device, bit-equal to the CPU's at 512²), GpuPaste
+equal to its CPU run within 1 level, several avatars in one W + G call, and CUDA-graph W + G
+equal to eager within 1 level.
 """
 
 from __future__ import annotations
@@ -158,3 +165,128 @@ def test_hubert_features(dtype: torch.dtype | None) -> None:
         close(feats, ref["audio_emb"], 2e-4, 1e-4)
     else:
         half_close(feats, ref["audio_emb"], dtype, "HuBERT")
+
+
+# --------------------------------------------------------------------------------------------
+# The renderer's GPU fast path (render/liveportrait.py, render/gpu_paste.py)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.render.test_liveportrait import write_official_layout
+
+    return write_official_layout(tmp_path_factory.mktemp("lp_weights"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_renderer_chain(lp_dir: Path, precision: str) -> None:
+    from avatar_agent.render.liveportrait import LivePortraitRenderer
+    from tests.nn.liveportrait.helpers import fixture
+    from tests.render.test_liveportrait import chain_motion
+
+    r = LivePortraitRenderer(lp_dir, device=DEVICE, drive="plain", precision=precision)
+    assert r.device_paste                                   # CUDA: frames finished on the device
+    av = r.prepare_crop(fixture("source")["source_rgb_u8"])
+    run = r.render_detailed(av, chain_motion()[None])       # frames through the NumPy path
+    c = fixture("chain")
+    diff = np.abs(run["frames"][0].astype(int) - c["out_u8"].astype(int))
+    print(f"renderer chain {precision}: uint8 mean |diff| {diff.mean():.3f}, max {diff.max()}")
+    if precision == "fp32":
+        close(run["x_d"][:1], c["x_d_stitched"], 2e-5)
+        close(run["occlusion_map"][:1], c["occlusion_map"], 1e-5)
+        close(run["image"][0, :, 200:264, 200:264], c["out_slice"], 5e-4)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    else:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        half_close(run["image"][0, :, 200:264, 200:264], c["out_slice"], dtype, f"renderer {precision}")
+        assert diff.mean() <= {"fp16": 2.0, "bf16": 4.0}[precision]
+    # the device path (render) gives the NumPy path's frames
+    frames = r.render(av, chain_motion()[None])
+    assert np.abs(frames.astype(int) - run["frames"]).max() <= 1
+
+
+def test_gpu_paste_equals_its_cpu_run() -> None:
+    from avatar_agent.render.gpu_paste import GpuPaste
+    from avatar_agent.render.liveportrait import feather_mask
+    from tests.render.test_gpu_paste import affine
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (600, 500, 3), dtype=np.uint8)
+    crops = torch.rand(4, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    c2o, mask = affine(0.7, 9.0, 60.0, 40.0), feather_mask(512)
+    cpu = GpuPaste(image, c2o, mask, "cpu")(crops).numpy().astype(int)
+    gpu = GpuPaste(image, c2o, mask, DEVICE)(crops.to(DEVICE)).cpu().numpy().astype(int)
+    diff = np.abs(gpu - cpu)
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():  # noqa: ANN201
+    """The same tiny random-weight renderer on the CPU (NumPy/OpenCV path) and on CUDA."""
+    from avatar_agent.nn.liveportrait.weights import build_modules
+    from avatar_agent.render.liveportrait import LivePortraitRenderer
+
+    torch.manual_seed(0)
+    mods = build_modules("tiny")
+    cpu = LivePortraitRenderer(mods, device="cpu", max_batch=8, output="image", size=384,
+                               crop=_fixed_crop)
+    gpu = LivePortraitRenderer(copy_modules(mods), device=DEVICE, max_batch=8, precision="fp32",
+                               output="image", size=384, crop=_fixed_crop)
+    return cpu, gpu
+
+
+def copy_modules(mods):  # noqa: ANN001, ANN201
+    import copy
+
+    return copy.deepcopy(mods)
+
+
+def _fixed_crop(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    from tests.nn.liveportrait.helpers import fixture
+
+    c2o = np.array([[0.5, 0.04, 80], [-0.04, 0.5, 120], [0, 0, 1]], dtype=np.float64)
+    return cv2.resize(fixture("source")["source_rgb_u8"], (512, 512)), c2o
+
+
+def _portrait(seed: int) -> np.ndarray:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    return cv2.GaussianBlur(rng.integers(0, 255, (640, 480, 3), dtype=np.uint8), (0, 0), 3)
+
+
+def test_device_frames_and_batched_sessions(tiny_pair) -> None:  # noqa: ANN001
+    from tests.render.test_liveportrait_gpu_path import WarpCalls, motions
+
+    cpu, gpu = tiny_pair
+    avs_c = [cpu.prepare(_portrait(k)) for k in range(3)]
+    avs_g = [gpu.prepare(_portrait(k)) for k in range(3)]
+    ms = [motions(avs_c[k], k + 1, seed=k) for k in range(3)]
+    ref = [cpu.render(a, m).astype(int) for a, m in zip(avs_c, ms, strict=True)]
+    calls = WarpCalls(gpu)
+    got = gpu.render_many(list(zip(avs_g, ms, strict=True)))
+    assert calls.sizes == [6]                               # 1 + 2 + 3 frames of 3 sessions: one call
+    for g, r in zip(got, ref, strict=True):
+        diff = np.abs(g.astype(int) - r)
+        print(f"CUDA device path vs CPU OpenCV path: mean |diff| {diff.mean():.3f}, max {diff.max()}")
+        assert diff.mean() < 1.0 and np.percentile(diff, 99.9) <= 12
+
+
+def test_cudagraphs_warp_decode_equals_eager(tiny_pair) -> None:  # noqa: ANN001
+    from avatar_agent.render.liveportrait import LivePortraitRenderer
+    from tests.render.test_liveportrait_gpu_path import motions
+
+    _, gpu = tiny_pair
+    graphs = LivePortraitRenderer(gpu.nets, device=DEVICE, max_batch=8, precision="fp32",
+                                  output="image", size=384, crop=_fixed_crop, compile="cudagraphs")
+    av = gpu.prepare(_portrait(0))
+    m = motions(av, 5)
+    ref = gpu.render(av, m).astype(int)
+    assert graphs._bucket(5) == 8                            # 5 frames run padded to 8
+    outs = [graphs.render(av, m) for _ in range(3)]          # build, then replays
+    outs.append(graphs.render(av, m[:1]))                    # another bucket
+    for out in outs[:3]:
+        assert np.abs(out.astype(int) - ref).max() <= 1
+    assert np.abs(outs[3].astype(int) - ref[:1]).max() <= 1

@@ -33,7 +33,7 @@ from torch import nn
 from avatar_agent.motion import space
 from avatar_agent.nn.liveportrait import keypoints as K
 from avatar_agent.nn.liveportrait.weights import LivePortraitModules, WeightsError, load_modules
-from avatar_agent.nn.precision import autocast
+from avatar_agent.nn.precision import autocast, autocast_dtype
 from avatar_agent.types import Avatar, Profile
 
 CROP_SIZE = 512
@@ -214,12 +214,14 @@ class WarpDecode(nn.Module):
         super().__init__()
         self.warping, self.spade = warping, spade
         self.precision, self.channels_last = precision, channels_last
+        self._dtype = autocast_dtype(precision)
 
     def forward(self, f_s: torch.Tensor, x_s: torch.Tensor,
                 x_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """f_s [B, 32, 16, 64, 64], x_s / x_d [B, 21, 3] → (image [B, 3, 512, 512] in [0, 1],
         occlusion map, deformation)."""
-        with autocast(f_s.device, self.precision):
+        # A plain torch.autocast (disabled for fp32): what torch.compile traces best.
+        with torch.autocast(f_s.device.type, dtype=self._dtype, enabled=self._dtype != torch.float32):
             w = self.warping(f_s, kp_driving=x_d, kp_source=x_s)
             feat = w["out"]
             if self.channels_last:

@@ -148,3 +148,22 @@ def test_compiled_batches_are_padded_to_buckets() -> None:
     got = r.render(av, m[:3])
     assert calls.sizes == [4] and got.shape[0] == 3
     assert np.abs(got.astype(int) - ref[:3]).max() <= 1
+
+
+def test_warp_decode_traces_as_one_graph_under_autocast() -> None:
+    """What compile/cudagraphs need: W + G with its autocast is one graph (fullgraph=True fails on
+    any break).  Traced here with the eager backends (no compiler on CI); CUDA runs the real ones
+    (tests/test_cuda_conformance.py)."""
+    from avatar_agent.render.liveportrait import WarpDecode
+
+    r = tiny(max_batch=4)
+    av = r.prepare_crop(fixture("source")["source_rgb_u8"])
+    x_d = r.driving_keypoints(av, motions(av, 2))
+    f_s, x_s = av.extra["f_s"].expand(2, -1, -1, -1, -1), av.extra["x_s"].expand(2, -1, -1)
+    wd = WarpDecode(r.nets.warping, r.nets.spade, "bf16", channels_last=False)
+    with torch.no_grad():
+        ref = wd(f_s, x_s, x_d)
+        got = torch.compile(wd, backend="aot_eager", dynamic=False, fullgraph=True)(f_s, x_s, x_d)
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, atol=2e-2, rtol=0)
+    assert not torch.equal(ref[0], WarpDecode(r.nets.warping, r.nets.spade, "fp32", False)(f_s, x_s, x_d)[0])
