@@ -165,6 +165,10 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         cfg = load_config(args.config, overrides)
         setup_logging(cfg)
+        if args.cmd in ("start", "serve", "livekit-worker", "bench"):   # long-running
+            from .memory import keep_memory_flat
+
+            keep_memory_flat()
         if args.cmd == "config":
             print(to_toml(cfg), end="")
             return 0

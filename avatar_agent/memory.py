@@ -1,0 +1,63 @@
+"""Flat resident memory for a process that runs for days (glibc's allocator).
+
+Two settings, both standard for long-running CPython services whose threads churn through
+numpy/torch buffers:
+
+* **Fewer malloc arenas.**  glibc gives each thread that allocates concurrently an arena of its
+  own (up to 8 per core).  Every frame's images and motion are allocated on one thread and
+  freed on another (inference → event loop → sinks), so each arena keeps a high-water mark of
+  freed pages: measured in a 3-minute ``bench --soak`` on this 2-core machine, RSS reached
+  716 MB with the default against 629 MB with two arenas.
+* **Periodic trim.**  ``malloc_trim(0)`` hands pages that are free inside the heaps back to the
+  kernel; without it, RSS records the peak of every burst (a viewer joining, an avatar swap)
+  rather than what is in use.  It runs on a daemon thread, never on the event loop.
+
+Elsewhere (musl, macOS, Windows) both are no-ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+M_ARENA_MAX = -8
+"""glibc's mallopt() parameter number for the arena limit (malloc.h)."""
+ARENAS = 2
+TRIM_INTERVAL_S = 60.0
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 — glibc only: AttributeError elsewhere
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_memory_flat(arenas: int = ARENAS, trim_interval_s: float = TRIM_INTERVAL_S
+                     ) -> threading.Thread | None:
+    """Limit malloc arenas (call before the process starts its worker threads) and start the
+    trimming thread.  Returns the thread, or None where the allocator is not glibc's."""
+    libc = _libc()
+    if libc is None:
+        return None
+    if libc.mallopt(M_ARENA_MAX, arenas) != 1:
+        log.debug("mallopt(M_ARENA_MAX) refused; keeping glibc's default arenas")
+
+    def trim() -> None:
+        while True:
+            time.sleep(trim_interval_s)
+            libc.malloc_trim(0)
+
+    thread = threading.Thread(target=trim, name="malloc-trim", daemon=True)
+    thread.start()
+    return thread
