@@ -49,6 +49,7 @@ from aiohttp import WSMsgType, web
 from ..audio.queue import QueueFullError, StreamError, TooLongError, pcm_to_array
 from ..audio.resample import (PCM_CHANNELS, PCM_FORMATS, PCM_RATES, PCM_WIDTH, AudioFormatError,
                               StreamResampler, to_pipeline)
+from ..queues import DropOldest
 from ..types import EMOTIONS, SAMPLE_RATE, Interrupted
 from .openapi import BadRequest, Endpoint, document, parse_json, validate
 from .security import (PathNotAllowedError, RateLimit, SecuritySettings,
@@ -296,8 +297,8 @@ def security_settings(*, host: str = "127.0.0.1", token: str = "",
 
 class _Subscriber:
     def __init__(self, size: int, types: frozenset[str] | None) -> None:
-        # None = the server is shutting down
-        self.queue: asyncio.Queue[tuple[int, str, dict[str, Any]] | None] = asyncio.Queue(size)
+        # get() returns None once the server is shutting down (the queue is closed)
+        self.queue = DropOldest[tuple[int, str, dict[str, Any]]](size)
         self.types = types
         self.dropped = 0
 
@@ -350,9 +351,7 @@ class EventHub:
         """End every event stream (server shutdown): clients see the stream close."""
         self.closing = True
         for sub in list(self._subs):
-            if sub.queue.full():
-                sub.queue.get_nowait()
-            sub.queue.put_nowait(None)
+            sub.queue.close()
 
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         """Deliver an event (loop thread only; see :meth:`_from_any_thread`)."""
@@ -362,10 +361,8 @@ class EventHub:
                 continue
             if self.closing:
                 continue
-            if sub.queue.full():
-                sub.queue.get_nowait()
-                sub.dropped += 1
-            sub.queue.put_nowait((self._seq, kind, data))
+            if sub.queue.put((self._seq, kind, data)):
+                sub.dropped += 1                  # told to the client, then reset
 
     def _from_any_thread(self, kind: str, data: dict[str, Any]) -> None:
         loop = self._loop
