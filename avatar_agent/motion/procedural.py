@@ -49,6 +49,10 @@ class MotionInputError(ValueError):
     """Bad input to the motion generator (wrong profile, shapes, not prepared)."""
 
 
+class NotPrepared(MotionInputError, AttributeError):
+    """A per-avatar property read before ``prepare(avatar)``."""
+
+
 @dataclass(frozen=True)
 class ProceduralParams:
     """Lip-sync settings (times in seconds, levels in dB).
@@ -204,7 +208,9 @@ class ProceduralMotion:
     @property
     def rest_pose(self) -> np.ndarray:
         """The motion [70] the generator relaxes to in silence (portrait pose, mouth closed)."""
-        return self._require().rest.astype(np.float32)
+        if self._face is None:       # an AttributeError too: hasattr()/Protocol checks stay False
+            raise NotPrepared("rest_pose: call prepare(avatar) first")
+        return self._face.rest.astype(np.float32)
 
     def _require(self) -> _Face:
         if self._face is None:

@@ -375,3 +375,10 @@ def test_articulate_with_phonemes_closes_bilabials_and_rounds(avatar, speech):
     wide = np.percentile(opening, 95)
     assert np.all(opening[closed] <= 0.2 * wide), opening[closed] / wide
     assert np.median(width[rounded]) < 0.9 * np.median(width[spread])
+
+
+def test_rest_pose_before_prepare_is_a_clear_attribute_error() -> None:
+    gen = ProceduralMotion()
+    with pytest.raises(MotionInputError, match="prepare"):
+        gen.rest_pose  # noqa: B018
+    assert not hasattr(gen, "rest_pose")          # AttributeError: protocol checks do not blow up
