@@ -66,6 +66,12 @@ def run_check(cfg: Config, out: Callable[[str], None] = print) -> int:
         out(f"  {k:<36} {v:7.0f} ms")
     compute = budget - lat["total"]
     out(f"  player.latency_ms (A/V delay)        {budget:7d} ms  → {compute:.0f} ms left for compute")
+    if cfg.audio.source in ("tts", "none") and cfg.player.speech_latency_ms > 0:
+        # A speech queue runs ahead of the clock: the capture budget above is the microphone's.
+        out(f"  (audio.source = {cfg.audio.source}: typed and pushed speech is queued ahead of the "
+            f"clock; its first frame is due player.speech_latency_ms = "
+            f"{cfg.player.speech_latency_ms} ms after it arrives. The budget above applies to a "
+            "microphone.)")
     if compute < 40:
         r.problem(f"player.latency_ms = {budget} leaves {compute:.0f} ms for motion + render",
                   f"raise player.latency_ms to ≥ {lat['total'] + 80:.0f} or lower chunker.hop_ms / "

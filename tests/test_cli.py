@@ -27,6 +27,14 @@ def test_check_reports_ok_and_latency_and_exits_zero():
     assert "[player]" in r.stdout                          # the effective config
 
 
+def test_check_says_which_latency_a_speech_queue_source_gets():
+    r = run("check", "--set", "audio.source=tts", "--set", "player.speech_latency_ms=70")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "player.speech_latency_ms = 70 ms after it arrives" in r.stdout
+    r = run("check", "--set", "audio.source=file", "--set", "audio.file=avatars/default.png")
+    assert "speech_latency_ms" not in r.stdout.split("effective config")[0]
+
+
 def test_check_exits_one_with_a_fix_for_each_problem(tmp_path):
     r = run("check", "--set", "audio.source=file", "--set", f"audio.file={tmp_path}/nope.wav",
             "--set", "player.latency_ms=150", "--set", f"avatar.image={tmp_path}/none.png")
