@@ -15,9 +15,10 @@ Figures (JSON keys):
 
 * ``stages_ms``: HuBERT per second of audio, one DiT window (the live generator's window, its
   steps and guidance), warping W and generator G per frame (batch 1), paste-back per frame
-  (OpenCV on the CPU, as the renderer does today, and on the device with render/gpu_paste.py,
-  copy of the finished frame to the CPU included), the renderer's whole per-frame path
-  (motion → uint8 frame on the CPU).
+  (OpenCV on the CPU, and the renderer's device path on CUDA: render/gpu_paste.py + letterbox,
+  copy of the finished frame to the CPU included; ``paste_back_per_frame`` is the one the
+  renderer uses on this device), the renderer's whole per-frame path (motion → uint8 frame on
+  the CPU).
 * ``official_rtf``: one session, offline: (HuBERT + DiT windows + rendering) time / audio time.
 * ``first_frame_ms``: from a speech chunk being available to its first rendered frame (features,
   one window, one frame).
@@ -28,11 +29,15 @@ Figures (JSON keys):
 * ``sessions_at_25fps``: how many sessions one device holds at 25 fps: the largest N with
   N · (motion ms per frame) + (W+G+copy of N frames in one batch) ≤ 40 ms, from measured
   costs (frames of N sessions batched into one W+G call).  Motion per frame is a live chunk's
-  cost (HuBERT over its context + one DiT window) divided by the frames of a chunk hop
-  (``chunker.hop_ms``): live chunking runs a whole window per hop.
+  cost in its steady state (HuBERT over the chunk + 3.2 s of remembered audio, one DiT window)
+  divided by the frames of a chunk hop (``chunker.hop_ms``): live chunking runs a whole window
+  per hop.
 * ``gpu_memory_mb``: weights and workspace shared by all sessions, and the extra one more
   session needs (its avatar features, its motion history, its frames in flight); CUDA only.
 * ``conformance``: the pytest summary of tests/test_cuda_conformance.py on this device.
+* ``summary``: issue 11's figures under one key each (:data:`SUMMARY_KEYS`; null where the run
+  cannot compute one, e.g. GPU memory on a CPU or the onset latency of a live run too slow to
+  speak).
 """
 
 from __future__ import annotations
@@ -202,7 +207,7 @@ def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0) -> tu
     run's precision applied to every network call."""
     from avatar_agent.motion.compose import LivePortraitIdle, SpeechAndIdle
     from avatar_agent.motion.moda import MoDAMotion
-    from avatar_agent.nn.hubert import HubertFeatures
+    from avatar_agent.nn.hubert import HubertFeatures, StreamingHubert
     from avatar_agent.nn.sampling import Guidance
     from avatar_agent.render.liveportrait import LivePortraitRenderer
 
@@ -212,6 +217,7 @@ def make_session(m: Models, dev: torch.device, quick: bool, seed: int = 0) -> tu
         from avatar_agent.nn.precision import AutocastDiT, AutocastFeatures
 
         dit, feats = AutocastDiT(m.dit, PRECISION), AutocastFeatures(feats, dev, PRECISION)
+    feats = StreamingHubert(feats)                  # live context, as wiring.official_motion
     moda = MoDAMotion(dit, feats, m.mean, m.std, profile="official", null_audio=m.null_audio,
                       guidance=Guidance(audio=0.2, emotion=0.0), steps=2 if quick else 10,
                       device=dev, seed=seed)
@@ -244,10 +250,10 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
     motion, renderer = make_session(m, dev, quick)
     avatar = renderer.prepare(portrait())
     motion.prepare(avatar)
-    audio = speechlike(1.0 if quick else 2.0)
+    audio = speechlike(1.0 if quick else 4.0)
     secs = audio.size / 16000
     moda = motion.moda
-    feats = moda.features                      # HuBERT (under the run's precision)
+    feats = moda.features                      # HuBERT (under the run's precision), streaming
     out: dict[str, Any] = {}
     out["hubert_per_audio_s"] = time_ms(lambda: feats(audio), dev, reps) / secs
     hop = moda.hop
@@ -261,15 +267,25 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
     out["dit_window"] = time_ms(lambda: moda_pre.generate(window_chunk, rest), dev, reps)
     out["dit_window_frames"] = int(window_chunk.n_new // 640)
     out["dit_window_steps"] = int(moda.steps)
-    # A live chunk as the default config cuts it: left context + hop + lookahead, HuBERT over all
-    # of it and one DiT window for the hop's few new frames.
+    # A live chunk as the default config cuts it (left context + hop + lookahead) in its steady
+    # state: HuBERT over the chunk plus the remembered 3.2 s before it (StreamingHubert), one DiT
+    # window for the hop's few new frames.
     from avatar_agent.config import load_config
 
     ch = load_config(None, []).chunker
     hop_f, left_f, right_f = ch.hop_ms // 40, ch.left_context_ms // 40, ch.lookahead_ms // 40
-    live_chunk = chunk_for(audio, left_f, hop_f, left=left_f, right=right_f)
-    out["live_chunk_motion"] = time_ms(lambda: moda.generate(live_chunk, rest), dev, reps)
+    n_audio = audio.size // 640
+    f_live = max(left_f, n_audio - hop_f - right_f)          # as late as the clip allows
+    live_chunk = chunk_for(audio, f_live, hop_f, left=left_f, right=right_f)
+    a0 = live_chunk.start - live_chunk.left
+
+    def live_hop() -> Any:
+        feats.remember(audio[:a0], 0)                         # the audio heard before the chunk
+        return moda.generate(live_chunk, rest)
+
+    out["live_chunk_motion"] = time_ms(live_hop, dev, reps)
     out["live_chunk_frames"] = hop_f
+    out["live_chunk_hubert_frames"] = min(feats.left_frames, a0 // 640) + live_chunk.audio.size // 640
     ex = renderer._extra(avatar)
     x_d = renderer.driving_keypoints(avatar, rest[None])
     nets = renderer.nets
@@ -286,20 +302,23 @@ def measure_stages(m: Models, dev: torch.device, quick: bool, reps: int) -> dict
 
     out["warping_per_frame"] = time_ms(warp, dev, reps)
     out["generator_per_frame"] = time_ms(gen, dev, reps)
-    crop = renderer.render(avatar, rest[None])[0]
-    out["paste_back_per_frame"] = time_ms(lambda: renderer.paste_back(avatar, crop), dev, reps)
-    out["paste_back_device"] = "cpu (numpy/OpenCV)"
-    # The same on the device (render/gpu_paste.py), from the generator's float crops; only the
-    # uint8 frame would cross to the CPU.
-    from avatar_agent.render.gpu_paste import GpuPaste
-    from avatar_agent.render.liveportrait import feather_mask
+    # Paste-back into the portrait (render.output = "image"): the release's OpenCV path on the
+    # CPU, and the device path the renderer takes on CUDA (GpuPaste + letterbox on the device,
+    # the uint8 frames' copy to the CPU included), per frame of a batch of 8.
+    from avatar_agent.render.liveportrait import LivePortraitRenderer
 
+    crop = renderer.render(avatar, rest[None])[0]
+    out["paste_back_cpu_per_frame"] = time_ms(lambda: renderer.paste_back(avatar, crop), dev, reps)
     crops = renderer.render_detailed(avatar, np.repeat(rest[None], 8, 0))["image"]
-    side = crops.shape[-1]                    # 512 (the tiny --quick generator makes smaller)
-    c2o = np.asarray(avatar.crop_to_image) @ np.diag([512 / side, 512 / side, 1.0])
-    paste = GpuPaste(avatar.image, c2o, feather_mask(side), dev)
-    out["paste_back_gpu_per_frame_b8"] = time_ms(lambda: paste(crops).cpu(), dev, reps) / 8
-    out["paste_back_gpu_image_hw"] = list(avatar.image.shape[:2])
+    pasting = LivePortraitRenderer(m.liveportrait, device=dev, crop=center_crop, output="image",
+                                   size=512, device_paste=True)
+    out["paste_back_device_per_frame_b8"] = time_ms(
+        lambda: pasting.device_frames(avatar, crops).cpu(), dev, reps) / 8
+    out["paste_back_per_frame"] = out["paste_back_device_per_frame_b8" if renderer.device_paste
+                                      else "paste_back_cpu_per_frame"]
+    out["paste_back_path"] = ("device (GpuPaste; uint8 copy to the CPU included)"
+                              if renderer.device_paste else "cpu (NumPy/OpenCV)")
+    out["paste_back_image_hw"] = list(avatar.image.shape[:2])
     out["render_per_frame_b1"] = time_ms(lambda: renderer.render(avatar, rest[None]), dev, reps)
     b = renderer.max_batch
     many = np.repeat(rest[None], b, 0)
@@ -356,13 +375,13 @@ def measure_capacity(stages: dict[str, Any], m: Models, dev: torch.device, quick
     offline_pf = (stages["dit_window"] / stages["dit_window_frames"]
                   + stages["hubert_per_audio_s"] / 25)
     _, renderer = make_session(m, dev, quick)
-    avatar = renderer.prepare(portrait())
-    rest = avatar.rest_motion
+    sizes = (1, 2) if quick else (1, 2, 4, 8, 12, 16, 24, 32)
+    avatars = [renderer.prepare(portrait()) for _ in range(max(sizes))]   # one per session
     best, table = 0, {}
-    for n in (1, 2) if quick else (1, 2, 4, 8, 12, 16, 24, 32):
+    for n in sizes:
         renderer.max_batch = n
-        many = np.repeat(rest[None], n, 0)
-        ms = time_ms(lambda: renderer.render(avatar, many), dev, max(1, reps // 2))
+        jobs = [(a, a.rest_motion[None]) for a in avatars[:n]]       # one frame of each session
+        ms = time_ms(lambda jobs=jobs: renderer.render_many(jobs), dev, max(1, reps // 2))
         table[n] = round(ms, 2)
         if n * motion_pf + ms <= 40.0:
             best = n
@@ -371,8 +390,8 @@ def measure_capacity(stages: dict[str, Any], m: Models, dev: torch.device, quick
     return {"sessions_at_25fps": best, "motion_ms_per_frame_per_session": motion_pf,
             "motion_ms_per_frame_offline_chunking": offline_pf,
             "render_ms_per_batch": table,
-            "method": "measured per-stage costs, frames of N sessions batched into one W+G call, "
-                      "motion of each session serial on the device"}
+            "method": "measured per-stage costs: one frame of each of N sessions (own avatars) in "
+                      "one render_many W+G call, motion of each session serial on the device"}
 
 
 def measure_memory(m: Models, dev: torch.device, quick: bool) -> dict[str, Any]:
@@ -481,6 +500,35 @@ def run_conformance(dev: torch.device, quick: bool) -> dict[str, Any]:
             "half_precision_errors": measured}
 
 
+SUMMARY_KEYS = ("hubert_ms_per_audio_s", "dit_segment_ms", "warping_ms_per_frame",
+                "generator_ms_per_frame", "paste_back_ms_per_frame", "official_rtf",
+                "first_frame_ms", "onset_to_mouth_open_ms", "sessions_at_25fps_512",
+                "gpu_memory_shared_mb", "gpu_memory_per_session_mb")
+"""Issue 11's figures, always present (null where this run cannot compute one)."""
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The figures issue 11 asks for, under one key each."""
+    st, mem = result.get("stages_ms", {}), result.get("gpu_memory_mb", {})
+    live = result.get("live", {})
+    out = {
+        "hubert_ms_per_audio_s": st.get("hubert_per_audio_s"),
+        "dit_segment_ms": st.get("dit_window"),
+        "warping_ms_per_frame": st.get("warping_per_frame"),
+        "generator_ms_per_frame": st.get("generator_per_frame"),
+        "paste_back_ms_per_frame": st.get("paste_back_per_frame"),
+        "official_rtf": result.get("official_rtf"),
+        "first_frame_ms": result.get("first_frame_ms"),
+        # recipe weights: the first DiT-driven frame is the earliest the mouth can open
+        "onset_to_mouth_open_ms": live.get("onset_to_first_speech_frame_ms"),
+        "sessions_at_25fps_512": result.get("sessions_at_25fps"),
+        "gpu_memory_shared_mb": mem.get("shared_mb"),
+        "gpu_memory_per_session_mb": mem.get("per_session_peak_mb"),
+    }
+    assert tuple(out) == SUMMARY_KEYS
+    return out
+
+
 def _finite(x: Any) -> Any:
     """JSON-safe: NaN/inf → None, numpy scalars → Python numbers, dict keys → str."""
     if isinstance(x, dict):
@@ -552,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_live:
         log("live session")
         result["live"] = measure_live(m, dev, args.quick)
+    result["summary"] = summary(result)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(_finite(result)))
     conf = result.get("conformance", {}).get("exit_code", 0)

@@ -282,6 +282,13 @@ class StreamingHubert:
         self._hist, self._hist_start = x[-keep:], start + a.size - min(keep, x.size)
         return feats
 
+    def remember(self, audio: np.ndarray, start: int) -> None:
+        """Take ``audio`` (starting at sample ``start``) as the audio heard so far, without
+        encoding it (benchmarks measure a hop in its steady state this way)."""
+        a = np.asarray(audio, np.float32)
+        keep = a[a.size - min(a.size, self.left_frames * HOP):]
+        self._hist, self._hist_start = keep, start + a.size - keep.size
+
     def reset(self) -> None:
         """Forget the remembered audio (a new utterance after an interruption)."""
         self._hist, self._hist_start = np.zeros(0, np.float32), 0

@@ -165,6 +165,11 @@ def test_streaming_hubert_bounded_context_and_gaps(extractor: HubertFeatures, sp
     before = live.encoded_samples
     live.at(speech[50 * HOP : 60 * HOP], 50 * HOP)
     assert live.encoded_samples - before == 10 * HOP
+    # remembered without encoding: the next hop gets it as context, at most left_frames of it
+    live.remember(speech[: 70 * HOP], 0)
+    before = live.encoded_samples
+    live.at(speech[70 * HOP : 75 * HOP], 70 * HOP)
+    assert live.encoded_samples - before == (50 + 5) * HOP
     with pytest.raises(ValueError, match="left_frames"):
         StreamingHubert(extractor, left_frames=-1)
 
