@@ -252,11 +252,11 @@ def _check_sinks(r: Report, cfg: Config) -> None:
         path = cfg.resolve(cfg.sinks.file)
         inputs = [cfg.avatar_path()] + ([cfg.resolve(cfg.audio.file)] if cfg.audio.file else [])
         try:
-            check_output(path, inputs)
+            check_output(path, inputs, name="sinks.file =")
             r.ok(f"file sink can write {path}")
             usable.add("file")
         except OutputError as e:
-            r.problem(f"file sink: {str(e).replace('-o ', 'sinks.file = ', 1)}",
+            r.problem(f"file sink: {e}",
                       "set sinks.file to an .mp4 path in a writable folder")
     if "virtualcam" in enabled and virtualcam_available():
         usable.add("virtualcam")

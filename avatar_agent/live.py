@@ -43,7 +43,7 @@ async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) 
         from .offline import check_output
 
         inputs = [cfg.avatar_path(), *([cfg.resolve(cfg.audio.file)] if cfg.audio.file else [])]
-        check_output(cfg.resolve(cfg.sinks.file), inputs)
+        check_output(cfg.resolve(cfg.sinks.file), inputs, name="sinks.file =")
     clock = SystemClock()
     notifier = Notifier()
     notifier.status("warming up")

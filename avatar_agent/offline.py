@@ -30,8 +30,11 @@ class RenderFailedError(RuntimeError):
     """The render ran but the promised file was not produced (the message says why)."""
 
 
-def check_output(output: Path, inputs: Sequence[Path] = ()) -> Path:
+def check_output(output: Path, inputs: Sequence[Path] = (), name: str = "-o") -> Path:
     """Refuse an output path before any work is done; returns it resolved.
+
+    ``name`` is how the user gave the path, for the message: ``-o`` (render) or
+    ``sinks.file =`` (the live file sink).
 
     Refused: a directory, a path through a file, an unwritable or uncreatable location
     (``/proc/x.mp4``, ``/sys/new/x.mp4``, a read-only folder) and any of ``inputs`` (the same file
@@ -53,22 +56,22 @@ def check_output(output: Path, inputs: Sequence[Path] = ()) -> Path:
         except OSError:
             same = False
         if same:
-            raise OutputError(f"-o {shown} is the input {src}: rendering would overwrite it; "
+            raise OutputError(f"{name} {shown} is the input {src}: rendering would overwrite it; "
                               "choose another output path such as out.mp4")
     if out.is_dir():
-        raise OutputError(f"-o {shown} is a directory; give a file path such as "
+        raise OutputError(f"{name} {shown} is a directory; give a file path such as "
                           f"{out / 'out.mp4'}")
     parent = out.parent
     for anc in (parent, *parent.parents):        # the nearest existing ancestor must be a folder
         if anc.exists():
             if not anc.is_dir():
-                raise OutputError(f"-o {shown}: {anc} is a file, not a folder; choose an output "
+                raise OutputError(f"{name} {shown}: {anc} is a file, not a folder; choose an output "
                                   "path in a folder")
             break
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"-o {shown}: cannot create the folder {parent} "
+        raise OutputError(f"{name} {shown}: cannot create the folder {parent} "
                           f"({e.strerror or e}); choose a writable location") from None
     try:
         if out.exists():
@@ -79,7 +82,7 @@ def check_output(output: Path, inputs: Sequence[Path] = ()) -> Path:
                 pass
             out.unlink()
     except OSError as e:
-        raise OutputError(f"-o {shown}: cannot write there ({e.strerror or e}); choose a "
+        raise OutputError(f"{name} {shown}: cannot write there ({e.strerror or e}); choose a "
                           "writable location") from None
     return out.resolve()
 

@@ -90,3 +90,13 @@ def test_row1_row11_check_reports_a_file_sink_over_the_portrait_and_no_usable_si
     assert "can start: the avatar would be shown nowhere" in r.stdout              # row 11
     assert portrait.read_bytes() == (Path(__file__).parents[2] / "avatars" / "default.png"
                                      ).read_bytes()
+
+
+def test_row1_start_names_the_file_sink_key_not_render_option(tmp_path: Path) -> None:
+    portrait = tmp_path / "me.png"
+    portrait.write_bytes((Path(__file__).parents[2] / "avatars" / "default.png").read_bytes())
+    r = cli("start", "--set", f"avatar.image={portrait}", "--set", f"sinks.file={portrait}",
+            "--set", 'sinks.enabled=["file"]', "--set", "audio.source=tts")
+    assert r.returncode != 0
+    assert f"sinks.file = {portrait} is the input {portrait}" in r.stderr, r.stderr
+    assert "-o " not in r.stderr and "Traceback" not in r.stderr
