@@ -92,9 +92,17 @@ def make_renderer(cfg: Config) -> Renderer:
         log.warning("render.compile = %r is for CUDA and there is no GPU here: rendering without "
                     "it (fix: render.compile = \"off\")", compile_mode)
         compile_mode = "off"
-    return LivePortraitRenderer.from_dir(d, size=r.size, output=r.output, max_batch=max(r.batch, 1),
+    # W + G call size: render.batch frames on a CPU; on CUDA frames of several sessions share a
+    # call (render/batching.py), so up to GPU_RENDER_BATCH (bench/gpu_check.sh reports the
+    # memory a batch takes).
+    batch = max(r.batch, GPU_RENDER_BATCH if cuda else 1)
+    return LivePortraitRenderer.from_dir(d, size=r.size, output=r.output, max_batch=batch,
                                          channels_last=r.channels_last, compile=compile_mode,
                                          precision=r.precision)
+
+
+GPU_RENDER_BATCH = 32
+"""Most frames per LivePortrait W + G call on CUDA (official profile)."""
 
 
 def check_precision(key: str, value: str, cuda: bool) -> None:

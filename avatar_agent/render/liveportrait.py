@@ -405,6 +405,9 @@ class LivePortraitRenderer:
         pad = self._bucket(b) - b
         if pad:
             f_s, x_s, x_d = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (f_s, x_s, x_d))
+        elif self.compile != "off":
+            # one memory layout per bucket (a broadcast view would be another compiled variant)
+            f_s, x_s, x_d = f_s.contiguous(), x_s.contiguous(), x_d.contiguous()
         if self.compile == "cudagraphs":
             # A CUDA graph's outputs live in memory its next replay overwrites: mark the new
             # step, and copy the outputs out (below) before anything else runs the graph.
@@ -453,8 +456,9 @@ class LivePortraitRenderer:
                 # runs of consecutive frames of one job: (job, first, end) within the segment
                 cuts = [0, *(np.flatnonzero(np.diff(seg)) + 1).tolist(), seg.size]
                 runs = [(int(seg[a]), a, e) for a, e in zip(cuts[:-1], cuts[1:], strict=True)]
-                f_s = torch.cat([extras[j]["f_s"].expand(e - a, -1, -1, -1, -1) for j, a, e in runs])
-                x_s = torch.cat([extras[j]["x_s"].expand(e - a, -1, -1) for j, a, e in runs])
+                # one avatar: a broadcast view; several: their features gathered into one batch
+                f_s = _gather([extras[j]["f_s"].expand(e - a, -1, -1, -1, -1) for j, a, e in runs])
+                x_s = _gather([extras[j]["x_s"].expand(e - a, -1, -1) for j, a, e in runs])
                 img = self._run_wd(f_s, x_s, x_d[s:s + seg.size])["image"]
                 for j, a, e in runs:
                     outs[j].append(self._frames(checked[j][0], img[a:e]))
@@ -525,6 +529,11 @@ class LivePortraitRenderer:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
+
+
+def _gather(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor of ``parts`` along the batch axis (no copy for a single part)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _device_resize(img: torch.Tensor, size: int) -> torch.Tensor:
