@@ -134,6 +134,23 @@ def resolve_device(device: str | int | None) -> InputDevice:
                               + "\nSet audio.device to a unique part of a name, or an index.")
 
 
+class _Backoff:
+    """Capped exponential reconnect delay: doubles from ``initial`` up to ``cap``."""
+
+    def __init__(self, initial: float, cap: float) -> None:
+        self.initial, self.cap, self.delay = initial, cap, initial
+
+    def after(self, now: float) -> float:
+        """When to retry after a failure at ``now``; the next failure waits twice as long."""
+        t = now + self.delay
+        self.delay = min(self.delay * 2, self.cap)
+        return t
+
+    def reset(self) -> None:
+        """Audio flows again: the next failure starts from ``initial``."""
+        self.delay = self.initial
+
+
 class MicSource:
     """Live capture from a PortAudio input device (implements AudioSource).
 
@@ -304,7 +321,7 @@ class MicSource:
         framer = Framer()
         resampler: StreamResampler | None = None
         clock = self.clock
-        backoff = self.retry_initial_s
+        retry = _Backoff(self.retry_initial_s, self.retry_max_s)
         next_try = clock.now()
         # Silence pacing: frame index `anchor_i` corresponds to clock time `anchor_t`.
         anchor_t, anchor_i = clock.now(), 0
@@ -340,15 +357,13 @@ class MicSource:
                             self.open_failures += 1
                             if self.open_failures == 1 or self.open_failures % 10 == 0:
                                 log.warning("mic: cannot open input device %r (%s); retrying "
-                                            "in %.1f s", self.device, e, backoff)
-                            next_try = clock.now() + backoff
-                            backoff = min(backoff * 2, self.retry_max_s)
+                                            "in %.1f s", self.device, e, retry.delay)
+                            next_try = retry.after(clock.now())
                     elif self._stream is not None and now - opened_at > self.start_timeout_s:
                         log.warning("mic: device opened but delivered no audio for %.1f s; "
                                     "reopening", self.start_timeout_s)
                         await self._close_stream()
-                        next_try = clock.now() + backoff
-                        backoff = min(backoff * 2, self.retry_max_s)
+                        next_try = retry.after(clock.now())
                     # Wake for the next silence frame (or a block / retry, whichever is first).
                     next_i = framer.next_index + FRAME_SAMPLES
                     deadline = anchor_t + (next_i - anchor_i) / SAMPLE_RATE
@@ -372,7 +387,7 @@ class MicSource:
                             log.info("mic: audio flowing again (reconnect #%d)", self.reconnects)
                         self.status = "running"
                         had_audio = True
-                        backoff = self.retry_initial_s
+                        retry.reset()
                     last_data = clock.now()
                     for f in framer.push(resampler.process(cast(np.ndarray, payload))):  # see _on_block
                         yield f
@@ -385,8 +400,7 @@ class MicSource:
                         anchor_t, anchor_i = last_data, framer.next_index
                     await self._close_stream()
                     self.status = "reconnecting"
-                    next_try = clock.now() + backoff
-                    backoff = min(backoff * 2, self.retry_max_s)
+                    next_try = retry.after(clock.now())
         finally:
             await self._close_stream()
             self.status = "closed"
