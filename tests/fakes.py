@@ -6,6 +6,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from avatar_agent.audio.frames import capture_time
 from avatar_agent.clock import Clock
 from avatar_agent.types import (EMOTION_NONE, FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Avatar,
                                 SpeechChunk, VideoFrame)
@@ -31,8 +32,9 @@ class ArraySource:
         n = len(self.audio) // FRAME_SAMPLES
         for k in range(n):
             self._pos = k * FRAME_SAMPLES              # next sample not yet delivered
-            if self.clock is not None:
-                await self.clock.sleep_until(t0 + (k + 1) * FRAME_SAMPLES / SAMPLE_RATE)
+            if self.clock is not None:   # not frames.paced: the frame is cut after the wait,
+                # so an interrupt() during it silences this very frame
+                await self.clock.sleep_until(capture_time(t0, k * FRAME_SAMPLES))
             s = self.audio[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES]
             yield AudioFrame(samples=s, index=k * FRAME_SAMPLES)
 
