@@ -358,10 +358,14 @@ class LivePortraitRenderer:
         x_s = K.source_keypoints(info)                               # 1×21×3
         extra = {"f_s": f_s, "x_s": x_s, "kp": info["kp"], "exp": info["exp"],
                  "scale": info["scale"], "info": info}
-        return Avatar(profile="official", image=np.ascontiguousarray(image), crop=crop512,
-                      crop_to_image=np.asarray(crop_to_image, dtype=np.float64),
-                      kp_canonical=info["kp"][0].cpu().numpy().astype(np.float32),
-                      rest_motion=info_to_motion(info)[0], extra=extra)
+        avatar = Avatar(profile="official", image=np.ascontiguousarray(image), crop=crop512,
+                        crop_to_image=np.asarray(crop_to_image, dtype=np.float64),
+                        kp_canonical=info["kp"][0].cpu().numpy().astype(np.float32),
+                        rest_motion=info_to_motion(info)[0], extra=extra)
+        if self.device_paste and self.output == "image":
+            # the paste-back tables now (prepare runs beside the frame thread), not in a frame job
+            self._gpu_paste(avatar, CROP_SIZE)
+        return avatar
 
     # ----------------------------------------------------------------------------------------
     # Rendering

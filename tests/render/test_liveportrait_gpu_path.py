@@ -110,6 +110,8 @@ def test_device_paste_back_matches_the_opencv_path() -> None:
     bare = cv2.resize(np.pad(img, ((0, 0), (100, 100), (0, 0))), (320, 320), interpolation=cv2.INTER_AREA)
     changed = (np.abs(b[0] - bare).max(axis=2) > 10).mean()
     assert 0.05 < changed < 0.5, changed
+    # the device path builds its paste-back tables in prepare (beside the frame thread)
+    assert "gpu_paste:cpu:512" in dev.prepare(img).extra and "gpu_paste:cpu:512" not in av.extra
 
 
 def test_render_many_is_one_warp_call_for_several_avatars() -> None:
