@@ -4,7 +4,8 @@
 # sessions per GPU at 25 fps and 512², GPU memory shared + per session).  See bench/gpu_check.py.
 #
 #   bench/gpu_check.sh [--device cuda|cpu] [--quick] [--models DIR]
-#                      [--precision release|fp32|fp16|bf16] [--compile] [--skip-tests] [--skip-live]
+#                      [--precision release|fp32|fp16|bf16] [--compile off|compile|cudagraphs]
+#                      [--skip-tests] [--skip-live]
 #
 # Host assumptions (a fresh H100/H200 host): Python 3.12 with its own preinstalled torch (2.11 with
 # CUDA), numpy, scipy, opencv-python-headless, transformers, pytest, pytest-timeout,
@@ -33,7 +34,8 @@ if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then
     mod=$(case "$name" in webrtcvad_wheels) echo webrtcvad;; *) echo "${name,,}";; esac)
     if ! "$PY" -c "import $mod" 2>/dev/null; then
       echo "[gpu_check] installing $(basename "$whl") (no $mod on this host)" >&2
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$whl" >&2
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$whl" >&2 \
+        || echo "[gpu_check] could not install $(basename "$whl"): going on without $mod" >&2
     fi
   done
   [[ -d $site ]] && export PYTHONPATH="$PYTHONPATH:$site"
