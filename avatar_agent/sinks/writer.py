@@ -54,15 +54,6 @@ class WriterThread(Generic[T]):
         """Queue an item (never blocks); True if the queue's oldest item was dropped for it."""
         return self.queue.put(item)
 
-    @property
-    def failure(self) -> BaseException | None:
-        """The thread's error, or a RuntimeError if it is no longer running after a start."""
-        if self.error is not None:
-            return self.error
-        if self.ready.is_set() and not self._thread.is_alive() and not self.queue.closed:
-            return RuntimeError(f"{self._thread.name} stopped")
-        return None
-
     def stop(self) -> None:
         """Ask the thread to finish (see ``drain``); returns at once."""
         self.queue.close()
