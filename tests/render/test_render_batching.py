@@ -76,3 +76,21 @@ async def test_max_frames_and_a_bad_request_stay_apart(lp: LivePortraitRenderer)
         inference.close()
     with pytest.raises(ValueError, match="max_frames"):
         RenderBatcher(lp, inference, max_frames=0)
+
+
+async def test_two_workers_serve_every_request_once(lp: LivePortraitRenderer) -> None:
+    """With two inference workers a request can be taken into another worker's batch while its
+    own job starts: that job waits for the frames instead of rendering them again."""
+    av = lp.prepare_crop(fixture("source")["source_rgb_u8"])
+    ms = [motions(av, k % 3 + 1, seed=k) for k in range(8)]
+    ref = [lp.render(av, m) for m in ms]
+    inference = Inference(SystemClock(), workers=2)
+    try:
+        batcher = RenderBatcher(lp, inference, max_frames=5)
+        calls = WarpCalls(lp)
+        outs = await asyncio.gather(*(batcher.render(float(k), av, m) for k, m in enumerate(ms)))
+        for got, want in zip(outs, ref, strict=True):
+            assert np.abs(got.astype(int) - want).max() <= 1
+        assert sum(calls.sizes) == sum(len(m) for m in ms)           # every frame rendered once
+    finally:
+        inference.close()
