@@ -1,8 +1,10 @@
 """WebRTC sink: any number of browser viewers watch and hear the live avatar (aiortc).
 
 aiortc tracks are *pulled*: each viewer's RTP sender calls ``recv()`` in a loop.  The player pushes.
-The bridge is a mailbox per viewer: a one-slot video mailbox (the newest frame wins; a viewer whose
-encoder falls behind skips frames instead of lagging) and a short audio queue.  ``recv()`` waits on
+The bridge is a mailbox per viewer: a two-slot video mailbox (a viewer whose encoder falls behind
+by more than one frame skips the oldest instead of lagging; one slot more absorbs a single late
+encode — a GC pause, a burst of HTTP requests on the loop — without losing a frame) and a short
+audio queue.  ``recv()`` waits on
 the mailbox, so the player's clock paces every viewer; nothing here sleeps on its own timer.
 
 Timestamps come from the frame index, never from wall time: video pts on the 90 kHz RTP clock is
@@ -42,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from avatar_agent.audio.resample import Upsampler3
+from avatar_agent.queues import DropOldest
 from avatar_agent.audio.uplink import Uplink, UplinkCallback
 from avatar_agent.types import SAMPLE_RATE, VideoFrame
 
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 _PIP_LINE = "pip install 'avatar-agent[webrtc]'  (or: pip install aiortc==1.16.0)"
 
 VIDEO_CLOCK = 90_000
+VIDEO_SLOTS = 2
+"""Video frames a viewer may have waiting for its encoder (beyond: the oldest is skipped)."""
 AUDIO_RATE = 48_000
 AUDIO_FRAME = 960  # 20 ms at 48 kHz: one Opus frame
 
@@ -105,20 +110,22 @@ def _track_classes() -> tuple[type, type]:
         def __init__(self, viewer: _Viewer) -> None:
             super().__init__()
             self._viewer = viewer
-            self._slot: VideoFrame | None = None
+            self._slots: DropOldest[VideoFrame] = DropOldest(VIDEO_SLOTS)
             self._ready = asyncio.Event()
             self.frames_sent = 0
-            self.frames_skipped = 0
+
+        @property
+        def frames_skipped(self) -> int:
+            """Frames dropped because the encoder was two frames behind."""
+            return self._slots.dropped
 
         def put(self, frame: VideoFrame) -> None:
-            if self._slot is not None:
-                self.frames_skipped += 1  # the encoder did not take the previous one in time
-            self._slot = frame
+            self._slots.put(frame)
             self._ready.set()
 
         async def recv(self) -> Any:
-            await _wait_live(self, lambda: self._slot is not None)
-            frame, self._slot = self._slot, None
+            await _wait_live(self, lambda: len(self._slots) > 0)
+            frame = self._slots.get_nowait()
             # Waited for above; first_index is set by the push that filled the slot.
             assert frame is not None and self._viewer.first_index is not None
             vf = av.VideoFrame.from_ndarray(frame.image, format="rgb24")

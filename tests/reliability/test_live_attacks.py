@@ -2,13 +2,15 @@
 watched by a real aiortc viewer while a hostile client (its own process) attacks the API.
 
 Each attack is answered as documented (413, an idle stream ended, offers capped and rate limited,
-interrupts coalesced and rate limited) and the viewer's frame rate over each attack (≥ 3 s
-windows) is printed.  Measured on a shared 2-core machine (load average 5-8, the attacker on the
-same cores): upload 23.7-25.0 fps, idle stream 24.2-25.0, offers 22.3-25.1, interrupts
-19.4-24.7 (the issue's target is ≥ 24).  The asserted floors leave room for a loaded CI box but
-not for a freeze: ≥ 22 fps through the upload and the idle stream (a 0.4 s stall fails; before the fix
-the upload froze the clock for 18 s), ≥ 18 fps through the two floods, whose remaining cost is
-their HTTP handling on the loop the clock shares plus the attacker's own CPU."""
+interrupts coalesced and rate limited) and the viewer's frame rate over each attack (≥ 5 s
+windows, after 2 s of quiet) is printed.  Measured 2026-12-04 on this 2-core machine with other
+work loading it (load average 1.5-2.5, the attacker on the same cores), 4 runs with the two-slot
+video mailbox: upload 25.0, idle stream 25.0, offers 24.9-25.1, interrupts 25.0 fps (with a
+one-slot mailbox the interrupt flood measured 23.8-24.6: the encoder, starved for one frame
+time, skipped frames).  The asserted floors: ≥ 22 fps through the upload and the idle stream (a
+0.4 s stall fails; before the fix the upload froze the clock for 18 s), ≥ 24 through the
+interrupt flood (the issue's target), ≥ 18 through the offer flood, whose 50 peers are set up
+and torn down by the agent itself."""
 
 from __future__ import annotations
 
@@ -49,10 +51,14 @@ async def test_live_agent_keeps_24_fps_through_api_attacks() -> None:
                 fps: dict[str, float] = {}
                 answers: dict[str, dict] = {}
                 for name in ("upload", "idle_stream", "offers", "interrupts"):
+                    # Each window measures its own attack, not the previous one's teardown
+                    # (50 refused peers closing): let the agent settle first.
+                    await asyncio.sleep(2.0)
                     t0 = time.monotonic()
                     answers[name] = await asyncio.to_thread(_attack, name, url)
-                    # The window covers the attack and at least 3 s in all.
-                    await asyncio.sleep(max(0.0, t0 + 3.0 - time.monotonic()))
+                    # The window covers the attack and at least 5 s in all (one frame more or
+                    # less at its edges is ±0.2 fps).
+                    await asyncio.sleep(max(0.0, t0 + 5.0 - time.monotonic()))
                     t1 = time.monotonic()
                     n = sum(t0 <= t < t1 for t in viewer.video_times)
                     fps[name] = n / (t1 - t0)
@@ -69,4 +75,4 @@ async def test_live_agent_keeps_24_fps_through_api_attacks() -> None:
     assert 1 <= answers["interrupts"]["real"] <= 3        # the rest were coalesced or refused
     print(f"viewer fps through each attack: {fps}")
     assert fps["upload"] >= 22 and fps["idle_stream"] >= 22, fps
-    assert fps["offers"] >= 18 and fps["interrupts"] >= 18, fps
+    assert fps["offers"] >= 18 and fps["interrupts"] >= 24, fps
