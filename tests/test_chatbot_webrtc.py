@@ -109,7 +109,7 @@ async def http(method: str, url: str, **kw: Any) -> tuple[int, Any]:
 
 
 async def status(url: str) -> dict:
-    code, st = await http("GET", url + "status")
+    code, st = await http("GET", url + "api/status")
     assert code == 200, st
     return st
 

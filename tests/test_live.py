@@ -82,7 +82,7 @@ async def test_start_serves_webrtc_to_an_aiortc_peer_with_speech_audio():
                 proc.stdin.write("Hello from the test. Can you hear me speaking?\n")
                 proc.stdin.flush()
                 await asyncio.sleep(4.0)
-                metrics, status = await _get(url + "metrics"), await _get(url + "status")
+                metrics, status = await _get(url + "metrics"), await _get(url + "api/status")
             finally:
                 await viewer.close()
     # Observability: Prometheus text and the JSON status report the same live counters.
