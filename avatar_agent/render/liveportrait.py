@@ -253,7 +253,8 @@ class LivePortraitRenderer:
             with cuDNN / oneDNN; numerically equivalent).
         compile: "off"; "compile" = W + G under ``torch.compile``; "cudagraphs" = W + G
             captured as CUDA graphs (``torch.compile``'s cudagraphs backend).  CUDA only; batches
-            are padded to bucket sizes (1, 2, 4, … , max_batch) so each shape builds once.
+            are padded to bucket sizes (1, 2, 4, … , max_batch), all built at the first W + G
+            call (the engine's warm-up), so no live frame pays a build.
         device_paste: uint8 conversion, paste-back and resizing on the renderer's device (only
             finished frames cross to the CPU); default on for CUDA.  Off: the release's NumPy /
             OpenCV path on the CPU.
@@ -305,6 +306,7 @@ class LivePortraitRenderer:
             self.nets.spade.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.device_paste = (self.device.type == "cuda") if device_paste is None else bool(device_paste)
         self.compile: CompileMode = compile
+        self._built = False
         self._wd = WarpDecode(self.nets.warping, self.nets.spade, self.precision, self.channels_last)
         self._wd_call: Any = self._wd
         if compile == "compile":
@@ -401,11 +403,33 @@ class LivePortraitRenderer:
             k *= 2
         return min(k, max(self.max_batch, b))
 
+    def buckets(self) -> list[int]:
+        """Every batch size a compiled W + G runs at (1, 2, 4, …, max_batch)."""
+        out, k = [], 1
+        while k < self.max_batch:
+            out.append(k)
+            k *= 2
+        return [*out, self.max_batch]
+
+    def _build(self, f_s: torch.Tensor, x_s: torch.Tensor, x_d: torch.Tensor) -> None:
+        """Compile (and capture) W + G at every bucket now, from the first call's inputs, so no
+        later frame pays a build.  The first call is the engine's warm-up or an avatar's first
+        frame, on the thread every later call runs on (CUDA graphs are per thread)."""
+        self._built = True
+        for k in self.buckets():
+            i = torch.zeros(k, dtype=torch.long, device=x_d.device)
+            for _ in range(2 if self.compile == "cudagraphs" else 1):  # warm-up run, then capture
+                if self.compile == "cudagraphs":
+                    torch.compiler.cudagraph_mark_step_begin()
+                self._wd_call(f_s[i], x_s[i], x_d[i])
+
     @torch.no_grad()
     def _run_wd(self, f_s: torch.Tensor, x_s: torch.Tensor,
                 x_d: torch.Tensor) -> dict[str, torch.Tensor]:
         """One W + G call (padded to the compile bucket by repeating the last frame)."""
         b = x_d.shape[0]
+        if self.compile != "off" and not self._built:
+            self._build(f_s, x_s, x_d)
         pad = self._bucket(b) - b
         if pad:
             f_s, x_s, x_d = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (f_s, x_s, x_d))

@@ -146,10 +146,14 @@ def test_compiled_batches_are_padded_to_buckets() -> None:
     ref = r.render(av, m)
     r.compile = "compile"                                            # buckets on, W + G eager
     assert [r._bucket(b) for b in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 4, 6, 6]
+    assert r.buckets() == [1, 2, 4, 6]
     calls = WarpCalls(r)
     got = r.render(av, m[:3])
-    assert calls.sizes == [4] and got.shape[0] == 3
+    assert calls.sizes == [1, 2, 4, 6, 4] and got.shape[0] == 3      # every bucket built first
     assert np.abs(got.astype(int) - ref[:3]).max() <= 1
+    calls.sizes.clear()
+    got = r.render(av, m[:5])
+    assert calls.sizes == [6] and np.abs(got.astype(int) - ref[:5]).max() <= 1
 
 
 def test_warp_decode_traces_as_one_graph_under_autocast() -> None:
