@@ -336,10 +336,14 @@ class Config:
         _positive(self, "audio.max_queued_s", a.max_queued_s)
         if not 80 <= a.tts_rate <= 450:
             raise ConfigError(f"audio.tts_rate = {a.tts_rate}: must be 80..450 words per minute")
-        if not 1000 <= a.pipe_rate <= 384000:
-            raise ConfigError(f"audio.pipe_rate = {a.pipe_rate}: must be 1000..384000 Hz")
-        if not 1 <= a.pipe_channels <= 16:
-            raise ConfigError(f"audio.pipe_channels = {a.pipe_channels}: must be 1..16")
+        from .audio.resample import PCM_CHANNELS, PCM_RATES  # the one PCM table (numpy only)
+
+        if not PCM_RATES[0] <= a.pipe_rate <= PCM_RATES[1]:
+            raise ConfigError(f"audio.pipe_rate = {a.pipe_rate}: must be "
+                              f"{PCM_RATES[0]}..{PCM_RATES[1]} Hz")
+        if not PCM_CHANNELS[0] <= a.pipe_channels <= PCM_CHANNELS[1]:
+            raise ConfigError(f"audio.pipe_channels = {a.pipe_channels}: must be "
+                              f"{PCM_CHANNELS[0]}..{PCM_CHANNELS[1]}")
         _positive(self, "motion.steps", self.motion.steps, zero_ok=True)
         for key in ("expression_scale", "head_scale"):
             v = getattr(self.motion, key)

@@ -31,7 +31,7 @@ from avatar_agent.motion.idle import impose_idle_eyes
 from avatar_agent.nn.hubert import HOP
 from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
 from avatar_agent.nn.sampling import Conditions, Guidance, guided_velocity, sample_flow
-from avatar_agent.types import EMOTION_NONE, Avatar, Profile, SpeechChunk
+from avatar_agent.types import EMOTION_NONE, MOTION_FPS, Avatar, Profile, SpeechChunk
 
 if TYPE_CHECKING:
     from avatar_agent.motion.procedural import ProceduralMotion
@@ -155,7 +155,7 @@ class MoDAMotion:
         seed: seed of the noise generator (reproducible sessions).
     """
 
-    fps = 25
+    fps = MOTION_FPS
 
     def __init__(self, model: "MoDADiT | TracedDiT", features: Features, mean: np.ndarray,
                  std: np.ndarray, *, profile: Profile = "official",
@@ -418,7 +418,7 @@ class EmbeddedMoDA(SpeechAndIdle):
     """
 
     profile: Profile = "embedded"
-    fps = 25
+    fps = MOTION_FPS
     idle_gen: ProceduralMotion  # generate() also uses its idle_track() and articulate()
 
     def __init__(self, moda: MoDAMotion, idle: Any) -> None:
