@@ -48,8 +48,9 @@ class RenderBatcher:
     """Coalesces waiting render requests of any number of sessions into one renderer call.
 
     Args:
-        renderer: the shared renderer; without ``render_many`` the requests of a batch are
-            rendered one after another (still in one inference job).
+        renderer: the shared renderer; one without ``render_many`` (the embedded warp renderer)
+            gets each request in its own job, as without the batcher (several CPU workers then
+            keep rendering in parallel).
         inference: the shared inference executor.
         max_frames: most frames per coalesced call (the renderer splits its W + G calls further
             by its own ``max_batch``); a request is never split.
@@ -62,6 +63,7 @@ class RenderBatcher:
         if max_frames < 1:
             raise ValueError(f"max_frames must be ≥ 1, got {max_frames}")
         self.renderer, self.inference, self.max_frames = renderer, inference, max_frames
+        self._batches = isinstance(renderer, BatchRenderer)
         self._lock = threading.Lock()
         self._waiting: list[_Request] = []
         self.calls = 0
@@ -91,7 +93,7 @@ class RenderBatcher:
     def _take(self, first: _Request) -> list[_Request]:
         """``first`` and the other waiting requests, earliest due first, within max_frames."""
         batch, frames = [first], len(first.motion)
-        for r in sorted(self._waiting, key=lambda r: r.due):
+        for r in sorted(self._waiting, key=lambda r: r.due) if self._batches else ():
             if r is not first and frames + len(r.motion) <= self.max_frames:
                 batch.append(r)
                 frames += len(r.motion)
@@ -100,7 +102,7 @@ class RenderBatcher:
 
     def _render(self, batch: list[_Request]) -> None:
         try:
-            if len(batch) > 1 and isinstance(self.renderer, BatchRenderer):
+            if len(batch) > 1 and isinstance(self.renderer, BatchRenderer):  # (_take: only then)
                 self.calls += 1
                 try:
                     outs = self.renderer.render_many([(r.avatar, r.motion) for r in batch])

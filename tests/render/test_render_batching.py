@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from tests.nn.liveportrait.helpers import fixture
 from tests.render.test_liveportrait_gpu_path import WarpCalls, motions
 
 torch.set_num_threads(1)
+PORTRAIT = Path(__file__).resolve().parents[2] / "avatars" / "default.png"
 
 
 @pytest.fixture(scope="module")
@@ -92,5 +94,22 @@ async def test_two_workers_serve_every_request_once(lp: LivePortraitRenderer) ->
         for got, want in zip(outs, ref, strict=True):
             assert np.abs(got.astype(int) - want).max() <= 1
         assert sum(calls.sizes) == sum(len(m) for m in ms)           # every frame rendered once
+    finally:
+        inference.close()
+
+
+async def test_a_renderer_without_render_many_renders_each_request_in_its_own_job() -> None:
+    from avatar_agent.face.landmarks import load_image
+    from avatar_agent.render.warp import WarpRenderer
+
+    r = WarpRenderer(size=128)
+    av = r.prepare(load_image(PORTRAIT))
+    m = np.repeat(av.rest_motion[None], 2, 0)
+    inference = Inference(SystemClock())
+    try:
+        batcher = RenderBatcher(r, inference)
+        outs = await _three_sessions(batcher, inference, [(1.0, av, m), (2.0, av, m[:1]), (3.0, av, m)])
+        assert [o.shape[0] for o in outs] == [2, 1, 2] and batcher.calls == 3
+        assert np.array_equal(outs[1][0], r.render(av, m[:1])[0])
     finally:
         inference.close()
