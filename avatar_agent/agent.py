@@ -29,6 +29,7 @@ from .clock import Clock, SystemClock
 from .config import Config, chunker_params
 from .events import EventBus, SegmentMarker
 from .inference import Inference
+from .render.batching import RenderBatcher
 from .metrics import Metrics
 from .motion import space
 from .player import AudioTimeline, Player
@@ -57,7 +58,8 @@ class Agent:
                  renderer: Renderer, sinks: Sequence[Sink] = (), clock: Clock | None = None,
                  image: np.ndarray | None = None, metrics: Metrics | None = None,
                  notifier: Notifier | None = None, offline: bool = False,
-                 inference: Inference | None = None) -> None:
+                 inference: Inference | None = None, batcher: RenderBatcher | None = None
+                 ) -> None:
         if motion.profile != renderer.profile:
             raise ValueError(f"motion generator profile {motion.profile!r} does not match renderer "
                              f"profile {renderer.profile!r}: set avatar.profile consistently")
@@ -87,8 +89,10 @@ class Agent:
         self.steering = space.Steering(cfg.motion.expression_scale, cfg.motion.head_scale)
         self.inference = inference or Inference(self.clock, cfg.render.threads)
         self._own_inference = inference is None
+        # One batcher per renderer + inference pair: sessions sharing them share it (Engine).
+        self.batcher = batcher or RenderBatcher(renderer, self.inference)
         self.animator = Animator(cfg, motion, renderer, self.player, self.inference,
-                                 self.metrics, self.steering)
+                                 self.metrics, self.steering, self.batcher)
         self.chunks = DropOldest[SpeechChunk](_CHUNK_QUEUE)
         self._stop = asyncio.Event()
         self._end_sample: int | None = None           # finite sources: where the timeline ends

@@ -1,7 +1,8 @@
 """ANIMATE: a chunk → motion continuing from the last emitted frame → rendered images → player.
 
 All model work goes through the shared inference thread, each job ordered by the due time of the
-first frame it produces.  Motion continuity: every chunk starts from ``prev``, the last motion
+first frame it produces; renders go through the process's :class:`RenderBatcher`, which puts
+sessions' requests that wait together into one renderer call where the renderer can (GPU).  Motion continuity: every chunk starts from ``prev``, the last motion
 frame handed to the renderer; after :meth:`Animator.clear` it restarts from the motion of the
 frame before the cleared ones, and work started earlier delivers nothing (one epoch).
 """
@@ -18,6 +19,7 @@ from .inference import Inference
 from .metrics import Metrics
 from .motion import space
 from .player import Player
+from .render.batching import RenderBatcher
 from .types import SAMPLE_RATE, Avatar, MotionGenerator, Renderer, SpeechChunk
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,9 @@ class Animator:
     """Turns chunks into images in the player's buffer for one avatar."""
 
     def __init__(self, cfg: Config, motion: MotionGenerator, renderer: Renderer, player: Player,
-                 inference: Inference, metrics: Metrics, steering: space.Steering) -> None:
-        self.motion, self.renderer, self.player = motion, renderer, player
+                 inference: Inference, metrics: Metrics, steering: space.Steering,
+                 batcher: RenderBatcher) -> None:
+        self.motion, self.renderer, self.player, self.batcher = motion, renderer, player, batcher
         self.inference, self.metrics, self.steering = inference, metrics, steering
         self.fps, self.batch = cfg.player.fps, max(1, cfg.render.batch)
         self.spf = SAMPLE_RATE // self.fps
@@ -84,6 +87,7 @@ class Animator:
     async def _deliver(self, first: int, motion: np.ndarray, speech: bool, epoch: int) -> None:
         """Render ``motion`` (frames first, first+1, …) in batches and hand them to the player."""
         avatar, n = self.avatar, len(motion)
+        assert avatar is not None                     # animate() runs after set_avatar()
         self.prev = motion[-1].copy()
         self._recent.update((first + k, m) for k, m in enumerate(motion))
         for old in [i for i in self._recent if i < first + n - 4 * self.fps]:
@@ -97,8 +101,8 @@ class Animator:
                 self.metrics.frames.labels("skipped_late").inc(e - b)
                 continue
             t1 = time.perf_counter()
-            images = await self.inference.run(self.player.due(live[0]), self.renderer.render,
-                                              avatar, motion[[i - first for i in live]])
+            images = await self.batcher.render(self.player.due(live[0]), avatar,
+                                               motion[[i - first for i in live]])
             self.metrics.stage_seconds.labels("render").observe(time.perf_counter() - t1)
             if epoch != self.epoch:
                 return

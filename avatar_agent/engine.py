@@ -29,6 +29,7 @@ from .agent import Agent
 from .clock import Clock, SystemClock
 from .config import Config
 from .inference import Inference
+from .render.batching import RenderBatcher
 from .session import Session
 from .types import MotionGenerator, Renderer, Sink
 
@@ -89,6 +90,8 @@ class Engine:
         self._make_vad = vad or (lambda: make_vad(cfg))
         self.inference = Inference(self.clock, cfg.render.threads,
                                    workers=cfg.server.inference_workers)
+        # Frames of sessions that wait together become one renderer call (GPU renderers).
+        self.batcher = RenderBatcher(self.renderer, self.inference)
         self.sessions: dict[str, _Running] = {}
         self._seeds = itertools.count(cfg.motion.seed + 1)
         self._opening = 0
@@ -170,7 +173,7 @@ class Engine:
                                        max_queued_s=a.max_queued_s)
             agent = Agent(cfg, source=source, vad=self._make_vad(), motion=self._fork(),
                           renderer=self.renderer, sinks=list(sinks or ()), clock=self.clock,
-                          inference=self.inference, image=image)
+                          inference=self.inference, batcher=self.batcher, image=image)
             session = Session(agent, id=secrets.token_urlsafe(9))
             if avatar is not None:
                 session.avatar_path = avatar

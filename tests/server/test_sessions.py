@@ -95,6 +95,10 @@ async def test_sessions_are_isolated_admitted_up_to_capacity_and_closed() -> Non
         async with http.get(url + "readyz") as r:
             assert r.status == 503 and (await r.json())["sessions"] == 2
         taps = {s["id"]: Tap(engine.get(s["id"]).frames()) for s in opened}
+        # one renderer, one inference thread, one batcher for every session of the engine
+        agents = [engine.get(s["id"]).agent for s in opened]
+        assert all(ag.batcher is engine.batcher and ag.inference is engine.inference
+                   and ag.renderer is engine.renderer for ag in agents)
         with loopback_ice():
             viewer_b = await whep(url + b["whep"].lstrip("/"))
             try:
