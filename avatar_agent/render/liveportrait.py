@@ -3,9 +3,9 @@
 Per avatar (:meth:`LivePortraitRenderer.prepare`, once): face crop (512², LivePortrait geometry)
 → 256² network input → appearance features f_s (F) and source motion (M) → source keypoints x_s.
 
-Per batch of motion frames (:meth:`LivePortraitRenderer.render`): MoDA's absolute drive
-(specs/moda.md §5.5) → driving keypoints x_d → stitching → W + G → uint8 512² crops, optionally
-pasted back into the portrait with LivePortrait's feathered mask.  Frames of several avatars
+Per batch of motion frames (:meth:`LivePortraitRenderer.render`): MoDA's absolute drive (the
+70-d motion of :mod:`avatar_agent.types`) → driving keypoints x_d → stitching → W + G → uint8
+512² crops, optionally pasted back into the portrait with LivePortrait's feathered mask.  Frames of several avatars
 (sessions) go through one W + G call with :meth:`LivePortraitRenderer.render_many`.
 
 Precision (``precision``): "auto" = fp16 autocast on CUDA as the release does, float32 on CPU
@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avatar_agent.motion import space
 from avatar_agent.nn.liveportrait import keypoints as K
 from avatar_agent.nn.liveportrait.weights import LivePortraitModules, WeightsError, load_modules
 from avatar_agent.nn.precision import autocast, autocast_dtype
-from avatar_agent.types import Avatar, Profile
+from avatar_agent.types import DIM, EXP, N_KP, PITCH, ROLL, SCALE, T, YAW, Avatar, Profile
 
 CROP_SIZE = 512
 """Side of the aligned face crop and of the generator's output."""
@@ -50,20 +49,20 @@ CropFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # --------------------------------------------------------------------------------------------
 
 def info_to_motion(info: dict[str, torch.Tensor]) -> np.ndarray:
-    """Refined kp-info → raw 70-d motion [B, 70] (moda.md §5.1 layout; tz set to 0)."""
+    """Refined kp-info → raw 70-d motion [B, 70] (the types.DIM layout; tz set to 0)."""
     b = info["kp"].shape[0]
-    m = np.zeros((b, space.DIM), dtype=np.float32)
-    m[:, space.EXP] = info["exp"].reshape(b, -1).cpu().numpy()
-    m[:, space.SCALE] = info["scale"].reshape(b).cpu().numpy()
+    m = np.zeros((b, DIM), dtype=np.float32)
+    m[:, EXP] = info["exp"].reshape(b, -1).cpu().numpy()
+    m[:, SCALE] = info["scale"].reshape(b).cpu().numpy()
     m[:, 64:66] = info["t"].reshape(b, 3)[:, :2].cpu().numpy()
-    m[:, space.PITCH] = info["pitch"].reshape(b).cpu().numpy()
-    m[:, space.YAW] = info["yaw"].reshape(b).cpu().numpy()
-    m[:, space.ROLL] = info["roll"].reshape(b).cpu().numpy()
+    m[:, PITCH] = info["pitch"].reshape(b).cpu().numpy()
+    m[:, YAW] = info["yaw"].reshape(b).cpu().numpy()
+    m[:, ROLL] = info["roll"].reshape(b).cpu().numpy()
     return m
 
 
 def _moda_copy_mask() -> np.ndarray:
-    mask = np.zeros((space.N_KP, 3), dtype=bool)
+    mask = np.zeros((N_KP, 3), dtype=bool)
     mask[[1, 2, 6, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], :] = True
     mask[3:5, 1] = True                                              # kp3.y, kp4.y
     mask[5, 2] = True                                                # kp5.z
@@ -75,7 +74,7 @@ def _moda_copy_mask() -> np.ndarray:
 MODA_EXP_COPY_MASK: np.ndarray = _moda_copy_mask()
 """[21, 3] bool: the exp entries MoDA takes from the generated motion; the rest stay the source's."""
 
-MODA_EYEBALL_BIAS: np.ndarray = np.zeros((space.N_KP, 3), dtype=np.float32)
+MODA_EYEBALL_BIAS: np.ndarray = np.zeros((N_KP, 3), dtype=np.float32)
 """Fixed gaze/blink offset MoDA adds to every driving exp (``update_delta_new_eyeball_direction(0, −5)``)."""
 MODA_EYEBALL_BIAS[11, 1] = MODA_EYEBALL_BIAS[15, 1] = 0.0025
 MODA_EYEBALL_BIAS[13, 1] = MODA_EYEBALL_BIAS[16, 1] = 0.00075
@@ -97,27 +96,27 @@ def moda_driving_keypoints(kp_canonical: torch.Tensor, exp_source: torch.Tensor,
         motion: [B, 70] raw motion.
     Returns: [B, 21, 3].
     """
-    if motion.ndim != 2 or motion.shape[1] != space.DIM:
-        raise ValueError(f"motion must be [B, {space.DIM}], got {tuple(motion.shape)}")
+    if motion.ndim != 2 or motion.shape[1] != DIM:
+        raise ValueError(f"motion must be [B, {DIM}], got {tuple(motion.shape)}")
     b = motion.shape[0]
-    exp_d = motion[:, space.EXP].reshape(b, space.N_KP, 3)          # B×21×3
+    exp_d = motion[:, EXP].reshape(b, N_KP, 3)          # B×21×3
     if eyeball_bias:
         exp_d = exp_d + torch.as_tensor(MODA_EYEBALL_BIAS, dtype=motion.dtype, device=motion.device)
     mask = torch.as_tensor(MODA_EXP_COPY_MASK, device=motion.device)
-    delta = torch.where(mask, exp_d, exp_source.reshape(1, space.N_KP, 3).to(motion.dtype))
-    rot = K.rotation_matrix(motion[:, space.PITCH], motion[:, space.YAW], motion[:, space.ROLL])
-    kc = kp_canonical.reshape(1, space.N_KP, 3).to(motion.dtype).expand(b, -1, -1)
+    delta = torch.where(mask, exp_d, exp_source.reshape(1, N_KP, 3).to(motion.dtype))
+    rot = K.rotation_matrix(motion[:, PITCH], motion[:, YAW], motion[:, ROLL])
+    kc = kp_canonical.reshape(1, N_KP, 3).to(motion.dtype).expand(b, -1, -1)
     scale = scale_source.reshape(1, 1).to(motion.dtype).expand(b, 1)
-    return K.transform_keypoints(kc, rot, delta, scale, motion[:, space.T])
+    return K.transform_keypoints(kc, rot, delta, scale, motion[:, T])
 
 
 def plain_driving_keypoints(kp_canonical: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
     """Driving keypoints using every field of the motion as is (x = s·(x_c·R + exp) + t)."""
     b = motion.shape[0]
-    rot = K.rotation_matrix(motion[:, space.PITCH], motion[:, space.YAW], motion[:, space.ROLL])
-    kc = kp_canonical.reshape(1, space.N_KP, 3).to(motion.dtype).expand(b, -1, -1)
-    return K.transform_keypoints(kc, rot, motion[:, space.EXP], motion[:, space.SCALE],
-                                 motion[:, space.T])
+    rot = K.rotation_matrix(motion[:, PITCH], motion[:, YAW], motion[:, ROLL])
+    kc = kp_canonical.reshape(1, N_KP, 3).to(motion.dtype).expand(b, -1, -1)
+    return K.transform_keypoints(kc, rot, motion[:, EXP], motion[:, SCALE],
+                                 motion[:, T])
 
 
 class RenderInputError(ValueError):
@@ -587,8 +586,8 @@ def _device_letterbox(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 def _check_motion(motion: np.ndarray) -> np.ndarray:
     m = np.asarray(motion, dtype=np.float32)
-    if m.ndim != 2 or m.shape[1] != space.DIM:
-        raise RenderInputError(f"motion must be [B, {space.DIM}], got {m.shape}")
+    if m.ndim != 2 or m.shape[1] != DIM:
+        raise RenderInputError(f"motion must be [B, {DIM}], got {m.shape}")
     if not np.isfinite(m).all():
         raise RenderInputError("motion contains NaN or inf")
     return m
