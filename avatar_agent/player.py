@@ -165,6 +165,7 @@ class Player:
         self._ready: dict[int, tuple[np.ndarray, bool]] = {}
         self._order: collections.deque[int] = collections.deque()
         self._last_image: np.ndarray | None = None
+        self._fallback: tuple[int, np.ndarray] | None = None   # (index, image) kept by clear()
         self._marks: dict[int, list[SegmentMark]] = {}
         self._failed: dict[str, int] = collections.Counter()
 
@@ -208,6 +209,11 @@ class Player:
                 if isinstance(m, SegmentEnded):
                     self._marks.setdefault(index, []).append(m)
         gone = [i for i in self._ready if i >= index]
+        # Frame `index` may be due before its replacement can be rendered (an interruption
+        # clears from the very next frame): keep its image as a fallback, shown silent, so the
+        # viewer gets a fresh frame rather than a repeated one; a re-rendered image replaces it.
+        kept = self._ready.get(index)
+        self._fallback = (index, kept[0]) if kept is not None else None
         for i in gone:
             del self._ready[i]
         self._order = collections.deque(i for i in self._order if i in self._ready)
@@ -229,6 +235,10 @@ class Player:
         lateness = self.clock.now() - due
         self.stats.lateness_max_s = max(self.stats.lateness_max_s, lateness)
         entry = self._ready.pop(i, None)
+        if self._fallback is not None and self._fallback[0] <= i:
+            if entry is None and self._fallback[0] == i:
+                entry = (self._fallback[1], False)
+            self._fallback = None
         # Images for earlier indices can no longer be shown.
         while self._order and self._order[0] <= i:
             j = self._order.popleft()

@@ -65,6 +65,32 @@ async def test_overflow_drops_oldest_and_counts():
     assert p.clear(3) == 2 and p.buffered() == 1
 
 
+async def test_a_cleared_next_frame_shows_its_image_silent_unless_replaced_in_time():
+    """clear(i) keeps frame i's image as a silent fallback: a fresh frame, not an underrun."""
+    clock = FakeClock()
+    tl = AudioTimeline(clock)
+    _feed(tl, clock, np.zeros(SPF * 6, np.float32))
+    sink = MemorySink()
+    p = Player(FPS, clock, tl, latency_s=0.0, sinks=[sink])
+    for i in range(4):
+        p.push(i, np.full((4, 4, 3), 10 + i, np.uint8), True)
+    await p.tick()                                  # frame 0
+    assert p.clear(1) == 3                          # interrupted: 1, 2, 3 dropped
+    await p.tick()                                  # frame 1: no replacement → its own image
+    assert sink.frames[1].image[0, 0, 0] == 11 and not sink.frames[1].speech
+    p.push(2, np.full((4, 4, 3), 99, np.uint8), False)
+    await p.tick()                                  # frame 2: the replacement
+    await p.tick()                                  # frame 3: nothing, no fallback → repeat
+    assert [f.image[0, 0, 0] for f in sink.frames] == [10, 11, 99, 99]
+    assert p.stats.underruns == 1
+    p.push(5, np.full((4, 4, 3), 50, np.uint8), False)
+    p.clear(5)
+    p.push(5, np.full((4, 4, 3), 55, np.uint8), False)   # replaced in time: the new image wins
+    await p.tick()
+    await p.tick()
+    assert sink.frames[-1].image[0, 0, 0] == 55
+
+
 async def test_failing_sink_does_not_stop_others():
     clock = FakeClock()
     tl = AudioTimeline(clock)
