@@ -1,6 +1,7 @@
 """``avatar-agent bench --soak MINUTES``: the live agent under a chatbot's everyday load, in real
 time: speech (say and pushed PCM), emotion changes, interrupts, WebRTC viewers coming and going,
-and avatar swaps, while one viewer stays connected all along.
+and avatar swaps, while one viewer stays connected all along.  The viewers run in a child
+process, as they would on other machines (their decoding is not the agent's work).
 
 Prints one JSON object: fps and dropped % over the whole run, RSS (sampled every 15 s at the same
 point of the viewer churn; printed every minute), its slope after the warm-up (linear fit, MB
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +92,8 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
     url = runner_urls(runner)[0]
     pcm = synthesize(_LINES[2]).audio
     run = asyncio.create_task(session.run())
-    frames = [0]
+    counts: list[tuple[float, int]] = []              # (monotonic time, watcher's frames)
+    streaming = asyncio.Event()
     rss: list[tuple[float, float]] = []               # (minutes since t0, MB) every 15 s
     t_start: float | None = None
     calls = {"say": 0, "push": 0, "emotion": 0, "interrupt": 0, "viewers": 0, "swaps": 0}
@@ -139,31 +142,47 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
                     await http.post(url + "api/avatar", json={"path": str(path)})
                     mark("swaps")
 
-    async def churn() -> None:
-        while True:
-            await asyncio.sleep(10.0)
-            # RSS at the same point of every churn cycle (only the watcher connected): samples
-            # taken at random phases swing ±20 MB with the churn viewer and hide the trend.
-            if t_start is not None:
-                rss.append(((time.monotonic() - t_start) / 60, rss_bytes() / 1e6))
-            mark("viewers")
-            await _viewer(url, 5.0, [0])
+    async def viewers() -> None:
+        """The viewers run in a child process, as they would on other machines: their decoding
+        and peer set-up must not count against the agent's loop.  It reports on stdout."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "avatar_agent.bench_soak", url,
+            stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        try:
+            while line := await proc.stdout.readline():
+                kind, t, *rest = line.decode().split()
+                if kind == "frames":
+                    counts.append((float(t), int(rest[0])))
+                    if int(rest[0]) >= 50:
+                        streaming.set()
+                elif kind == "join":
+                    # RSS at the same point of every churn cycle (only the watcher connected):
+                    # samples taken at random phases swing with the churn viewer.
+                    if t_start is not None:
+                        rss.append(((time.monotonic() - t_start) / 60, rss_bytes() / 1e6))
+                    mark("viewers")
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
 
     while agent.player.stats.delivered < 25:          # warmed up and streaming
         await asyncio.sleep(0.1)
         if run.done():
             await run                                 # its error
-    watcher = asyncio.create_task(_viewer(url, None, frames))
-    tasks = [asyncio.create_task(driver()), asyncio.create_task(churn()),
+    tasks = [asyncio.create_task(viewers()), asyncio.create_task(driver()),
              asyncio.create_task(monitor())]
-    await asyncio.sleep(5.0)
-    st0, f0, t0 = dataclasses.replace(agent.player.stats), frames[0], time.monotonic()
+    await asyncio.wait_for(streaming.wait(), 60)      # the watcher receives video
+    st0, t0 = dataclasses.replace(agent.player.stats), time.monotonic()
     t_start = t0
     await asyncio.sleep(minutes * 60)
-    st1, f1, t1 = dataclasses.replace(agent.player.stats), frames[0], time.monotonic()
-    for t in [*tasks, watcher]:
+    st1, t1 = dataclasses.replace(agent.player.stats), time.monotonic()
+    await asyncio.sleep(1.5)                          # the watcher's count at t1 has arrived
+    f0, f1 = _count_at(counts, t0), _count_at(counts, t1)
+    for t in tasks:
         t.cancel()
-    await asyncio.gather(*tasks, watcher, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     agent.stop()
     await run
     await runner.cleanup()
@@ -193,7 +212,44 @@ def _attribute(drops: list[tuple[float, int]], marks: list[tuple[float, str]], t
     return out
 
 
+def _count_at(counts: list[tuple[float, int]], t: float) -> float:
+    """The watcher's frame count at ``t``, interpolated between its once-a-second reports."""
+    ts = np.array([tm for tm, _ in counts])
+    return float(np.interp(t, ts, np.array([n for _, n in counts], float))) if counts else 0.0
+
+
+async def _viewers_child(url: str) -> None:
+    """Child process: one watcher all along, one more viewer for 5 s every 15 s; reports
+    ``frames <t> <count>`` every second and ``join <t>`` before each churn viewer joins."""
+    frames = [0]
+
+    def say(*words: object) -> None:
+        print(*words, flush=True)
+
+    async def report() -> None:
+        while True:
+            say("frames", time.monotonic(), frames[0])
+            await asyncio.sleep(1.0)
+
+    async def churn() -> None:
+        while True:
+            await asyncio.sleep(10.0)
+            say("join", time.monotonic())
+            await _viewer(url, 5.0, [0])
+
+    tasks = [asyncio.create_task(report()), asyncio.create_task(churn())]
+    try:
+        await _viewer(url, None, frames)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 def run(cfg: Config, minutes: float) -> int:
     """CLI entry: print the soak figures as one JSON object."""
     print(json.dumps(asyncio.run(soak(cfg, minutes))))
     return 0
+
+
+if __name__ == "__main__":
+    asyncio.run(_viewers_child(sys.argv[1]))
