@@ -114,14 +114,20 @@ class FakeClock:
     async def _drive(self) -> None:
         # Let every runnable task run to its next await before jumping: several loop turns,
         # because work handed to threads (run_in_executor) completes via call_soon_threadsafe.
-        # This is a heuristic, not an idle detector: a task that needs more than 20 loop turns
-        # between clock waits, or thread work started without hold(), sees time jump ahead of it
+        # This is a heuristic, not an idle detector: thread work started without hold(), or a
+        # task that awaits I/O between clock waits, sees time jump ahead of it
         # (an event loop whose clock jumps to the next timer would be exact, at the cost of
         # replacing the loop).  Wrap thread work in hold(); while held, time stays frozen and
         # the driver polls every 0.5 ms of real time.
+        ready = getattr(asyncio.get_running_loop(), "_ready", None)  # CPython: runnable handles
         while self._waiters:
-            for _ in range(20):
+            for turn in range(10_000):
                 await asyncio.sleep(0)
+                # At least 20 turns, then on while other callbacks are still runnable: a chain
+                # of short steps (20 ms audio frames → chunker → animate) must reach its next
+                # clock wait or inference job before time moves.
+                if turn >= 20 and not ready:
+                    break
             if not self._waiters:
                 break
             if self._holds:
