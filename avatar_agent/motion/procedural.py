@@ -208,7 +208,7 @@ class ProceduralMotion:
     @property
     def rest_pose(self) -> np.ndarray:
         """The motion [70] the generator relaxes to in silence (portrait pose, mouth closed)."""
-        if self._face is None:       # an AttributeError too: hasattr()/Protocol checks stay False
+        if self._face is None:       # also an AttributeError: a runtime Protocol check says "missing"
             raise NotPrepared("rest_pose: call prepare(avatar) first")
         return self._face.rest.astype(np.float32)
 
