@@ -58,14 +58,14 @@ class Probe:
         return None
 
     def first_audible(self, after: float) -> float | None:
-        for t, a in zip(self.v.audio_times, self.v.audio):
+        for t, a in zip(self.v.audio_times, self.v.audio, strict=False):
             if t >= after and float(np.sqrt(np.mean(a ** 2))) > LOUD:
                 return t
         return None
 
     def last_audible(self, after: float) -> float | None:
         last = None
-        for t, a in zip(self.v.audio_times, self.v.audio):
+        for t, a in zip(self.v.audio_times, self.v.audio, strict=False):
             if t >= after and float(np.sqrt(np.mean(a ** 2))) > LOUD:
                 last = t
         return last

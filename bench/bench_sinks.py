@@ -132,7 +132,7 @@ async def bench_webrtc(size: int, seconds: float) -> None:
             c = time.perf_counter()
             await sink.send(VideoFrame(fr[i % len(fr)].image, i, fr[i % len(fr)].audio))
             costs.append(time.perf_counter() - c)
-        got = [(c - b) / seconds for c, b in zip(counts, base)] if n_viewers else []
+        got = [(c - b) / seconds for c, b in zip(counts, base, strict=False)] if n_viewers else []
         print(f"webrtc {size}x{size}, {n_viewers} viewer(s): send() {ms(costs)}; "
               f"viewer fps {', '.join(f'{g:.1f}' for g in got) or '-'} (player 25)")
         for pc in pcs:

@@ -58,6 +58,7 @@ class SpeechWatcher:
     error: Exception | None = None
 
     def start(self) -> None:
+        """Read the agent's events on a background thread."""
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -125,6 +126,7 @@ def chat(client: AvatarClient, lines: Iterable[str], out: TextIO, wait: bool = T
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the chatbot; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8080", help="the agent's server")
     ap.add_argument("--token", default=None, help="server.token, if the agent requires one")

@@ -42,6 +42,7 @@ def shared_engine() -> Engine:
 
 @server.rtc_session()
 async def entrypoint(ctx: JobContext) -> None:
+    """One LiveKit job: the agent's conversation in this room, with the avatar."""
     await ctx.connect()
     engine = await asyncio.to_thread(shared_engine)
     face = await engine.open_session(emotion="happiness")

@@ -27,6 +27,7 @@ server = AgentServer()
 
 @server.rtc_session()
 async def entrypoint(ctx: JobContext) -> None:
+    """One LiveKit job: the agent's conversation in this room, with the avatar."""
     await ctx.connect()
     session = AgentSession(stt="assemblyai/universal-streaming", llm="openai/gpt-4.1-mini",
                            tts="cartesia/sonic-2")

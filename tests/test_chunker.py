@@ -35,7 +35,7 @@ def run(frames, decisions, params, offline=False):
     """Push frame by frame; return (outputs, [(position at emission, item)])."""
     ch = Chunker(params, offline=offline)
     log = []
-    for f, d in zip(frames, decisions):
+    for f, d in zip(frames, decisions, strict=False):
         for item in ch.push(f, d):
             log.append((ch.position, item))
     for item in ch.flush():
@@ -157,7 +157,7 @@ def test_randomised_decisions_tile_and_respect_latency(params):
         ev = [it for _, it in log if not isinstance(it, SpeechChunk)]
         assert [type(e) for e in ev] == [SpeechStarted, SpeechEnded] * (len(ev) // 2)
         assert [e.utterance for e in ev] == [k // 2 + 1 for k in range(len(ev))]
-        regions = [(a.start, b.end) for a, b in zip(ev[::2], ev[1::2])]
+        regions = [(a.start, b.end) for a, b in zip(ev[::2], ev[1::2], strict=False)]
         for c in chunks_of(log):
             in_region = any(s <= c.start < e for s, e in regions)
             assert c.speech == in_region
@@ -206,12 +206,12 @@ def test_max_utterance_splits_seamlessly():
     starts = [e for e in ev if isinstance(e, SpeechStarted)]
     assert [e.reason for e in ends[:-1]] == ["max_length"] * (len(ends) - 1)
     assert ends[-1].reason == "silence" and len(starts) == len(ends) >= 4
-    for e, s in zip(ends, starts[1:]):
+    for e, s in zip(ends, starts[1:], strict=False):
         assert s.start == e.end  # next utterance starts where the split was: no silence gap
     speech = [c for c in chunks_of(log) if c.speech]
     assert all(speech[k].start + speech[k].n_new == speech[k + 1].start
                for k in range(len(speech) - 1))
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=False):
         assert e.end - s.start <= 1.0 * SAMPLE_RATE + G
 
 

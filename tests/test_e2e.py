@@ -107,7 +107,6 @@ def mouth_gap(frames: np.ndarray) -> np.ndarray:
 async def test_offline_render_due_times_equal_capture_plus_latency(cfg, tmp_path):
     from avatar_agent import offline
 
-    sink = TimedSink()
     captured: list[tuple[int, float]] = []
 
     class Probe(TimedSink):

@@ -26,7 +26,7 @@ def test_unit_verifies_without_unknown_keys(tmp_path):
         assert key in text
     # Every [Service] option is commented (the comment block right above it says why).
     service = text.split("[Service]")[1].split("[Install]")[0].strip().splitlines()
-    for prev, line in zip(service, service[1:]):
+    for prev, line in zip(service, service[1:], strict=False):
         if line and not line.startswith("#"):
             assert prev.startswith("#") or prev.startswith("Standard"), f"uncommented: {line}"
     # ExecStart must exist at verify time: point it at this interpreter.

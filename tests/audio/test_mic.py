@@ -141,7 +141,7 @@ async def test_speech_lands_where_it_was_played(pulse_server, speech_wav, tmp_pa
     # Onsets within 100 ms; ends within one hop (webrtcvad itself holds "voiced" ~0.1 s after
     # the energy stops: its internal overhang).
     hop = ch.params.hop_ms * SAMPLE_RATE // 1000
-    for (t0, t1), s, e in zip(truth, starts, ends):
+    for (t0, t1), s, e in zip(truth, starts, ends, strict=False):
         assert abs(s.onset - (offset + t0 * SAMPLE_RATE)) <= 0.1 * SAMPLE_RATE
         assert abs(e.offset - (offset + t1 * SAMPLE_RATE)) <= hop
 

@@ -66,7 +66,7 @@ def test_crop_follows_the_face(portrait, reference, name):
     tf = crop_transform(lm.points, size=S)
     q = tf.to_crop(lm.points)
     err = np.linalg.norm(q[KEY, :2] - reference[1][KEY, :2], axis=1)
-    assert err.max() < 0.03 * S, dict(zip(KEY, err.round(1)))
+    assert err.max() < 0.03 * S, dict(zip(KEY, err.round(1), strict=False))
     ref_crop = warp_crop(portrait, reference[0]).astype(np.float32)
     crop = warp_crop(img, tf).astype(np.float32)
     centre = (slice(128, 448), slice(128, 384))                     # the face itself

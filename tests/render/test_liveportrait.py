@@ -245,7 +245,7 @@ def test_prepare_real_portrait_with_default_crop(tiny: LivePortraitRenderer) -> 
 def test_channels_last_option_renders_the_same_frames(tiny: LivePortraitRenderer) -> None:
     torch.manual_seed(0)
     cl = LivePortraitRenderer(build_modules("tiny"), device="cpu", max_batch=3, channels_last=True)
-    for a, b in zip(cl.nets.all(), tiny.nets.all()):
+    for a, b in zip(cl.nets.all(), tiny.nets.all(), strict=False):
         a.load_state_dict(b.state_dict())
     av = tiny.prepare_crop(fixture("source")["source_rgb_u8"])
     m = _motions(av, 3)

@@ -121,7 +121,7 @@ def test_failing_device_raises_clear_error(fakev4l2_so: Path, tmp_path: Path) ->
     proc = run_child(fakev4l2_so, prefix, dev, "I420", 80, unlink_at=10)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    line = next(l for l in out.splitlines() if l.startswith("ERROR"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("ERROR"))
     i = int(line.split()[1])
     assert 10 < i <= 10 + 25 + 2  # noticed within about one second of frames
     assert "disappeared" in line and dev in line

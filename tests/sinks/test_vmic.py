@@ -126,7 +126,7 @@ def click_offsets(rec: Recorder, recorded: np.ndarray, sent: list[float], clicks
     assert len(onsets) == len(clicks), f"expected {len(clicks)} clicks, heard {len(onsets)}"
     for o in onsets:                                   # each click arrives intact
         assert np.allclose(recorded[o:o + 16], 0.9, atol=2e-3)
-    return [rec.t0() + o / SAMPLE_RATE - sent[k] for o, k in zip(onsets, clicks)]
+    return [rec.t0() + o / SAMPLE_RATE - sent[k] for o, k in zip(onsets, clicks, strict=False)]
 
 
 async def record_play(sink: VirtualMicSink, audio: np.ndarray, stall_at: int | None = None

@@ -49,7 +49,7 @@ def test_round_trip_and_index(dataset):
     assert index["feature"] == FEATURE
     back = list(iter_records(d))
     assert len(back) == 5
-    for a, b in zip(recs, back):
+    for a, b in zip(recs, back, strict=False):
         np.testing.assert_array_equal(a.audio, b.audio)
         np.testing.assert_array_equal(a.motion, b.motion)
         np.testing.assert_array_equal(a.identity, b.identity)
