@@ -161,7 +161,8 @@ async def test_row4_a_drip_of_samples_or_text_cannot_keep_a_stream_open() -> Non
                     if m["type"] == "finished":
                         finished = m
                 assert finished is not None and "server.audio_idle_s" in finished["reason"]
-                assert time.monotonic() - t0 < 0.2 + 0.5 + 0.5
+                # 0.7 s when on time; the drip would keep it open for the loop's whole 5 s.
+                assert time.monotonic() - t0 < 3
     finally:
         await stop_api(api)
 
