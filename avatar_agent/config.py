@@ -150,6 +150,8 @@ class MotionConfig:
     """Multiplier on head motion (sway, nods)."""
     models_dir: str = ""
     """Where official weights live; empty = $AVATAR_AGENT_MODELS or ~/.local/share/avatar-agent/models."""
+    runtime: Literal["auto", "onnx", "torch"] = "auto"
+    """Embedded profile: what runs the tiny MoDA's DiT (auto = ONNX Runtime when the model's .onnx export is present and made from its weights, else a TorchScript trace; onnx = ONNX Runtime or an error; torch = the trace)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Official profile: arithmetic of the MoDA DiT and HuBERT (fp32 = the release's; bf16/fp16 = autocast, faster on a GPU; fp16 needs CUDA)."""
 

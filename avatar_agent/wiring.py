@@ -219,7 +219,7 @@ def embedded_moda(cfg: Config, procedural: Any) -> MotionGenerator:
     m = cfg.motion
     try:
         moda = build_motion(EMBEDDED_MODA, cfg_emotion=m.cfg_emotion, seed=m.seed,
-                            **moda_overrides(cfg))
+                            runtime=m.runtime, **moda_overrides(cfg))
     except ModelFileError as e:
         raise ConfigError(f"{e} (or use motion.generator = \"procedural\")") from e
     except ValueError as e:  # a [motion] override the model cannot run with

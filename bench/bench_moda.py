@@ -6,7 +6,8 @@ Figures: release DiT ms per forward (batch 1 and CFG batch 2, 80 frames), ms per
 (10 Euler steps × one CFG batch-2 forward), HuBERT-base ms per second of audio (random weights:
 speed does not depend on them), and the shipped tiny MoDA's motion real-time factor through the
 deployed ``MoDAMotion`` with its own inference settings, log-mel features included: live (160 ms
-chunks) and offline (one chunk), eager and traced.
+chunks) and offline (one chunk): eager, traced, and on ONNX Runtime when the model's .onnx
+export is there (the default runtime then).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def bench_tiny(seconds: float, model_path: Path) -> None:
     """Motion RTF of the embedded tiny MoDA through the deployed ``MoDAMotion``, features included.
 
     Live: 160 ms chunks (4 new frames, 400 ms left context, 40 ms lookahead; the model's own
-    steps/CFG), eager and traced.  Offline: the whole clip as one chunk (``avatar-agent render``).
+    steps/CFG), eager, traced and on ONNX Runtime.  Offline: the whole clip as one chunk (``avatar-agent render``).
     """
     from avatar_agent.motion.template import template_avatar
     from avatar_agent.motion.moda_load import build_motion
@@ -85,8 +86,11 @@ def bench_tiny(seconds: float, model_path: Path) -> None:
     rng = np.random.default_rng(0)
     audio = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
     n = audio.size // 640
-    for trace in (False, True):
-        gen = build_motion(model_path, trace=trace)
+    runs = [("eager ", "torch", False), ("traced", "torch", True)]
+    if model_path.with_suffix(".onnx").is_file():
+        runs.append(("onnx  ", "onnx", True))
+    for label, runtime, trace in runs:
+        gen = build_motion(model_path, trace=trace, runtime=runtime)
         gen.prepare(avatar)
         hop, left, look = gen.min_hop_ms // 40, 10, 1
         padded = np.concatenate([np.zeros(640 * left, np.float32), audio, np.zeros(640 * (hop + look), np.float32)])
@@ -107,7 +111,7 @@ def bench_tiny(seconds: float, model_path: Path) -> None:
             fn()
             dt = time.perf_counter() - t0
             what = f"{hop * 40} ms chunks" if name == "live" else "one chunk"
-            print(f"tiny MoDA {name:7s} ({'traced' if trace else 'eager '}, {what}, {gen.steps} steps, "
+            print(f"tiny MoDA {name:7s} ({label}, {what}, {gen.steps} steps, "
                   f"CFG audio {gen.guidance.audio:g}, window {gen.window}, features incl.): "
                   f"RTF {dt / seconds:.4f}")
     n_par = sum(q.numel() for q in gen.model.parameters())

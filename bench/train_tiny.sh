@@ -10,7 +10,8 @@
 # DATA corpus dir (out/moda-tiny/data), RUN run dir (out/moda-tiny/run),
 # EXPORT (models/embedded/moda-tiny.safetensors), PY (.venv/bin/python).
 # Re-running resumes training from $RUN/checkpoint.pt; the corpus is rebuilt only if $DATA is absent.
-# Output: $EXPORT (+ .json with params, feature config, normalisation, null audio feature),
+# Output: $EXPORT (+ .json with params, feature config, normalisation, null audio feature;
+# + .onnx, the graph the live path runs on ONNX Runtime),
 # $RUN/losses.csv + losses.png, then bench/eval_moda_tiny.py's table vs the procedural generator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,9 @@ echo "== train: preset tiny, $STEPS steps x $BATCH, <= $MINUTES min, $THREADS th
   --steps "$STEPS" --batch "$BATCH" --max-minutes "$MINUTES" --threads "$THREADS" \
   --relative --p-tail-zero 0.5 \
   --export "$EXPORT"
+
+echo "== ONNX graph of $EXPORT (what the live path runs; checked against torch)"
+"$PY" -m avatar_agent.nn.moda_onnx "$EXPORT"
 
 echo "== evaluate $EXPORT"
 # shellcheck disable=SC2086

@@ -29,7 +29,7 @@ from avatar_agent.motion.emotion import emotion_label
 from avatar_agent.motion.emotion import EmotionLayer
 from avatar_agent.motion.idle import impose_idle_eyes
 from avatar_agent.nn.hubert import HOP
-from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
+from avatar_agent.nn.moda import DiTRunner, MoDADiT, MoDAParams, TracedDiT
 from avatar_agent.nn.sampling import Conditions, Guidance, guided_velocity, sample_flow
 from avatar_agent.types import EMOTION_NONE, MOTION_FPS, Avatar, Profile, SpeechChunk
 
@@ -125,7 +125,8 @@ class MoDAMotion:
     the earlier window actually had (its lookahead), because past that it saw zero-padded audio.
 
     Args:
-        model: the DiT (any preset), or a :class:`~avatar_agent.nn.moda.TracedDiT` around it.
+        model: the DiT (any preset), or a faster runner of it
+            (:class:`~avatar_agent.nn.moda.TracedDiT`, :class:`~avatar_agent.nn.moda_onnx.OnnxDiT`).
         features: ``audio(float32 16 kHz [S]) -> [S // 640, blocks, dim]``.
         mean, std: motion statistics of the model's training data.
         profile: "official" or "embedded".
@@ -157,7 +158,7 @@ class MoDAMotion:
 
     fps = MOTION_FPS
 
-    def __init__(self, model: "MoDADiT | TracedDiT", features: Features, mean: np.ndarray,
+    def __init__(self, model: DiTRunner, features: Features, mean: np.ndarray,
                  std: np.ndarray, *, profile: Profile = "official",
                  null_audio: torch.Tensor | None = None,
                  guidance: Guidance = Guidance.release(1.2), window: int | None = None,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -363,6 +363,18 @@ class MoDADiT(nn.Module):
         if intermediates is not None:
             intermediates["stage1_out"] = h
         return self.final_layer(h[:, :n], c)                                     # [B, N, motion_dim]
+
+
+class DiTRunner(Protocol):
+    """What samplers call: a :class:`MoDADiT`, or a faster stand-in with its inputs and output
+    (:class:`TracedDiT`; :class:`avatar_agent.nn.moda_onnx.OnnxDiT`)."""
+
+    params: MoDAParams
+
+    def __call__(self, motion: torch.Tensor, t: torch.Tensor, audio: torch.Tensor,
+                 emotion: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        """Velocity [B, N, motion_dim] (see :meth:`MoDADiT.forward`)."""
+        ...
 
 
 class TracedDiT:

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from avatar_agent.nn.moda import MoDADiT, TracedDiT
+from avatar_agent.nn.moda import DiTRunner, MoDADiT
 
 N_TRAIN_TIMESTEPS = 1000
 SIGMA_MIN = 1.0 / N_TRAIN_TIMESTEPS
@@ -120,7 +120,7 @@ class Conditions:
     null_audio: torch.Tensor
 
 
-def guided_velocity(model: MoDADiT | TracedDiT, cond: Conditions, guidance: Guidance
+def guided_velocity(model: DiTRunner, cond: Conditions, guidance: Guidance
                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A ``velocity(x, t)`` closure applying eq. 8 with one batched forward per call."""
     null_emo = torch.full_like(cond.emotion, model.params.null_emotion)
