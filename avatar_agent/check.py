@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 from typing import Callable
 
 from .config import Config, to_toml
@@ -193,6 +194,26 @@ def _check_gpu(r: Report, cfg: Config) -> None:
         r.note(f"render.compile = \"{rc.compile}\" is for CUDA: ignored without a GPU")
 
 
+def _check_moda_runtime(r: Report, cfg: Config, path: Path) -> None:
+    from .motion.moda_load import ModelFileError, onnx_problem
+
+    if cfg.motion.runtime == "torch":
+        r.ok("tiny MoDA runtime: torch (motion.runtime = \"torch\")")
+        return
+    try:
+        why = onnx_problem(path)
+    except ModelFileError as e:
+        why = str(e)
+    if why is None:
+        r.ok(f"tiny MoDA runtime: ONNX Runtime ({path.with_suffix('.onnx').name})")
+    elif cfg.motion.runtime == "onnx":
+        r.problem(f"motion.runtime = \"onnx\" cannot be used: {why}",
+                  "re-export the graph (python -m avatar_agent.nn.moda_onnx "
+                  f"{path}) or set motion.runtime = \"auto\"")
+    else:
+        r.ok(f"tiny MoDA runtime: torch, slower ({why})")
+
+
 def _check_models(r: Report, cfg: Config) -> None:
     if cfg.avatar.profile == "embedded":
         from .wiring import EMBEDDED_MODA, uses_embedded_moda
@@ -201,6 +222,7 @@ def _check_models(r: Report, cfg: Config) -> None:
             r.ok("embedded profile, procedural motion: no weights needed")
         elif EMBEDDED_MODA.is_file() and EMBEDDED_MODA.with_suffix(".json").is_file():
             r.ok(f"embedded profile, tiny MoDA: {EMBEDDED_MODA} (shipped, no download)")
+            _check_moda_runtime(r, cfg, EMBEDDED_MODA)
         else:
             r.problem(f"embedded tiny MoDA missing: {EMBEDDED_MODA} (+ .json)",
                       "restore models/embedded from the repository, retrain it with "

@@ -253,17 +253,10 @@ def _onnx_runner(path: str | Path, model: "MoDADiT", device: str, required: bool
     from avatar_agent.nn.moda_onnx import OnnxDiT, OnnxDiTError, file_sha256
 
     w_path, _ = export_paths(path)
-    onnx_path = w_path.with_suffix(".onnx")
-    why = None
-    if not device.startswith("cpu"):
-        why = f"the DiT runs on {device}"
-    elif not onnx_path.is_file():
-        why = f"no {onnx_path.name} beside the weights"
-    elif importlib.util.find_spec("onnxruntime") is None:
-        why = "onnxruntime is not installed"
+    why = _onnx_precondition(w_path, device)
     if why is None:
         try:
-            return OnnxDiT(onnx_path, model.params, file_sha256(w_path))
+            return OnnxDiT(w_path.with_suffix(".onnx"), model.params, file_sha256(w_path))
         except OnnxDiTError as e:
             why = str(e)
     if required:
@@ -272,6 +265,35 @@ def _onnx_runner(path: str | Path, model: "MoDADiT", device: str, required: bool
     return None
 
 
+def _onnx_precondition(w_path: Path, device: str) -> str | None:
+    """Why the ONNX export beside ``w_path`` cannot be tried (None: it can)."""
+    if not device.startswith("cpu"):
+        return f"the DiT runs on {device}"
+    if not w_path.with_suffix(".onnx").is_file():
+        return f"no {w_path.with_suffix('.onnx').name} beside the weights"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime is not installed"
+    return None
+
+
+def onnx_problem(path: str | Path) -> str | None:
+    """Why ``motion.runtime = "onnx"`` would fail for this export (None: it works): what
+    ``avatar-agent check`` reports.  Loads the graph, not the torch model."""
+    from avatar_agent.nn.moda import MoDAParams
+    from avatar_agent.nn.moda_onnx import OnnxDiT, OnnxDiTError, file_sha256
+
+    w_path, _ = export_paths(path)
+    why = _onnx_precondition(w_path, "cpu")
+    if why is None:
+        try:
+            OnnxDiT(w_path.with_suffix(".onnx"), MoDAParams(**read_meta(w_path)["params"]),
+                    file_sha256(w_path))
+        except (OnnxDiTError, TypeError) as e:
+            why = str(e)
+    return why
+
+
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "FEATURE_FPS", "DEFAULT_FEATURE", "ModelFileError",
            "check_feature", "extract_features", "feature_fn", "INFERENCE_DEFAULTS",
-           "inference_settings", "export_paths", "read_meta", "load_trained", "build_motion"]
+           "inference_settings", "export_paths", "read_meta", "load_trained", "build_motion",
+           "onnx_problem"]

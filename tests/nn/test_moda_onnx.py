@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from avatar_agent.motion.moda_load import ModelFileError, build_motion, load_trained
+from avatar_agent.motion.moda_load import ModelFileError, build_motion, load_trained, onnx_problem
 from avatar_agent.motion.template import template_avatar
 from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
 from avatar_agent.nn.moda_onnx import (OnnxDiT, OnnxDiTError, export_onnx, file_sha256,
@@ -69,6 +69,8 @@ def test_a_stale_export_is_refused_or_skipped_with_the_reason(tmp_path: Path,
         gen = build_motion(path)                                       # auto: torch, saying why
     assert isinstance(gen.model, TracedDiT)
     assert "other weights" in caplog.text
+    assert "other weights" in str(onnx_problem(path))              # what `check` reports
+    assert onnx_problem(EMBEDDED_MODA) is None
     (tmp_path / "m.onnx").unlink()
     with pytest.raises(ModelFileError, match="no m.onnx beside the weights"):
         build_motion(path, runtime="onnx")
