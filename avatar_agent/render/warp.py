@@ -519,11 +519,20 @@ class WarpRenderer:
 
     def _driven(self, avatar: Avatar, motion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(driven mesh, head-motion-only mesh), each [478, 2] crop pixels."""
+        return self._driven_from(avatar.extra, *self._pose(avatar, motion))
+
+    @staticmethod
+    def _pose(avatar: Avatar, motion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(motion [70] float64, head rotation [3, 3], expression offsets from the portrait's
+        rest [21, 3]) — computed once per frame, shared by the mesh and the gaze."""
         ex = avatar.extra
         m = np.asarray(motion, dtype=np.float64)
         rot = space.rotation_matrix(m[space.PITCH], m[space.YAW], m[space.ROLL])
-        delta = m[space.EXP].reshape(space.N_KP, 3)
-        corr = delta - ex["delta_rest"] @ ex["rot0"].T @ rot                  # [21, 3]
+        corr = m[space.EXP].reshape(space.N_KP, 3) - ex["delta_rest"] @ ex["rot0"].T @ rot
+        return m, rot, corr
+
+    def _driven_from(self, ex: dict, m: np.ndarray, rot: np.ndarray,
+                     corr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rigid = ex["rest_offset"][:, :2] + (ex["mesh_c"] @ rot[:, :2])         # [478, 2]
         expr = ex["weights"] @ corr[:, :2]                                     # [478, 2]
         half = self.size / 2.0
@@ -561,7 +570,8 @@ class WarpRenderer:
     def _frame(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
         ex = avatar.extra
         S, st = self.size, self.grid_step
-        vd, vh = self._driven(avatar, motion)                                 # [478, 2] each
+        m, rot, corr = self._pose(avatar, motion)
+        vd, vh = self._driven_from(ex, m, rot, corr)                          # [478, 2] each
         dv = np.concatenate([vd - ex["mesh_px"][:, :2], vd - vh])              # [956, 2] px
         if not np.abs(dv).max() > 1e-3:
             frame = avatar.crop.copy()
@@ -569,26 +579,47 @@ class WarpRenderer:
             g = S // st
             dgrid = (ex["grid_mat"] @ dv).reshape(g, g, 2)                     # [g, g, 2]
             q = self._invert(dgrid, ex["grid_px"])                              # [g, g, 2]
-            disp = cv2.resize(q - ex["grid_px"], (S, S), interpolation=cv2.INTER_LINEAR)
-            disp += ex["ident"]                                                # [S, S, 2]
-            # (a two-channel map needs no map2; OpenCV's stubs do not know that)
-            frame = cv2.remap(avatar.crop, disp, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
+            frame = cv2.remap(avatar.crop, *self._full_map(q), cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
         self._mouth(frame, vd, ex)
-        shift = self._iris_shift(avatar, motion)
+        shift = self._iris_shift_from(m, corr)
         if np.abs(shift).max() > 0.2:                     # less is not visible
             self._irises(frame, vd, ex, shift)
         self._lids(frame, vd, vh, ex, avatar.crop)
         return frame
 
+    def _full_map(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Full-resolution backward map of the grid's solution q [g, g, 2] (source pixel of each
+        grid point), as OpenCV's fixed-point maps (what remap converts a float map to anyway;
+        converting once up front is cheaper).
+
+        Bilinear upsampling is linear and reproduces the identity exactly between grid points,
+        so q is upsampled directly (not q − grid, then + identity); only the outer
+        (step − 1) / 2 pixels, where the resize clamps instead of extrapolating, get the
+        identity's slope added back.
+        """
+        S, st = self.size, self.grid_step
+        full: np.ndarray = cv2.resize(q, (S, S), interpolation=cv2.INTER_LINEAR)  # [S, S, 2]
+        off = (st - 1) / 2.0
+        nb = int(np.ceil(off))
+        if nb:
+            lo = np.arange(nb, dtype=np.float32) - np.float32(off)             # x − first point
+            hi = lo[::-1] * -1                                                 # x − last point
+            full[:, :nb, 0] += lo
+            full[:, S - nb:, 0] += hi
+            full[:nb, :, 1] += lo[:, None]
+            full[S - nb:, :, 1] += hi[:, None]
+        m1, m2 = cv2.convertMaps(full, None, cv2.CV_16SC2)  # type: ignore[call-overload]
+        return m1, m2
+
     def _iris_shift(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
         """Gaze as an iris shift (x, y) in crop pixels: the embedded space carries it in the lid
         keypoints' depth offsets (x: upper lids, y: lower lids; see motion/idle.py), relative to
         the portrait's own."""
-        ex = avatar.extra
-        m = np.asarray(motion, dtype=np.float64)
-        rot = space.rotation_matrix(m[space.PITCH], m[space.YAW], m[space.ROLL])
-        corr = m[space.EXP].reshape(space.N_KP, 3) - ex["delta_rest"] @ ex["rot0"].T @ rot
+        m, _, corr = self._pose(avatar, motion)
+        return self._iris_shift_from(m, corr)
+
+    def _iris_shift_from(self, m: np.ndarray, corr: np.ndarray) -> np.ndarray:
         kp = space.KP
         x = 0.5 * (corr[kp["upper_lid_l"], 2] + corr[kp["upper_lid_r"], 2])
         y = 0.5 * (corr[kp["lower_lid_l"], 2] + corr[kp["lower_lid_r"], 2])
@@ -627,35 +658,57 @@ class WarpRenderer:
             frame[y0:y1, x0:x1] = cv2.remap(src, mx, my, cv2.INTER_LINEAR,
                                             borderMode=cv2.BORDER_REPLICATE)
 
+    def _derivatives(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(∂D/∂x [g, g, 2], ∂D/∂y [g, g, 2], det(I + J) [g, g]) of a grid field, per pixel:
+        central differences inside, one-sided at the border."""
+        k = np.float32(0.5 / self.grid_step)
+        # a replicated border turns the central difference into half the one-sided one
+        gx: np.ndarray = cv2.filter2D(d, -1, np.array([[-k, 0, k]], np.float32),
+                          borderType=cv2.BORDER_REPLICATE)
+        gy: np.ndarray = cv2.filter2D(d, -1, np.array([[-k], [0], [k]], np.float32),
+                          borderType=cv2.BORDER_REPLICATE)
+        gx[:, 0] *= 2
+        gx[:, -1] *= 2
+        gy[0] *= 2
+        gy[-1] *= 2
+        det = gx[..., 0] + 1
+        det *= gy[..., 1] + 1
+        det -= gx[..., 1] * gy[..., 0]
+        return gx, gy, det
+
     def _jacobian(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(J [g, g, 4] = dDx/dx, dDy/dx, dDx/dy, dDy/dy;  det(I + J) [g, g]) of a grid field."""
-        inv = 1.0 / self.grid_step
-        jac = np.empty(d.shape[:2] + (4,), np.float32)
-        jx, jy = jac[..., :2], jac[..., 2:]
-        jx[:, 1:-1] = (d[:, 2:] - d[:, :-2]) * (0.5 * inv)
-        jx[:, 0], jx[:, -1] = (d[:, 1] - d[:, 0]) * inv, (d[:, -1] - d[:, -2]) * inv
-        jy[1:-1] = (d[2:] - d[:-2]) * (0.5 * inv)
-        jy[0], jy[-1] = (d[1] - d[0]) * inv, (d[-1] - d[-2]) * inv
-        det = (1 + jac[..., 0]) * (1 + jac[..., 3]) - jac[..., 1] * jac[..., 2]
-        return jac, det
+        gx, gy, det = self._derivatives(d)
+        return np.concatenate([gx, gy], -1), det
 
-    def _unfold(self, d: np.ndarray, det: np.ndarray, rounds: int = 4) -> np.ndarray:
+    def _unfold(self, d: np.ndarray, det: np.ndarray,
+                rounds: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Relax the forward field where it (nearly) folds over itself (det(I + J) < 0.35).
 
         Strong head turns push the far cheek over the face outline; a fold has no inverse and
         shows as a torn edge.  Blending towards a blurred field only where the Jacobian is bad
-        keeps the mouth and eyes sharp elsewhere.
+        keeps the mouth and eyes sharp elsewhere.  Returns the field and its derivatives.
         """
+        gx = gy = None
+        kernel = np.ones((3, 3), np.float32)
         for _ in range(rounds):
             if det.min() >= 0.35:
                 break
-            bad: np.ndarray = np.clip((0.6 - det) / 0.3, 0.0, 1.0).astype(np.float32)
-            bad = cv2.GaussianBlur(cv2.dilate(bad, np.ones((3, 3), np.float32)), (0, 0), 1.5)
-            soft = cv2.GaussianBlur(d, (0, 0), 2.0)
-            w = np.clip(bad * 1.5, 0.0, 1.0)[..., None]
-            d = d * (1 - w) + soft * w
-            det = self._jacobian(d)[1]
-        return d
+            bad: np.ndarray = 0.6 - det
+            bad *= 1 / 0.3
+            np.clip(bad, 0.0, 1.0, out=bad)
+            w: np.ndarray = cv2.GaussianBlur(cv2.dilate(bad, kernel), (0, 0), 1.5)
+            w *= 1.5
+            np.clip(w, 0.0, 1.0, out=w)
+            soft: np.ndarray = cv2.GaussianBlur(d, (0, 0), 2.0)
+            soft -= d                                            # d·(1 − w) + soft·w
+            soft *= cv2.merge([w, w])
+            soft += d
+            d = soft
+            gx, gy, det = self._derivatives(d)
+        if gx is None or gy is None:
+            gx, gy, det = self._derivatives(d)
+        return d, gx, gy
 
     def _invert(self, d: np.ndarray, p: np.ndarray) -> np.ndarray:
         """Solve q + D(q) = p on the grid (D sampled bilinearly); returns q [g, g, 2] pixels.
@@ -663,43 +716,66 @@ class WarpRenderer:
         Fixed-point iteration q ← p − D(q) first, on the whole grid: one 2-channel remap per
         step, and it converges wherever the field is contractive (most of the face on most
         frames).  Grid points it leaves with a residual over INVERT_TOL px (lids closing, lips
-        parting, a strong turn) are solved by Newton's method from the usual start instead; a
-        6-channel remap and the 2×2 solve cost about 5× a fixed-point step per point, so running
-        Newton only there roughly halves the inversion.
+        parting, a strong turn) are solved by Newton's method from the usual start instead; its
+        remaps of the field and its derivatives and the 2×2 solve cost about 5× a fixed-point
+        step per point, so running Newton only there roughly halves the inversion.
+
+        The iteration runs in grid units (u = (q − off) / step, the coordinates remap reads), so
+        each step is one remap and one subtraction.
         """
         st = self.grid_step
         off = (st - 1) / 2.0
-        jac, det = self._jacobian(d)
+        inv = 1.0 / st
+        gx, gy, det = self._derivatives(d)
         if det.min() < 0.35:
-            d = self._unfold(d, det)
-            jac, det = self._jacobian(d)
-        q = p - d
+            d, gx, gy = self._unfold(d, det)
+        ds = d * np.float32(inv)                                               # grid units
+        idx = (p - np.float32(off)) * np.float32(inv)                         # p in grid units
+        u = idx - ds
         for _ in range(self.fixed_steps):
-            q = p - cv2.remap(d, (q - off) * (1.0 / st), None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
-                              borderMode=cv2.BORDER_REPLICATE)
+            u = idx - cv2.remap(ds, u, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
+                                borderMode=cv2.BORDER_REPLICATE)
         if self.fixed_steps:
-            f = cv2.remap(d, (q - off) * (1.0 / st), None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
+            r = cv2.remap(ds, u, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
                           borderMode=cv2.BORDER_REPLICATE)
-            bad = np.abs(q + f - p).max(-1) > INVERT_TOL                       # [g, g]
+            r += u
+            r -= idx
+            np.abs(r, out=r)
+            bad = np.maximum(r[..., 0], r[..., 1]) > INVERT_TOL * inv        # [g, g]
             if not bad.any():
-                return q
+                return self._to_px(u)
         else:
-            bad = np.ones(q.shape[:2], bool)
-        field = np.concatenate([d, jac], -1)                                   # [g, g, 6]
-        pb = p[bad][:, None]                                                   # [n, 1, 2]
-        qb = pb - d[bad][:, None]
+            bad = np.ones(u.shape[:2], bool)
+        u[bad] = self._newton(ds, gx, gy, idx[bad], ds[bad])
+        return self._to_px(u)
+
+    def _newton(self, ds: np.ndarray, gx: np.ndarray, gy: np.ndarray, p: np.ndarray,
+                d0: np.ndarray) -> np.ndarray:
+        """Newton's method for u + D(u) = p at n points [n, 2] (grid units), from u = p − d0;
+        D [g, g, 2] in grid units, its per-pixel derivatives gx, gy (the Jacobian is the same
+        in grid units as in pixels)."""
+        pb = p[:, None]                                                        # [n, 1, 2]
+        ub = pb - d0[:, None]
         for _ in range(self.newton_steps):
-            u = (qb - off) * (1.0 / st)                                        # grid coords
-            f = cv2.remap(field, u, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
+            f = cv2.remap(ds, ub, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
                           borderMode=cv2.BORDER_REPLICATE)
-            r = qb + f[..., :2] - pb                                           # residual
+            jx = cv2.remap(gx, ub, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
+                           borderMode=cv2.BORDER_REPLICATE)
+            jy = cv2.remap(gy, ub, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
+                           borderMode=cv2.BORDER_REPLICATE)
+            r = ub + f - pb                                                    # residual
             # I + J = [[a b], [c e]]  (rows: x, y output; cols: d/dx, d/dy)
-            a, c, b, e = 1 + f[..., 2], f[..., 3], f[..., 4], 1 + f[..., 5]
+            a, c, b, e = 1 + jx[..., 0], jx[..., 1], jy[..., 0], 1 + jy[..., 1]
             det_q = np.maximum(a * e - b * c, 0.15)                            # fold guard
-            qb[..., 0] -= (e * r[..., 0] - b * r[..., 1]) / det_q
-            qb[..., 1] -= (a * r[..., 1] - c * r[..., 0]) / det_q
-        q[bad] = qb[:, 0]
-        return q
+            ub[..., 0] -= (e * r[..., 0] - b * r[..., 1]) / det_q
+            ub[..., 1] -= (a * r[..., 1] - c * r[..., 0]) / det_q
+        return ub[:, 0]
+
+    def _to_px(self, u: np.ndarray) -> np.ndarray:
+        """Grid units → crop pixels."""
+        u *= np.float32(self.grid_step)
+        u += np.float32((self.grid_step - 1) / 2.0)
+        return u
 
     # ---------------------------------------------------------------------------------- overlays
 
