@@ -486,7 +486,6 @@ class WarpRenderer:
         grid_mat = csr_matrix((gw.ravel().astype(np.float32), (rows, gidx.ravel())),
                               shape=(len(grid), 2 * n))
 
-        fx, fy = np.meshgrid(np.arange(S, dtype=np.float32), np.arange(S, dtype=np.float32))
         return {
             "mesh_px": mesh_px.astype(np.float32),
             "mesh_c": mesh_c,
@@ -495,7 +494,8 @@ class WarpRenderer:
             "weights": geodesic_weights(mesh_c),
             "grid_mat": grid_mat,                                             # [G², 956]
             "grid_px": np.stack([gx, gy], -1).astype(np.float32),             # [g, g, 2]
-            "ident": np.stack([fx, fy], -1),                                  # [S, S, 2]
+            # remap's 4-channel path is faster than its 3-channel one, even with the conversion
+            "crop_rgba": cv2.cvtColor(crop, cv2.COLOR_RGB2RGBA),
             "warp_points": pts.astype(np.float32),                            # mesh+rings+border
             "triangles": triangles,                                           # [T, 3] into those
             "mouth_gap_px": self._gap(mesh_px[:, :2], 13, 14),
@@ -579,8 +579,8 @@ class WarpRenderer:
             g = S // st
             dgrid = (ex["grid_mat"] @ dv).reshape(g, g, 2)                     # [g, g, 2]
             q = self._invert(dgrid, ex["grid_px"])                              # [g, g, 2]
-            frame = cv2.remap(avatar.crop, *self._full_map(q), cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_REPLICATE)
+            frame = cv2.cvtColor(cv2.remap(ex["crop_rgba"], *self._full_map(q), cv2.INTER_LINEAR,
+                                           borderMode=cv2.BORDER_REPLICATE), cv2.COLOR_RGBA2RGB)
         self._mouth(frame, vd, ex)
         shift = self._iris_shift_from(m, corr)
         if np.abs(shift).max() > 0.2:                     # less is not visible
@@ -746,7 +746,11 @@ class WarpRenderer:
                 return self._to_px(u)
         else:
             bad = np.ones(u.shape[:2], bool)
-        u[bad] = self._newton(ds, gx, gy, idx[bad], ds[bad])
+        # (flat indices and take: boolean indexing of a [g, g, 2] array is several times slower)
+        at = np.flatnonzero(bad)
+        flat = u.reshape(-1, 2)
+        flat[at] = self._newton(ds, gx, gy, idx.reshape(-1, 2).take(at, 0),
+                                ds.reshape(-1, 2).take(at, 0))
         return self._to_px(u)
 
     def _newton(self, ds: np.ndarray, gx: np.ndarray, gy: np.ndarray, p: np.ndarray,
@@ -756,16 +760,15 @@ class WarpRenderer:
         in grid units as in pixels)."""
         pb = p[:, None]                                                        # [n, 1, 2]
         ub = pb - d0[:, None]
+        jac = cv2.merge([gx, gy])                                              # [g, g, 4]
         for _ in range(self.newton_steps):
             f = cv2.remap(ds, ub, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
                           borderMode=cv2.BORDER_REPLICATE)
-            jx = cv2.remap(gx, ub, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
-                           borderMode=cv2.BORDER_REPLICATE)
-            jy = cv2.remap(gy, ub, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
-                           borderMode=cv2.BORDER_REPLICATE)
+            j = cv2.remap(jac, ub, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
+                          borderMode=cv2.BORDER_REPLICATE)
             r = ub + f - pb                                                    # residual
             # I + J = [[a b], [c e]]  (rows: x, y output; cols: d/dx, d/dy)
-            a, c, b, e = 1 + jx[..., 0], jx[..., 1], jy[..., 0], 1 + jy[..., 1]
+            a, c, b, e = 1 + j[..., 0], j[..., 1], j[..., 2], 1 + j[..., 3]
             det_q = np.maximum(a * e - b * c, 0.15)                            # fold guard
             ub[..., 0] -= (e * r[..., 0] - b * r[..., 1]) / det_q
             ub[..., 1] -= (a * r[..., 1] - c * r[..., 0]) / det_q
