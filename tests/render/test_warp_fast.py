@@ -239,3 +239,12 @@ def test_derivatives_match_the_strided_jacobian() -> None:
     np.testing.assert_allclose(np.concatenate([gx, gy], -1), jac, atol=1e-6)
     np.testing.assert_allclose(det_new, det, atol=1e-5)
     np.testing.assert_allclose(r._jacobian(d)[0], jac, atol=1e-6)
+
+
+def test_single_pose_rotation_equals_the_batched_one() -> None:
+    from avatar_agent.render.warp import _rotation
+
+    rng = np.random.default_rng(1)
+    for pitch, yaw, roll in rng.uniform(-90, 90, (50, 3)):
+        np.testing.assert_allclose(_rotation(pitch, yaw, roll),
+                                   space.rotation_matrix(pitch, yaw, roll), atol=1e-12)
