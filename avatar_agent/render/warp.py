@@ -32,6 +32,7 @@ Coordinates (motion/space.py, embedded profile): canonical = crop pixels normali
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import cv2
@@ -61,6 +62,9 @@ RINGS = ((1.2, 0.85, 0.35), (1.5, 0.5, 0.0), (1.9, 0.18, 0.0))
 """(radius factor about the face centre, fraction of the nearest outline vertex's head motion,
 fraction of its expression motion): hair and neck follow the head, only the skin right next to
 the face follows the jaw."""
+
+_LIP_UP, _LIP_LO = np.array(INNER_LIP_UPPER), np.array(INNER_LIP_LOWER)   # (for fancy indexing)
+_MOUTH_POLY = np.array(INNER_LIP_UPPER + INNER_LIP_LOWER[::-1][1:-1])
 
 OUTER_LIPS = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181,
               91, 146)
@@ -355,6 +359,16 @@ def mouth_palette(crop: np.ndarray, mesh: np.ndarray) -> dict[str, np.ndarray | 
             "light": light}
 
 
+def _blend(roi: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
+    """roi ← roi·(1 − α) + colour·α in place, rounded: uint8 roi [h, w, 3], α [h, w],
+    colour [3] or [h, w, 3]."""
+    out = roi.astype(np.float32)
+    out += (colour - out) * alpha[..., None]
+    out += 0.5
+    np.clip(out, 0, 255, out=out)
+    roi[...] = out          # (truncates: with the + 0.5, rounds)
+
+
 # --------------------------------------------------------------------------------------------
 # Renderer
 # --------------------------------------------------------------------------------------------
@@ -518,10 +532,11 @@ class WarpRenderer:
 
     @staticmethod
     def _gap(p: np.ndarray, upper: int, lower: int) -> float:
-        """Signed distance lower − upper along the face's down axis (pixels)."""
-        down = p[152] - p[168]
-        down = down / (np.linalg.norm(down) + 1e-9)
-        return float((p[lower] - p[upper]) @ down)
+        """Signed distance lower − upper along the face's down axis (pixels) in points p [N, 2]."""
+        # (scalars: three of these a frame, and numpy's per-call overhead dwarfs the maths)
+        dx, dy = float(p[152, 0]) - float(p[168, 0]), float(p[152, 1]) - float(p[168, 1])
+        gx, gy = float(p[lower, 0]) - float(p[upper, 0]), float(p[lower, 1]) - float(p[upper, 1])
+        return (gx * dx + gy * dy) / (math.hypot(dx, dy) + 1e-9)
 
     # ----------------------------------------------------------------------------------- render
 
@@ -809,8 +824,7 @@ class WarpRenderer:
         # share of the opening the portrait never showed: the warp stretches the portrait's own
         # mouth interior (teeth, if it smiled) over the upper part, the cavity fills the rest
         ext_frac = extra / gap
-        upper, lower = vd[list(INNER_LIP_UPPER)], vd[list(INNER_LIP_LOWER)]
-        poly = np.concatenate([upper, lower[::-1][1:-1]])
+        upper, lower, poly = vd[_LIP_UP], vd[_LIP_LO], vd[_MOUTH_POLY]
         x0, y0 = np.floor(poly.min(0)).astype(int) - 1
         x1, y1 = np.ceil(poly.max(0)).astype(int) + 2
         S = self.size
@@ -842,34 +856,33 @@ class WarpRenderer:
         t_alpha = float(np.clip((open_frac - 0.18) / 0.15, 0.0, 1.0))
         if t_alpha > 0:
             mound = np.clip((v - (0.72 + 0.2 * ux ** 2)) / 0.12, 0.0, 1.0) * (1 - ux ** 3)
-            col = col * (1 - (t_alpha * mound)[..., None]) + \
-                (pal["tongue"] * (0.75 + 0.25 * mound[..., None])) * (t_alpha * mound)[..., None]
+            tm = (t_alpha * mound)[..., None]
+            col += (pal["tongue"] * (0.75 + 0.25 * mound[..., None]) - col) * tm
         # a band of upper teeth just under the upper lip, shaded towards the corners, with
-        # faint gaps between teeth
-        band_px = min(0.35 * gap, 0.11 * width)
-        band = np.clip((top[None] + band_px - ys) / max(band_px * 0.25, 0.75), 0.0, 1.0)
-        band = band * (ys >= top[None] - 1)
-        tooth_w = width / 9.0
-        gaps = 1 - 0.25 * np.cos(np.pi * (xs - cx) / tooth_w) ** 16
-        shade = (1 - 0.7 * ux ** 2) * gaps[None]
-        band = band * float(np.clip(2.0 * ext_frac - 1.0, 0.0, 1.0))   # only if none showed
-        # teeth show only once the lips are apart enough to uncover them
-        band = band * float(np.clip((open_frac - 0.04) / 0.06, 0.0, 1.0))
-        col = col * (1 - band[..., None]) + (pal["teeth"] * shade[..., None]) * band[..., None]
+        # faint gaps between teeth — only if none showed, and only once the lips are apart
+        # enough to uncover them
+        show = (float(np.clip(2.0 * ext_frac - 1.0, 0.0, 1.0))
+                * float(np.clip((open_frac - 0.04) / 0.06, 0.0, 1.0)))
+        if show > 0:
+            band_px = min(0.35 * gap, 0.11 * width)
+            band = np.clip((top[None] + band_px - ys) / max(band_px * 0.25, 0.75), 0.0, 1.0)
+            band = band * (ys >= top[None] - 1)
+            tooth_w = width / 9.0
+            gaps = 1 - 0.25 * np.cos(np.pi * (xs - cx) / tooth_w) ** 16
+            shade = (1 - 0.7 * ux ** 2) * gaps[None]
+            band = (band * show)[..., None]
+            col += (pal["teeth"] * shade[..., None] - col) * band
         # the light falls on the mouth as on the face: the side away from it is darker
         side = np.clip((xs - cx) / (width / 2), -1.0, 1.0)[None, :, None]
         col = col * (1.0 + 0.25 * pal["light"] * side)
         a_v = np.clip((v - (1.0 - ext_frac)) / 0.25 + 0.5, 0.0, 1.0)             # [h, w]
-        a = (mask.astype(np.float32) * (1.0 / 255.0) * a_v)[:, :, None]
-        roi = frame[y0:y1, x0:x1].astype(np.float32)
-        frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + col * a + 0.5, 0, 255).astype(np.uint8)
+        _blend(frame[y0:y1, x0:x1], mask.astype(np.float32) * (1.0 / 255.0) * a_v, col)
 
     def _seam(self, frame: np.ndarray, vd: np.ndarray, strength: float,
               seam_rgb: np.ndarray) -> None:
         """Lips closed more than in the portrait: the squeezed mouth interior (teeth) becomes a
         thin line; draw it as the dark seam between closed lips instead."""
-        upper, lower = vd[list(INNER_LIP_UPPER)], vd[list(INNER_LIP_LOWER)]
-        line = (upper + lower) / 2
+        line = (vd[_LIP_UP] + vd[_LIP_LO]) / 2
         x0, y0 = np.floor(line.min(0)).astype(int) - 3
         x1, y1 = np.ceil(line.max(0)).astype(int) + 4
         S = self.size
@@ -882,10 +895,8 @@ class WarpRenderer:
         thick = max(1, round(S / 256))
         cv2.polylines(mask, [pts], False, 255, thickness=thick, lineType=cv2.LINE_AA, shift=shift)
         mask = cv2.GaussianBlur(mask, (3, 3), 0)
-        a = mask.astype(np.float32)[:, :, None] * (0.85 * float(np.clip(strength, 0, 1)) / 255.0)
-        roi = frame[y0:y1, x0:x1].astype(np.float32)
-        frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + seam_rgb * a + 0.5, 0,
-                                      255).astype(np.uint8)
+        a = mask.astype(np.float32) * (0.85 * float(np.clip(strength, 0, 1)) / 255.0)
+        _blend(frame[y0:y1, x0:x1], a, seam_rgb)
 
     def _lids(self, frame: np.ndarray, vd: np.ndarray, vh: np.ndarray, ex: dict,
               crop: np.ndarray) -> None:
@@ -950,7 +961,10 @@ class WarpRenderer:
                 # lid skin: the portrait's under-eye skin tone, with the texture from above the
                 # lid where that is skin too (not a brow, a lash line or a spectacle frame)
                 lid = ex["lid_rgb"]
-                like = np.exp(-((skin.mean(-1, keepdims=True) - lid.mean()) / 25.0) ** 2)
+                # (the channel mean spelled out: numpy's reduction over a length-3 last axis is
+                # ~10× slower, and this runs on every blink frame)
+                lum = (skin[..., 0] + skin[..., 1] + skin[..., 2]) / 3
+                like = np.exp(-((lum[..., None] - lid.mean()) / 25.0) ** 2)
                 col = 0.5 * like * skin + (1.0 - 0.5 * like) * lid[None, None]
                 swept = np.concatenate([upper_h, upper_d[::-1]])
                 ms = np.zeros_like(mask)

@@ -1,8 +1,8 @@
 """The faster per-frame warp path renders what the pre-change renderer rendered.
 
-``_PreChange`` keeps the per-frame warp exactly as it was before the speed work (float map built
+``_PreChange`` keeps the per-frame path exactly as it was before the speed work (float map built
 as resize(q − grid) + identity, strided Jacobian, Newton on a 6-channel field, rotation computed
-twice); the overlays (mouth, seam, lids, irises) are shared, they were not changed.  Both render
+twice, the overlays: mouth cavity, seam, lids, irises).  Both render
 the bench's realistic motion (head sway, speech-like jaw, blinks) and a few hard frames (strong
 turns that fold the field, a wide jaw, gaze) on two portraits.
 """
@@ -17,7 +17,16 @@ import pytest
 
 from avatar_agent.face.landmarks import load_image
 from avatar_agent.motion import space
-from avatar_agent.render.warp import INVERT_TOL, WarpRenderer
+from avatar_agent.render.warp import (
+    EYE_L,
+    EYE_R,
+    INNER_LIP_LOWER,
+    INNER_LIP_UPPER,
+    INVERT_TOL,
+    IRIS_L,
+    IRIS_R,
+    WarpRenderer,
+)
 from avatar_agent.types import Avatar
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +81,215 @@ class _PreChange(WarpRenderer):
             self._irises(frame, vd, ex, shift)
         self._lids(frame, vd, vh, ex, avatar.crop)
         return frame
+
+    # the overlays as they were --------------------------------------------------------------
+
+    def _mouth(self, frame: np.ndarray, vd: np.ndarray, ex: dict) -> None:
+        """Paint a mouth cavity where the lips are parted more than in the portrait."""
+        gap = self._gap(vd, 13, 14)
+        rest_gap = max(ex["mouth_gap_px"], 0.0)
+        extra = gap - rest_gap
+        if extra < -0.75 and rest_gap > 1.5:
+            self._seam(frame, vd, 1.0 - max(gap, 0.0) / rest_gap, ex["palette"]["cavity"][0])
+            return
+        if gap < 1.5 or extra < 0.75:
+            return
+        # share of the opening the portrait never showed: the warp stretches the portrait's own
+        # mouth interior (teeth, if it smiled) over the upper part, the cavity fills the rest
+        ext_frac = extra / gap
+        upper, lower = vd[list(INNER_LIP_UPPER)], vd[list(INNER_LIP_LOWER)]
+        poly = np.concatenate([upper, lower[::-1][1:-1]])
+        x0, y0 = np.floor(poly.min(0)).astype(int) - 1
+        x1, y1 = np.ceil(poly.max(0)).astype(int) + 2
+        S = self.size
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return
+        h, w = y1 - y0, x1 - x0
+        mask = np.zeros((h, w), np.uint8)
+        shift = 3
+        pts = np.round((poly - [x0, y0]) * (1 << shift)).astype(np.int32)
+        cv2.fillPoly(mask, [pts], 255, lineType=cv2.LINE_AA, shift=shift)
+        # vertical position inside the opening: 0 at the upper lip, 1 at the lower lip
+        xs = np.arange(x0, x1, dtype=np.float32) + 0.0
+        ou = np.argsort(upper[:, 0])
+        ol = np.argsort(lower[:, 0])
+        top = np.interp(xs, upper[ou, 0], upper[ou, 1])
+        bot = np.interp(xs, lower[ol, 0], lower[ol, 1])
+        ys = np.arange(y0, y1, dtype=np.float32)[:, None]
+        v = np.clip((ys - top[None]) / np.maximum(bot - top, 1.0)[None], 0.0, 1.0)   # [h, w]
+        width = max(float(np.ptp(upper[:, 0])), 1.0)
+        cx = float(upper[:, 0].mean())
+        ux = np.clip(np.abs(xs - cx) / (width / 2), 0.0, 1.0)[None]               # 0 centre
+        depth = np.clip(np.minimum(v, 1 - v) * 2, 0, 1) * (1 - ux)                # darker inside
+        pal = ex["palette"]
+        cav = pal["cavity"]
+        col = cav[0] + (cav[1] - cav[0]) * depth[..., None]
+        # the tongue: a low mound along the lower lip, seen once the mouth is well open
+        open_frac = gap / width                                    # opening / mouth width
+        t_alpha = float(np.clip((open_frac - 0.18) / 0.15, 0.0, 1.0))
+        if t_alpha > 0:
+            mound = np.clip((v - (0.72 + 0.2 * ux ** 2)) / 0.12, 0.0, 1.0) * (1 - ux ** 3)
+            col = col * (1 - (t_alpha * mound)[..., None]) + \
+                (pal["tongue"] * (0.75 + 0.25 * mound[..., None])) * (t_alpha * mound)[..., None]
+        # a band of upper teeth just under the upper lip, shaded towards the corners, with
+        # faint gaps between teeth
+        band_px = min(0.35 * gap, 0.11 * width)
+        band = np.clip((top[None] + band_px - ys) / max(band_px * 0.25, 0.75), 0.0, 1.0)
+        band = band * (ys >= top[None] - 1)
+        tooth_w = width / 9.0
+        gaps = 1 - 0.25 * np.cos(np.pi * (xs - cx) / tooth_w) ** 16
+        shade = (1 - 0.7 * ux ** 2) * gaps[None]
+        band = band * float(np.clip(2.0 * ext_frac - 1.0, 0.0, 1.0))   # only if none showed
+        # teeth show only once the lips are apart enough to uncover them
+        band = band * float(np.clip((open_frac - 0.04) / 0.06, 0.0, 1.0))
+        col = col * (1 - band[..., None]) + (pal["teeth"] * shade[..., None]) * band[..., None]
+        # the light falls on the mouth as on the face: the side away from it is darker
+        side = np.clip((xs - cx) / (width / 2), -1.0, 1.0)[None, :, None]
+        col = col * (1.0 + 0.25 * pal["light"] * side)
+        a_v = np.clip((v - (1.0 - ext_frac)) / 0.25 + 0.5, 0.0, 1.0)             # [h, w]
+        a = (mask.astype(np.float32) * (1.0 / 255.0) * a_v)[:, :, None]
+        roi = frame[y0:y1, x0:x1].astype(np.float32)
+        frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + col * a + 0.5, 0, 255).astype(np.uint8)
+
+    def _seam(self, frame: np.ndarray, vd: np.ndarray, strength: float,
+              seam_rgb: np.ndarray) -> None:
+        """Lips closed more than in the portrait: the squeezed mouth interior (teeth) becomes a
+        thin line; draw it as the dark seam between closed lips instead."""
+        upper, lower = vd[list(INNER_LIP_UPPER)], vd[list(INNER_LIP_LOWER)]
+        line = (upper + lower) / 2
+        x0, y0 = np.floor(line.min(0)).astype(int) - 3
+        x1, y1 = np.ceil(line.max(0)).astype(int) + 4
+        S = self.size
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return
+        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        shift = 3
+        pts = np.round((line - [x0, y0]) * (1 << shift)).astype(np.int32)
+        thick = max(1, round(S / 256))
+        cv2.polylines(mask, [pts], False, 255, thickness=thick, lineType=cv2.LINE_AA, shift=shift)
+        mask = cv2.GaussianBlur(mask, (3, 3), 0)
+        a = mask.astype(np.float32)[:, :, None] * (0.85 * float(np.clip(strength, 0, 1)) / 255.0)
+        roi = frame[y0:y1, x0:x1].astype(np.float32)
+        frame[y0:y1, x0:x1] = np.clip(roi * (1 - a) + seam_rgb * a + 0.5, 0,
+                                      255).astype(np.uint8)
+
+    def _lids(self, frame: np.ndarray, vd: np.ndarray, vh: np.ndarray, ex: dict,
+              crop: np.ndarray) -> None:
+        """Lids closing over the eye where they closed beyond the portrait's own opening.
+
+        The warp alone squeezes the whole eye into the shrinking aperture and stretches the
+        lid margin (lashes, liner) into a thick dark band.  Instead:
+
+        * the aperture shows the portrait's eye *unsqueezed*, moving with the lower lid, so the
+          descending upper lid occludes it as a real lid does;
+        * the area the upper lid has swept over (between where its margin would be at rest,
+          moving with the head — ``vh`` — and where it is now) is lid skin, sampled from just
+          above the lid and blurred;
+        * the lid margin is a thin lash line, as on a real closed eye.
+        """
+        S = self.size
+        src = ex["mesh_px"][:, :2]
+        thick = max(1, round(S / 320))
+        for (up, lo), eye, rest_gap in zip(((159, 145), (386, 374)), (EYE_L, EYE_R),
+                                           ex["eye_gap_px"], strict=True):
+            if rest_gap <= 0.5:
+                continue
+            closure = 1.0 - self._gap(vd, up, lo) / rest_gap
+            if closure < 0.05:
+                continue
+            poly = vd[list(eye)]
+            upper_d = vd[list(eye[0:9])]                         # corner, upper margin, corner
+            upper_h = vh[list(eye[0:9])]
+            pad = 2 + S // 128
+            allp = np.concatenate([poly, upper_h])
+            x0, y0 = np.floor(allp.min(0)).astype(int) - pad
+            x1, y1 = np.ceil(allp.max(0)).astype(int) + pad + 1
+            x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+            if x1 - x0 < 2 or y1 - y0 < 2:
+                continue
+            shift = 3
+            mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            pts = np.round((poly - [x0, y0]) * (1 << shift)).astype(np.int32)
+            cv2.fillPoly(mask, [pts], 255, lineType=cv2.LINE_AA, shift=shift)
+            m = (cv2.GaussianBlur(mask, (0, 0), 0.4 + S / 1024).astype(np.float32)
+                 * (1.0 / 255.0))[:, :, None]
+            # the eye itself, translated with the lower lid
+            lower = list(eye[8:]) + [eye[0]]
+            shift_lo = (vd[lower] - src[lower]).mean(0)
+            gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32) - shift_lo[0],
+                                 np.arange(y0, y1, dtype=np.float32) - shift_lo[1])
+            eye_px = cv2.remap(crop, gx, gy, cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+            roi = frame[y0:y1, x0:x1].astype(np.float32)
+            out = roi * (1 - m) + eye_px * m
+            # the swept lid: skin from above the lid margin, shifted down, over the region
+            # between the margin's rest line and its current line (and the last sliver of eye)
+            a_skin = float(np.clip((closure - 0.1) / 0.35, 0.0, 1.0))
+            if a_skin > 0:
+                lift = int(round(1.2 * rest_gap))
+                sy0, sy1 = max(0, y0 - lift), max(1, y1 - lift)
+                skin: np.ndarray = frame[sy0:sy1, x0:x1].astype(np.float32)
+                if skin.shape[0] < y1 - y0:
+                    skin = cv2.copyMakeBorder(skin, y1 - y0 - skin.shape[0], 0, 0, 0,
+                                              cv2.BORDER_REPLICATE)
+                skin = cv2.GaussianBlur(skin, (0, 0), 1.0 + S / 256)
+                # lid skin: the portrait's under-eye skin tone, with the texture from above the
+                # lid where that is skin too (not a brow, a lash line or a spectacle frame)
+                lid = ex["lid_rgb"]
+                like = np.exp(-((skin.mean(-1, keepdims=True) - lid.mean()) / 25.0) ** 2)
+                col = 0.5 * like * skin + (1.0 - 0.5 * like) * lid[None, None]
+                swept = np.concatenate([upper_h, upper_d[::-1]])
+                ms = np.zeros_like(mask)
+                cv2.fillPoly(ms, [np.round((swept - [x0, y0]) * (1 << shift)).astype(np.int32)],
+                             255, lineType=cv2.LINE_AA, shift=shift)
+                near = float(np.clip((closure - 0.75) / 0.2, 0.0, 1.0))
+                if near > 0:                                 # the last sliver of eye, too
+                    ms = np.maximum(ms, (mask.astype(np.float32) * near).astype(np.uint8))
+                ms = cv2.GaussianBlur(ms, (0, 0), 0.6 + S / 1024).astype(np.float32)
+                a = ms[:, :, None] * (a_skin / 255.0)
+                out = out * (1 - a) + col * a
+                # the lash line along the lid margin
+                lash = np.zeros_like(mask)
+                cv2.polylines(lash, [np.round((upper_d - [x0, y0]) * (1 << shift)).astype(np.int32)],
+                              False, 255, thickness=thick, lineType=cv2.LINE_AA, shift=shift)
+                al = lash.astype(np.float32)[:, :, None] * (0.6 * a_skin / 255.0)
+                out = out * (1 - al) + (0.45 * col) * al
+            frame[y0:y1, x0:x1] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    def _irises(self, frame: np.ndarray, vd: np.ndarray, ex: dict, shift: np.ndarray) -> None:
+        """Move each iris by ``shift`` px inside its eye opening (the sclera around it follows
+        softly; lids and skin stay)."""
+        S = self.size
+        for eye, iris in ((EYE_L, IRIS_L), (EYE_R, IRIS_R)):
+            c = vd[iris[0]].astype(np.float64)
+            r = float(np.linalg.norm(vd[list(iris[1:])] - c, axis=1).mean())
+            if r < 1.0:
+                continue
+            sh = shift * min(1.0, 0.45 * r / max(float(np.linalg.norm(shift)), 1e-9))
+            poly = vd[list(eye)]
+            # only the iris and the sclera right around it move: a box of 2 radii about it
+            reach = 1.9 * r + float(np.abs(sh).max()) + 2
+            x0, y0 = np.floor(np.maximum(poly.min(0) - 2, c - reach)).astype(int)
+            x1, y1 = np.ceil(np.minimum(poly.max(0) + 2, c + reach)).astype(int) + 1
+            x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+            if x1 - x0 < 4 or y1 - y0 < 4:
+                continue
+            mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.fillPoly(mask, [np.round((poly - [x0, y0]) * 8).astype(np.int32)], 255,
+                         lineType=cv2.LINE_AA, shift=3)
+            m = mask.astype(np.float32) * (1.0 / 255.0)
+            gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32),
+                                 np.arange(y0, y1, dtype=np.float32))
+            d = np.hypot(gx - c[0], gy - c[1])
+            u = np.clip((d - 1.0 * r) / (0.9 * r), 0.0, 1.0)
+            w = (1.0 - u * u * (3.0 - 2.0 * u)) * m                       # 1 on the iris
+            src = frame[y0:y1, x0:x1].copy()
+            mx = (gx - x0 - sh[0] * w).astype(np.float32)
+            my = (gy - y0 - sh[1] * w).astype(np.float32)
+            frame[y0:y1, x0:x1] = cv2.remap(src, mx, my, cv2.INTER_LINEAR,
+                                            borderMode=cv2.BORDER_REPLICATE)
 
     def _jacobian_old(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         inv = 1.0 / self.grid_step
