@@ -2,9 +2,10 @@
 
 ``_PreChange`` keeps the per-frame path exactly as it was before the speed work (float map built
 as resize(q − grid) + identity, strided Jacobian, Newton on a 6-channel field, rotation computed
-twice, the overlays: mouth cavity, seam, lids, irises).  Both render
-the bench's realistic motion (head sway, speech-like jaw, blinks) and a few hard frames (strong
-turns that fold the field, a wide jaw, gaze) on two portraits.
+twice, and the overlays: mouth cavity, seam, lids, irises).  Both render the bench's realistic
+motion (head sway, speech-like jaw, blinks) and a few hard frames (strong turns that fold the
+field, a wide jaw, gaze) on two portraits: one smiling with teeth (the seam path), one with a
+closed mouth (the cavity path).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ S = 512
 
 
 class _PreChange(WarpRenderer):
-    """The per-frame warp as it was before the speed work (commit 3a6e21e)."""
+    """The per-frame path, overlays included, as it was before the speed work (3a6e21e)."""
 
     def _driven(self, avatar: Avatar, motion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ex = avatar.extra
@@ -365,7 +366,7 @@ class _Counting(WarpRenderer):
 
 def _motions(avatar: Avatar) -> np.ndarray:
     """bench/bench_render.py's motion (sway, talking jaw, a blink every 3 s): every 6th of 180
-    frames (two of them mid-blink), then hard frames."""
+    frames (three of them mid-blink), then hard frames."""
     n = 180
     t = np.arange(n) / 25.0
     rest = avatar.rest_motion.astype(np.float64)
