@@ -5,6 +5,12 @@ a realistic motion: head sway + speech-like jaw + occasional blink, so the mouth
 overlays run on part of the frames as in a live stream.
 
     OMP_NUM_THREADS=1 python bench/bench_render.py [--frames 200] [--image avatars/default.png]
+
+On a shared machine the figures drift by ±10 % with the load; to compare with an earlier
+revision, unpack it and run the two alternately:
+
+    git archive REV avatar_agent bench avatars | tar -x -C /tmp/base
+    (cd /tmp/base && PYTHONPATH=/tmp/base OMP_NUM_THREADS=1 python bench/bench_render.py)
 """
 
 from __future__ import annotations
@@ -88,16 +94,17 @@ def main() -> None:
         times_ms = np.array(times) * 1e3
         cpu_ms = np.array(cpu) * 1e3
         t0 = time.perf_counter()
-        r.render(av, motions[:50])
-        t_batch = (time.perf_counter() - t0) / 50
+        nb = min(50, len(motions))                     # (--frames below 50: a shorter batch)
+        r.render(av, motions[:nb])
+        t_batch = (time.perf_counter() - t0) / nb
         ri = WarpRenderer(size=size, output="image", analyzer=analyzer)
         t0 = time.perf_counter()
-        ri.render(av, motions[:50])
-        t_img = (time.perf_counter() - t0) / 50
+        ri.render(av, motions[:nb])
+        t_img = (time.perf_counter() - t0) / nb
         print(f"size {size}: prepare {t_prep * 1e3:.0f} ms | render crop {1e3 / times_ms.mean():.0f} fps "
               f"(wall mean {times_ms.mean():.2f} ms, p50 {np.median(times_ms):.2f}, p95 "
               f"{np.percentile(times_ms, 95):.2f}, max {times_ms.max():.2f}; CPU mean "
-              f"{cpu_ms.mean():.2f} ms = {1e3 / cpu_ms.mean():.0f} fps) | batch-50 "
+              f"{cpu_ms.mean():.2f} ms = {1e3 / cpu_ms.mean():.0f} fps) | batch-{nb} "
               f"{1 / t_batch:.0f} fps | output=image {1 / t_img:.0f} fps")
     print("(wall figures include time the process waited for a core; on a shared machine the "
           "CPU-time figure is the better estimate of an idle core)")
