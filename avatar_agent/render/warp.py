@@ -38,7 +38,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from avatar_agent.face.crop import CropTransform, crop_transform, feather_mask, paste_back, warp_crop
+from avatar_agent.face.crop import (CropTransform, crop_transform, feather_mask, paste_back,
+                                    paste_geometry, warp_crop)
 from avatar_agent.face.landmarks import FaceAnalyzer, detect_landmarks, to_rgb_uint8
 from avatar_agent.motion import space
 from avatar_agent.types import Avatar, Profile
@@ -590,7 +591,13 @@ class WarpRenderer:
         frames = [self._frame(avatar, row) for row in m]
         if out == "image":
             ex = avatar.extra
-            frames = [paste_back(f, ex["image_base"], ex["crop_to_base"], ex["mask"])
+            # Kept with the avatar on first use (a crop-output session never pays for it; two
+            # threads computing it at once store the same thing).
+            geo = ex.get("paste")
+            if geo is None:
+                geo = ex["paste"] = paste_geometry(ex["image_base"].shape, ex["crop_to_base"],
+                                                   ex["mask"])
+            frames = [paste_back(f, ex["image_base"], ex["crop_to_base"], ex["mask"], geo)
                       for f in frames]
         return np.stack(frames)
 

@@ -123,3 +123,23 @@ def test_paste_back(portrait, reference):
     assert np.array_equal(out[:, x1:], portrait[:, x1:])          # right of the crop: untouched
     with pytest.raises(ValueError):
         paste_back(red[:100, :100], portrait, tf)
+
+
+def test_paste_back_with_kept_geometry_equals_the_formula(portrait, reference):
+    """The geometry kept per avatar gives what the per-frame computation gives, and the blend is
+    the feathered formula α·crop + (1 − α)·image, rounded."""
+    from avatar_agent.face.crop import paste_geometry
+
+    tf = reference[0]
+    mask = feather_mask(S, 0, 16)
+    rng = np.random.default_rng(0)
+    crop = rng.integers(0, 256, (S, S, 3), dtype=np.uint8)
+    geo = paste_geometry(portrait.shape, tf, mask)
+    assert geo is not None
+    kept = paste_back(crop, portrait, tf, mask, geo)
+    assert np.array_equal(kept, paste_back(crop, portrait, tf, mask))
+    x0, y0, x1, y1 = geo.box
+    warped = cv2.warpAffine(crop, geo.c2roi, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR)
+    want = geo.alpha[..., None] * warped + geo.rest[..., None] * portrait[y0:y1, x0:x1]
+    assert np.abs(kept[y0:y1, x0:x1] - want).max() <= 0.51       # rounded (float32 weights)
+    assert np.array_equal(kept[:y0], portrait[:y0]) and np.array_equal(kept[y1:], portrait[y1:])
