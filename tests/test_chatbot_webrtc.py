@@ -198,8 +198,13 @@ async def test_chatbot_sends_speech_and_gets_it_back_with_a_moving_mouth() -> No
     before = np.array([d for t, d in mouth if t < t_sent])
     during = np.array([d for t, d in mouth if t_sent <= t <= t_sent + clip.size / 48_000 + 1.0])
     closed = float(np.median(before))
+    print(f"mouth darkness: closed {closed:.4f}; {(during > 2 * closed + 0.005).sum()} of "
+          f"{during.size} frames during speech above {2 * closed + 0.005:.4f}, max {during.max():.4f}")
     assert (before > 2 * closed + 0.005).sum() == 0, before.max()
-    assert (during > 2 * closed + 0.005).sum() >= 5, (closed, during.max())
+    # (only the widest openings pass this darkness bar: 4–6 frames of ~150 typically, none with
+    # a frozen mouth)
+    assert (during > 2 * closed + 0.005).sum() >= 3, (closed, during.max())
+    assert during.max() > 4 * closed, (closed, during.max())
 
 
 async def _cycle(url: str, watch: bool, delete: bool) -> None:
