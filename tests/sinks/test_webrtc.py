@@ -209,6 +209,31 @@ async def test_two_viewers_one_leaves_other_continues() -> None:
     assert abs(f0 - 330.0) < 5
 
 
+async def test_nothing_of_a_viewer_outlives_it() -> None:
+    """Viewers joining and leaving for hours must not add up (the soak's RSS): once a viewer has
+    left, its record, peer connection, tracks and encoder are garbage."""
+    import gc
+    import weakref
+
+    refs: list[weakref.ref] = []
+    with loopback_ice():
+        async with live_stream(160, 120, freq=330.0) as live:
+            for _ in range(3):
+                v = await connect(live.url)
+                await wait_for(lambda v=v: v.frames >= 5 and live.sink.viewers == 1)
+                (viewer,) = live.sink._viewers.values()
+                refs += [weakref.ref(o) for o in (viewer, viewer.pc, viewer.video, viewer.audio)]
+                refs += [weakref.ref(t.sender) for t in viewer.pc.getTransceivers()]
+                del viewer
+                await v.close()
+                await wait_for(lambda: live.sink.viewers == 0)
+            await asyncio.sleep(0.2)                  # the peers' own closing tasks finish
+            gc.collect()
+            alive = [type(r()).__name__ for r in refs if r() is not None]
+            assert live.player_error is None
+    assert len(refs) >= 3 * 6 and alive == []
+
+
 async def test_viewer_that_never_connects_is_dropped() -> None:
     with loopback_ice():
         async with live_stream(160, 120, connect_timeout=1.5) as live:
