@@ -12,7 +12,11 @@ repeated ``--n`` times (``--what``):
 After every 10 events this process collects garbage, trims the allocator and records RSS and how
 many peer connections, RTP senders, video encoders, viewer records and avatars are still alive.
 Prints a table and the RSS slope per event after the first 20 (KB/event): a leak shows as a
-steady slope and growing object counts; allocator warm-up flattens out.  This is how the soak's
+steady slope and growing object counts; allocator warm-up flattens out. With ``--trace`` the
+Python-level heap (tracemalloc, numpy arrays included) is compared between event 20 and the last
+one, and the source lines whose live allocations grew most are printed: a leak in Python code
+shows there with its size per event, while growth only in RSS points at native code or the
+allocator.  This is how the soak's
 RSS growth (`avatar-agent bench --soak`) is taken apart.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_churn.py [--what viewers] [--n 150]
@@ -28,6 +32,7 @@ import gc
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +68,7 @@ async def _child(url: str, n: int, hold: float) -> None:
         print("left", k, frames[0], flush=True)
 
 
-async def _parent(what: str, n: int, hold: float) -> None:
+async def _parent(what: str, n: int, hold: float, trace: bool) -> None:
     from avatar_agent.agent import Agent
     from avatar_agent.audio.queue import SpeechQueueSource
     from avatar_agent.clock import SystemClock
@@ -104,11 +109,18 @@ async def _parent(what: str, n: int, hold: float) -> None:
     rows.append((0, rss_bytes() / 1e6, _alive(), 0))
     t0 = time.monotonic()
 
+    snaps: list[tuple[int, tracemalloc.Snapshot]] = []
+    if trace:
+        tracemalloc.start(8)
+
     async def sample(k: int, frames: int) -> None:
         if k % 10 == 0:
             await asyncio.sleep(0.5)                 # the server has seen the last event end
             _trim()
             rows.append((k, rss_bytes() / 1e6, _alive(), frames))
+            if trace and (k == 20 or k == n):
+                snaps.append((k, tracemalloc.take_snapshot().filter_traces(
+                    [tracemalloc.Filter(False, tracemalloc.__file__)])))
 
     if what == "viewers":
         proc = await asyncio.create_subprocess_exec(
@@ -156,6 +168,18 @@ async def _parent(what: str, n: int, hold: float) -> None:
     if len(late) >= 2:
         slope = np.polyfit([d for d, _ in late], [r for _, r in late], 1)[0] * 1000
         print(f"RSS slope after 20 {what}: {slope:+.1f} KB per event")
+    if len(snaps) == 2:
+        (k0, first), (k1, last) = snaps
+        stats = last.compare_to(first, "traceback")
+        total = sum(st.size_diff for st in stats)
+        print(f"Python heap {k0} -> {k1} {what}: {total / 1e3:+.0f} KB "
+              f"({total / (k1 - k0):+.0f} B per event); largest growth:")
+        for st in sorted(stats, key=lambda st: -st.size_diff)[:12]:
+            if st.size_diff <= 0:
+                break
+            frames = [f"{Path(f.filename).name}:{f.lineno}" for f in st.traceback][:4]
+            print(f"  {st.size_diff / 1e3:+8.1f} KB {st.count_diff:+6d} blocks  "
+                  + " <- ".join(frames))
 
 
 def main() -> None:
@@ -163,12 +187,14 @@ def main() -> None:
     ap.add_argument("--what", choices=("viewers", "swaps", "says", "pushes"), default="viewers")
     ap.add_argument("--n", type=int, default=150)
     ap.add_argument("--hold", type=float, default=1.5)
+    ap.add_argument("--trace", action="store_true",
+                    help="compare the Python heap (tracemalloc) between event 20 and the last")
     ap.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         asyncio.run(_child(args.child, args.n, args.hold))
     else:
-        asyncio.run(_parent(args.what, args.n, args.hold))
+        asyncio.run(_parent(args.what, args.n, args.hold, args.trace))
 
 
 if __name__ == "__main__":
