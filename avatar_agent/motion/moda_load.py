@@ -250,13 +250,14 @@ def _onnx_runner(path: str | Path, model: "MoDADiT", device: str, required: bool
                  ) -> "OnnxDiT | None":
     """The ONNX Runtime runner of the export at ``path``, or None (with the reason logged) when
     it cannot be used and ``required`` is False."""
-    from avatar_agent.nn.moda_onnx import OnnxDiT, OnnxDiTError, file_sha256
+    from avatar_agent.models import sha256_file
+    from avatar_agent.nn.moda_onnx import OnnxDiT, OnnxDiTError
 
     w_path, _ = export_paths(path)
     why = _onnx_precondition(w_path, device)
     if why is None:
         try:
-            return OnnxDiT(w_path.with_suffix(".onnx"), model.params, file_sha256(w_path))
+            return OnnxDiT(w_path.with_suffix(".onnx"), model.params, sha256_file(w_path))
         except OnnxDiTError as e:
             why = str(e)
     if required:
@@ -279,15 +280,16 @@ def _onnx_precondition(w_path: Path, device: str) -> str | None:
 def onnx_problem(path: str | Path) -> str | None:
     """Why ``motion.runtime = "onnx"`` would fail for this export (None: it works): what
     ``avatar-agent check`` reports.  Loads the graph, not the torch model."""
+    from avatar_agent.models import sha256_file
     from avatar_agent.nn.moda import MoDAParams
-    from avatar_agent.nn.moda_onnx import OnnxDiT, OnnxDiTError, file_sha256
+    from avatar_agent.nn.moda_onnx import OnnxDiT, OnnxDiTError
 
     w_path, _ = export_paths(path)
     why = _onnx_precondition(w_path, "cpu")
     if why is None:
         try:
             OnnxDiT(w_path.with_suffix(".onnx"), MoDAParams(**read_meta(w_path)["params"]),
-                    file_sha256(w_path))
+                    sha256_file(w_path))
         except (OnnxDiTError, TypeError) as e:
             why = str(e)
     return why

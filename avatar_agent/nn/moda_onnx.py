@@ -16,7 +16,6 @@ models/embedded/moda-tiny.safetensors``.  The runner needs only ``onnxruntime``.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,15 +33,6 @@ OPSET = 18
 
 class OnnxDiTError(RuntimeError):
     """An ONNX export that is missing, unreadable, or not made from these weights."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_onnx(model: MoDADiT, path: str | Path, weights_sha256: str, window: int) -> Path:
@@ -126,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     check it against the torch model on random inputs."""
     import argparse
 
+    from avatar_agent.models import sha256_file
     from avatar_agent.motion.moda_load import export_paths, inference_settings, load_trained
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -134,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     w_path, _ = export_paths(args.export)
     model, meta = load_trained(w_path)
     window = int(inference_settings(meta, {})["window"])
-    digest = file_sha256(w_path)
+    digest = sha256_file(w_path)
     out = export_onnx(model, w_path.with_suffix(".onnx"), digest, window)
     err = max_difference(model, OnnxDiT(out, model.params, digest), window)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); max |onnx − torch| = {err:.2e}")

@@ -14,15 +14,15 @@ import torch
 from avatar_agent.motion.moda_load import ModelFileError, build_motion, load_trained, onnx_problem
 from avatar_agent.motion.template import template_avatar
 from avatar_agent.nn.moda import MoDADiT, MoDAParams, TracedDiT
-from avatar_agent.nn.moda_onnx import (OnnxDiT, OnnxDiTError, export_onnx, file_sha256,
-                                       max_difference)
+from avatar_agent.models import sha256_file
+from avatar_agent.nn.moda_onnx import OnnxDiT, OnnxDiTError, export_onnx, max_difference
 from avatar_agent.types import SpeechChunk
 from avatar_agent.wiring import EMBEDDED_MODA
 
 
 def test_the_shipped_export_is_made_from_the_shipped_weights_and_equals_torch() -> None:
     model, meta = load_trained(EMBEDDED_MODA)
-    runner = OnnxDiT(EMBEDDED_MODA.with_suffix(".onnx"), model.params, file_sha256(EMBEDDED_MODA))
+    runner = OnnxDiT(EMBEDDED_MODA.with_suffix(".onnx"), model.params, sha256_file(EMBEDDED_MODA))
     window = int(meta["params"]["seq_len"])
     # batch 3 (not the exported 2: the batch axis is dynamic), random inputs, every emotion label
     assert max_difference(model, runner, window, batch=3) < 1e-4
