@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -86,11 +87,15 @@ def bench_tiny(seconds: float, model_path: Path) -> None:
     rng = np.random.default_rng(0)
     audio = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
     n = audio.size // 640
-    runs = [("eager ", "torch", False), ("traced", "torch", True)]
+    runs: list[tuple[str, Literal["torch", "onnx"], bool]] = [("eager ", "torch", False),
+                                                              ("traced", "torch", True)]
     if model_path.with_suffix(".onnx").is_file():
         runs.append(("onnx  ", "onnx", True))
+    n_par = 0
     for label, runtime, trace in runs:
         gen = build_motion(model_path, trace=trace, runtime=runtime)
+        if isinstance(gen.model, MoDADiT):          # the ONNX runner has no torch parameters
+            n_par = sum(int(q.numel()) for q in gen.model.parameters())
         gen.prepare(avatar)
         hop, left, look = gen.min_hop_ms // 40, 10, 1
         padded = np.concatenate([np.zeros(640 * left, np.float32), audio, np.zeros(640 * (hop + look), np.float32)])
@@ -114,7 +119,6 @@ def bench_tiny(seconds: float, model_path: Path) -> None:
             print(f"tiny MoDA {name:7s} ({label}, {what}, {gen.steps} steps, "
                   f"CFG audio {gen.guidance.audio:g}, window {gen.window}, features incl.): "
                   f"RTF {dt / seconds:.4f}")
-    n_par = sum(q.numel() for q in gen.model.parameters())
     print(f"tiny MoDA: {n_par / 1e6:.2f} M parameters")
 
 
