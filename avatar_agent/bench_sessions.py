@@ -94,6 +94,7 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
     st1 = [dataclasses.replace(s.agent.player.stats) for s in sessions]
     rss_end = rss_bytes()
     measured_capacity = _capacity(engine)
+    per_session_load = engine.per_session_load      # while the sessions still run
     for t in talkers:
         t.cancel()
     await engine.aclose()
@@ -118,7 +119,7 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
         "first_frame_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat else None,
         "first_frame_ms_p90": round(float(np.percentile(lat, 90)), 1) if lat else None,
         "onsets_measured": len(lat),
-        "per_session_load": round(engine.per_session_load, 4),
+        "per_session_load": round(per_session_load, 4),
         "measured_capacity": measured_capacity,
     }
 

@@ -19,6 +19,7 @@ import itertools
 import logging
 import sys
 import threading
+import time
 from typing import Any, Callable, TypeVar
 
 from .clock import Clock
@@ -79,11 +80,15 @@ class Inference:
         fut: asyncio.Future[R] = loop.create_future()
 
         def job() -> None:
+            # Accounted before the hand-back: the awaiting task may read busy_s at once.
+            t0 = time.thread_time()
             try:
                 result = fn(*args)
             except BaseException as e:  # handed to the awaiting task, never lost
+                self._account(t0)
                 _hand_back(loop, _set_exception, fut, e)
             else:
+                self._account(t0)
                 _hand_back(loop, _set_result, fut, result)
 
         with self._cv:
@@ -132,10 +137,13 @@ class Inference:
         with self._cv:
             return len(self._heap)
 
+    def _account(self, t0: float) -> None:
+        with self._cv:
+            self.busy_s += time.thread_time() - t0
+            self.jobs += 1
+
     def _work(self, threads: int) -> None:
         _init_thread(threads)
-        import time
-
         while True:
             with self._cv:
                 while not self._heap and not self._closed:
@@ -143,11 +151,7 @@ class Inference:
                 if self._closed:
                     return
                 _, _, job = heapq.heappop(self._heap)
-            t0 = time.thread_time()
             job()
-            with self._cv:
-                self.busy_s += time.thread_time() - t0
-                self.jobs += 1
 
 
 def _hand_back(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
