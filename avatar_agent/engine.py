@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 TARGET_LOAD = 0.75
 """Share of the usable cores admission control fills; the rest absorbs bursts (speech onsets,
-viewers joining, the HTTP API).  Measured on 2 cores at 512²: 4 sessions held 25 fps with
-< 1.1 % dropped at 0.32 cores each, 6 collapsed — this admits 4."""
+viewers joining, the HTTP API).  Measured on 2 cores at 512² with 2 inference workers
+(``bench --sessions N``, 2026-12-05): 9 sessions held 25 fps with ≤ 0.27 % dropped at about
+0.16 cores each, 10 were at the edge (0.2–9 % dropped between runs) — this admits 9."""
 
 
 @runtime_checkable
