@@ -34,7 +34,8 @@ GIL-free stretches (OpenCV, ONNX Runtime, large numpy ops) with Python; after ea
 worker must win the GIL back, and with the default it can wait up to 5 ms behind another
 session's Python while its core idles.  Measured with ``bench --sessions N`` (2 cores, 512²,
 2 workers): 8 sessions dropped 46 % of their frames at 1.55 cores with 5 ms and 0.4 % at 1.32
-cores with 0.5 ms; 10 sessions 0.2–1.7 % (mean) with 0.1 ms against 27 % with 0.5 ms."""
+cores with 0.5 ms; 9 sessions 0.00–0.04 % with 0.1 ms; 10 sessions 0.2–9.3 % (mean of three
+runs) with 0.1 ms against 27 % with 0.5 ms."""
 
 
 class InferenceClosed(RuntimeError):
