@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import threading
 import time
@@ -31,7 +32,9 @@ ARENAS = 2
 TRIM_INTERVAL_S = 60.0
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    # Cached: find_library runs `ldconfig -p` in a subprocess, and trim_now is called repeatedly.
     name = ctypes.util.find_library("c")
     if not name:
         return None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import dataclasses
 import gc
 import sys
@@ -52,11 +51,10 @@ def _alive() -> dict[str, int]:
 
 
 def _trim() -> None:
+    from avatar_agent.memory import trim_now
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    trim_now()
 
 
 async def _child(url: str, n: int, hold: float) -> None:
