@@ -1,10 +1,17 @@
 """``avatar-agent bench --sessions N``: N concurrent sessions on one engine, speech pushed into
 every one; prints one JSON object (figures only, no pass/fail).
 
-Keys: sessions, seconds, fps_min, fps_mean, dropped_pct_max, dropped_pct_mean, cpu_cores,
+Keys: sessions, seconds, fps_min, fps_mean, dropped_pct_max, dropped_pct_mean,
+repeated_pct_max, cpu_cores,
 rss_mb, rss_per_session_mb, first_frame_ms_p50/p90 (push → first frame carrying that audio, at
 the session's frame stream), capacity (what admission control would allow), and with
 ``--compare-processes`` the same run as one process per session (``processes`` object).
+
+``dropped_pct`` is the player's count (``bench --seconds`` and the issue's baseline use the same):
+underruns + late + overflowed images per delivered frame.  An image that misses its tick counts
+twice (its tick repeated the previous image; the image itself was thrown away), so in a collapse
+it exceeds 100.  ``repeated_pct_max`` is what a viewer sees: the share of frames that repeated
+the previous image, at most 100.
 """
 
 from __future__ import annotations
@@ -100,18 +107,20 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
     await engine.aclose()
     for t in tasks:
         t.cancel()
-    fps, dropped = [], []
+    fps, dropped, repeated = [], [], []
     for a, b, w in zip(st0, st1, watches, strict=True):
         fps.append(sum(1 for x in w.times if t0 <= x < t1) / (t1 - t0))
         d = ((b.underruns - a.underruns) + (b.late_dropped - a.late_dropped)
              + (b.overflow_dropped - a.overflow_dropped))
         dropped.append(100.0 * d / max(1, b.delivered - a.delivered))
+        repeated.append(100.0 * (b.underruns - a.underruns) / max(1, b.delivered - a.delivered))
     lat = [1000 * (watches[k].started[u] - t) for k, u, t in pushed
            if u in watches[k].started and t0 - 3.0 <= t]
     return {
         "sessions": n, "seconds": round(t1 - t0, 1), "size": cfg.render.size,
         "fps_min": round(min(fps), 2), "fps_mean": round(float(np.mean(fps)), 2),
         "dropped_pct_max": round(max(dropped), 3), "dropped_pct_mean": round(float(np.mean(dropped)), 3),
+        "repeated_pct_max": round(max(repeated), 3),
         "cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
         "rss_mb": round(rss_end / 1e6, 1), "rss_engine_mb": round(rss_base / 1e6, 1),
         "rss_per_session_mb": round((rss_end - rss_one) / 1e6 / max(1, n - 1), 2) if n > 1

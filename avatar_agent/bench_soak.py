@@ -11,6 +11,10 @@ RSS is sampled twice each time: as it is, and right after a ``malloc_trim`` (wha
 own trimming thread does every minute).  The first swings with whichever burst the allocator
 last served (±10 MB); the second is the memory in use, so a leak shows in its slope far sooner.
 
+With each trimmed sample goes malloc's own count of the bytes still allocated
+(``memory.heap_in_use``, glibc's mallinfo2; null elsewhere): if RSS grows while that stays flat,
+the growth is freed memory the heaps could not hand back (fragmentation), not a leak.
+
 The harness runs in the agent's process, so its own bookkeeping is bounded too: the watcher's
 frame reports and the recent calls live in short deques and drops are attributed as they happen
 (kept as lists they grew ≈ 0.6 MB/h, a third of the growth the soak is meant to bound).
@@ -31,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
-from .memory import trim_now
+from .memory import heap_in_use, trim_now
 from .metrics import rss_bytes
 
 _LINES = ("Hello, how can I help you today?", "Let me check that for you.",
@@ -107,6 +111,7 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
     streaming = asyncio.Event()
     rss: list[tuple[float, float]] = []               # (minutes since t0, MB) every 15 s
     rss_trimmed: list[tuple[float, float]] = []       # the same, right after malloc_trim
+    heap: list[tuple[float, float]] = []              # (minutes, MB malloc has handed out)
     t_start: float | None = None
     calls = {"say": 0, "push": 0, "emotion": 0, "interrupt": 0, "viewers": 0, "swaps": 0}
     marks: collections.deque[tuple[float, str]] = collections.deque(maxlen=64)
@@ -179,6 +184,8 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
                         rss.append((m, rss_bytes() / 1e6))
                         await asyncio.to_thread(trim_now)
                         rss_trimmed.append((m, rss_bytes() / 1e6))
+                        if (used := heap_in_use()) is not None:
+                            heap.append((m, used / 1e6))
                     mark("viewers")
         finally:
             if proc.returncode is None:
@@ -218,6 +225,8 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
             "rss_slope_mb_per_h": _slope(rss, warm_up),
             "rss_trimmed_mb": [round(r, 1) for _, r in rss_trimmed[::4]],
             "rss_trimmed_slope_mb_per_h": _slope(rss_trimmed, warm_up),
+            "heap_in_use_mb": [round(r, 1) for _, r in heap[::4]] if heap else None,
+            "heap_in_use_slope_mb_per_h": _slope(heap, warm_up),
             "calls": calls, "dropped_after": dropped_after}
 
 

@@ -111,4 +111,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from avatar_agent.quiet import native_log_filter
+
+    with native_log_filter():            # mediapipe/TFLite info lines off the terminal
+        main()

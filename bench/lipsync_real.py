@@ -445,4 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from avatar_agent.quiet import native_log_filter
+
+    with native_log_filter():            # mediapipe/TFLite info lines off the terminal
+        raise SystemExit(main())

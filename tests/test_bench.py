@@ -29,3 +29,28 @@ def test_bench_sessions_prints_one_json_object_with_the_figures():
                 "rss_per_session_mb", "first_frame_ms_p50"):
         assert key in out, key
     assert out["sessions"] == 2 and 0 < out["fps_min"] <= 26 and out["cpu_cores"] > 0
+    assert 0 <= out["repeated_pct_max"] <= min(100.0, out["dropped_pct_max"])
+
+
+def test_bench_soak_prints_its_figures_and_the_calls_it_made():
+    """`avatar-agent bench --soak` (25 s here, 128² procedural): real time with a WebRTC watcher
+    in a child process, says, pushes, an emotion change and viewer churn; one JSON object with
+    fps at the sender and at the viewer, dropped %, RSS samples (raw and trimmed) and the calls
+    (figures only: the long run is the benchmark's job)."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "avatar_agent.cli", "bench", "--soak", "0.42",
+                        "--set", "render.size=128", "--set", "motion.generator=procedural"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+    assert 20 < out["fps_sent"] <= 26 and 15 < out["fps_at_viewer"] <= 26
+    assert 0 <= out["dropped_pct"] < 100
+    assert out["rss_mb"] and out["rss_trimmed_mb"] and all(x > 50 for x in out["rss_mb"])
+    if out["heap_in_use_mb"] is not None:               # glibc: malloc's live bytes are within RSS
+        assert all(0 < h < r for h, r in zip(out["heap_in_use_mb"], out["rss_trimmed_mb"],
+                                              strict=True))
+    assert out["calls"]["say"] >= 2 and out["calls"]["push"] >= 1 and out["calls"]["viewers"] >= 1
+    assert set(out["dropped_after"]) <= set(out["calls"]) | {"none"}

@@ -39,3 +39,19 @@ def test_trim_thread_returns_freed_heap_pages() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     grown = float(r.stdout.strip().splitlines()[-1])
     assert grown < 40, f"RSS still {grown} MB above the start after freeing 196 of 200 MB"
+
+
+def test_heap_in_use_counts_what_is_allocated_and_not_what_was_freed() -> None:
+    """memory.heap_in_use (glibc mallinfo2): 50 MB of live blocks show, and go once freed."""
+    from avatar_agent.memory import heap_in_use
+
+    if heap_in_use() is None:
+        pytest.skip("glibc ≥ 2.33 malloc only")
+    base = heap_in_use()
+    assert base is not None and base > 0
+    blocks = [bytearray(5000) for _ in range(10_000)]               # 50 MB through malloc
+    held = heap_in_use()
+    assert held is not None and 45e6 < held - base < 60e6
+    del blocks
+    after = heap_in_use()
+    assert after is not None and after - base < 5e6

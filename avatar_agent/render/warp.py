@@ -599,7 +599,8 @@ class WarpRenderer:
                                                    ex["mask"])
             frames = [paste_back(f, ex["image_base"], ex["crop_to_base"], ex["mask"], geo)
                       for f in frames]
-        return np.stack(frames)
+        # (one frame, the live path's usual batch: a view, not a 0.8 MB copy under the GIL)
+        return frames[0][None] if len(frames) == 1 else np.stack(frames)
 
     def _frame(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
         ex = avatar.extra
