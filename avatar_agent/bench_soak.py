@@ -17,7 +17,7 @@ the growth is freed memory the heaps could not hand back (fragmentation), not a 
 
 The harness runs in the agent's process, so its own bookkeeping is bounded too: the watcher's
 frame reports and the recent calls live in short deques and drops are attributed as they happen
-(kept as lists they grew ≈ 0.6 MB/h, a third of the growth the soak is meant to bound).
+(kept as lists they grew ≈ 0.6 MB/h, a third of the 2 MB/h the soak is meant to bound).
 """
 
 from __future__ import annotations
