@@ -65,6 +65,7 @@ fraction of its expression motion): hair and neck follow the head, only the skin
 the face follows the jaw."""
 
 _LIP_UP, _LIP_LO = np.array(INNER_LIP_UPPER), np.array(INNER_LIP_LOWER)   # (for fancy indexing)
+_EYE_L, _EYE_R = np.array(EYE_L), np.array(EYE_R)
 _MOUTH_POLY = np.array(INNER_LIP_UPPER + INNER_LIP_LOWER[::-1][1:-1])
 
 OUTER_LIPS = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181,
@@ -89,11 +90,15 @@ def rotation_to_angles(rot: np.ndarray) -> tuple[float, float, float]:
 
 
 PITCH_BIAS_DEG = 11.0
-# Largest residual |q + D(q) − p| (px) the cheap fixed-point inversion may leave (see _invert).
-INVERT_TOL = 0.05
 """FaceMesh's forehead(10)→chin(152) line leans back by about this much in a camera-facing face
 (measured on avatars/default.png, which looks straight into the camera); subtracted so that a
 frontal portrait reads pitch ≈ 0."""
+# Largest residual |q + D(q) − p| (px) the cheap fixed-point inversion may leave (see _invert).
+INVERT_TOL = 0.05
+# Grid points an unfolding round reaches past its bad points (see _unfold): the blend weight's
+# dilation (1) + its σ 1.5 blur (OpenCV's float kernel: radius 6) = 7; the field's σ 2 blur
+# reads 8 points.
+UNFOLD_REACH = 8
 
 
 def _rotation(pitch: float, yaw: float, roll: float) -> np.ndarray:
@@ -361,13 +366,13 @@ def mouth_palette(crop: np.ndarray, mesh: np.ndarray) -> dict[str, np.ndarray | 
 
 
 def _blend(roi: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
-    """roi ← roi·(1 − α) + colour·α in place, rounded: uint8 roi [h, w, 3], α [h, w],
+    """roi ← roi·(1 − α) + colour·α in place, rounded: uint8 roi [h, w, 3], α float32 [h, w],
     colour [3] or [h, w, 3]."""
-    out = roi.astype(np.float32)
-    out += (colour - out) * alpha[..., None]
-    out += 0.5
-    np.clip(out, 0, 255, out=out)
-    roi[...] = out          # (truncates: with the + 0.5, rounds)
+    paint = np.empty_like(roi)
+    paint[...] = np.clip(np.asarray(colour) + 0.5, 0, 255)    # (truncates: rounds)
+    alpha = np.asarray(alpha, np.float32)
+    rest = 1.0 - alpha
+    roi[...] = cv2.blendLinear(roi, paint, rest, alpha)      # (one OpenCV call, GIL released)
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,34 +670,50 @@ class WarpRenderer:
     def _irises(self, frame: np.ndarray, vd: np.ndarray, ex: dict, shift: np.ndarray) -> None:
         """Move each iris by ``shift`` px inside its eye opening (the sclera around it follows
         softly; lids and skin stay)."""
+        # (runs on most frames — the idle gaze never rests — and every numpy call on these small
+        # boxes costs more in overhead than in arithmetic, under the GIL: scalars are Python
+        # floats, the weight is built from two coordinate vectors, in place)
         S = self.size
-        for eye, iris in ((EYE_L, IRIS_L), (EYE_R, IRIS_R)):
-            c = vd[iris[0]].astype(np.float64)
-            r = float(np.linalg.norm(vd[list(iris[1:])] - c, axis=1).mean())
+        sx, sy = float(shift[0]), float(shift[1])
+        norm = max(math.hypot(sx, sy), 1e-9)
+        for eye, first in ((_EYE_L, IRIS_L[0]), (_EYE_R, IRIS_R[0])):
+            (cx, cy), *ring = vd[first:first + 5].tolist()
+            r = sum(math.hypot(x - cx, y - cy) for x, y in ring) / len(ring)
             if r < 1.0:
                 continue
-            sh = shift * min(1.0, 0.45 * r / max(float(np.linalg.norm(shift)), 1e-9))
-            poly = vd[list(eye)]
+            k = min(1.0, 0.45 * r / norm)
+            shx, shy = sx * k, sy * k
+            poly = vd[eye]
+            (px0, py0), (px1, py1) = poly.min(0).tolist(), poly.max(0).tolist()
             # only the iris and the sclera right around it move: a box of 2 radii about it
-            reach = 1.9 * r + float(np.abs(sh).max()) + 2
-            x0, y0 = np.floor(np.maximum(poly.min(0) - 2, c - reach)).astype(int)
-            x1, y1 = np.ceil(np.minimum(poly.max(0) + 2, c + reach)).astype(int) + 1
-            x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+            reach = 1.9 * r + max(abs(shx), abs(shy)) + 2
+            x0, y0 = max(0, math.floor(max(px0 - 2, cx - reach))), max(0, math.floor(max(py0 - 2, cy - reach)))
+            x1 = min(S, math.ceil(min(px1 + 2, cx + reach)) + 1)
+            y1 = min(S, math.ceil(min(py1 + 2, cy + reach)) + 1)
             if x1 - x0 < 4 or y1 - y0 < 4:
                 continue
             mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-            cv2.fillPoly(mask, [np.round((poly - [x0, y0]) * 8).astype(np.int32)], 255,
-                         lineType=cv2.LINE_AA, shift=3)
-            m = mask.astype(np.float32) * (1.0 / 255.0)
-            gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32),
-                                 np.arange(y0, y1, dtype=np.float32))
-            d = np.hypot(gx - c[0], gy - c[1])
-            u = np.clip((d - 1.0 * r) / (0.9 * r), 0.0, 1.0)
-            w = (1.0 - u * u * (3.0 - 2.0 * u)) * m                       # 1 on the iris
-            src = frame[y0:y1, x0:x1].copy()
-            mx = (gx - x0 - sh[0] * w).astype(np.float32)
-            my = (gy - y0 - sh[1] * w).astype(np.float32)
-            frame[y0:y1, x0:x1] = cv2.remap(src, mx, my, cv2.INTER_LINEAR,
+            pts = (poly - np.array([x0, y0], np.float32)) * 8
+            cv2.fillPoly(mask, [pts.round().astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=3)
+            xs = np.arange(x1 - x0, dtype=np.float32)
+            ys = np.arange(y1 - y0, dtype=np.float32)
+            # u = clip((|p − c| − r) / 0.9r, 0, 1); w = (1 − u²(3 − 2u)) · mask: 1 on the iris
+            u = np.hypot((xs + (x0 - cx))[None], (ys + (y0 - cy))[:, None])
+            u -= r
+            u *= 1.0 / (0.9 * r)
+            np.clip(u, 0.0, 1.0, out=u)
+            w = u * 2.0
+            w -= 3.0
+            w *= u
+            w *= u
+            w += 1.0
+            w *= mask
+            w *= 1.0 / 255.0
+            mx = w * -shx
+            mx += xs[None]
+            w *= -shy
+            w += ys[:, None]
+            frame[y0:y1, x0:x1] = cv2.remap(frame[y0:y1, x0:x1], mx, w, cv2.INTER_LINEAR,
                                             borderMode=cv2.BORDER_REPLICATE)
 
     def _derivatives(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -722,29 +743,48 @@ class WarpRenderer:
                 rounds: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Relax the forward field where it (nearly) folds over itself (det(I + J) < 0.35).
 
-        Strong head turns push the far cheek over the face outline; a fold has no inverse and
-        shows as a torn edge.  Blending towards a blurred field only where the Jacobian is bad
-        keeps the mouth and eyes sharp elsewhere.  Returns the field and its derivatives.
+        Strong head turns push the far cheek over the face outline, and a mouth closing on a
+        portrait with parted lips squeezes the gap between them to nothing; a fold has no
+        inverse and shows as a torn edge.  Blending towards a blurred field only where the
+        Jacobian is bad keeps the mouth and eyes sharp elsewhere.  Returns the field (``d`` is
+        updated in place) and its derivatives.
+
+        Each round works on a window around the grid points with det < 0.6 (the only ones with a
+        blend weight): the weight reaches UNFOLD_REACH points past them and the blur reads as far
+        again, so the window gives the same field as blurring the whole grid at a small share of
+        the cost (the idle mouth of such a portrait folds on most frames).
         """
-        gx = gy = None
         kernel = np.ones((3, 3), np.float32)
+        g_h, g_w = det.shape
+        det = det.copy()
         for _ in range(rounds):
             if det.min() >= 0.35:
                 break
-            bad: np.ndarray = 0.6 - det
+            rows = np.flatnonzero((det < 0.6).any(1))
+            cols = np.flatnonzero((det < 0.6).any(0))
+            m = 2 * UNFOLD_REACH + 2
+            y0, y1 = max(0, int(rows[0]) - m), min(g_h, int(rows[-1]) + 1 + m)
+            x0, x1 = max(0, int(cols[0]) - m), min(g_w, int(cols[-1]) + 1 + m)
+            sub = d[y0:y1, x0:x1]
+            bad: np.ndarray = 0.6 - det[y0:y1, x0:x1]
             bad *= 1 / 0.3
             np.clip(bad, 0.0, 1.0, out=bad)
             w: np.ndarray = cv2.GaussianBlur(cv2.dilate(bad, kernel), (0, 0), 1.5)
             w *= 1.5
             np.clip(w, 0.0, 1.0, out=w)
-            soft: np.ndarray = cv2.GaussianBlur(d, (0, 0), 2.0)
-            soft -= d                                            # d·(1 − w) + soft·w
+            soft: np.ndarray = cv2.GaussianBlur(sub, (0, 0), 2.0)
+            soft -= sub                                          # d·(1 − w) + soft·w
             soft *= cv2.merge([w, w])
-            soft += d
-            d = soft
-            gx, gy, det = self._derivatives(d)
-        if gx is None or gy is None:
-            gx, gy, det = self._derivatives(d)
+            sub += soft
+            # the determinant changed one point past the blend; the window's own derivatives
+            # are exact UNFOLD_REACH + 1 points inside its edges (or at the grid's edges)
+            _, _, sdet = self._derivatives(sub)
+            iy0 = 0 if y0 == 0 else UNFOLD_REACH + 1
+            ix0 = 0 if x0 == 0 else UNFOLD_REACH + 1
+            iy1 = sub.shape[0] - (0 if y1 == g_h else UNFOLD_REACH + 1)
+            ix1 = sub.shape[1] - (0 if x1 == g_w else UNFOLD_REACH + 1)
+            det[y0 + iy0:y0 + iy1, x0 + ix0:x0 + ix1] = sdet[iy0:iy1, ix0:ix1]
+        gx, gy, _ = self._derivatives(d)
         return d, gx, gy
 
     def _invert(self, d: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -890,20 +930,24 @@ class WarpRenderer:
               seam_rgb: np.ndarray) -> None:
         """Lips closed more than in the portrait: the squeezed mouth interior (teeth) becomes a
         thin line; draw it as the dark seam between closed lips instead."""
-        line = (vd[_LIP_UP] + vd[_LIP_LO]) / 2
-        x0, y0 = np.floor(line.min(0)).astype(int) - 3
-        x1, y1 = np.ceil(line.max(0)).astype(int) + 4
+        # (drawn on every idle frame of a portrait with parted lips: few numpy calls)
+        line = vd[_LIP_UP] + vd[_LIP_LO]
+        line *= 0.5
+        (lx0, ly0), (lx1, ly1) = line.min(0).tolist(), line.max(0).tolist()
         S = self.size
-        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(S, x1), min(S, y1)
+        x0, y0 = max(0, math.floor(lx0) - 3), max(0, math.floor(ly0) - 3)
+        x1, y1 = min(S, math.ceil(lx1) + 4), min(S, math.ceil(ly1) + 4)
         if x1 - x0 < 2 or y1 - y0 < 2:
             return
         mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
         shift = 3
-        pts = np.round((line - [x0, y0]) * (1 << shift)).astype(np.int32)
+        line -= np.array([x0, y0], np.float32)
+        line *= 1 << shift
         thick = max(1, round(S / 256))
-        cv2.polylines(mask, [pts], False, 255, thickness=thick, lineType=cv2.LINE_AA, shift=shift)
-        mask = cv2.GaussianBlur(mask, (3, 3), 0)
-        a = mask.astype(np.float32) * (0.85 * float(np.clip(strength, 0, 1)) / 255.0)
+        cv2.polylines(mask, [line.round().astype(np.int32)], False, 255, thickness=thick,
+                      lineType=cv2.LINE_AA, shift=shift)
+        a = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32)
+        a *= 0.85 * min(max(float(strength), 0.0), 1.0) / 255.0
         _blend(frame[y0:y1, x0:x1], a, seam_rgb)
 
     def _lids(self, frame: np.ndarray, vd: np.ndarray, vh: np.ndarray, ex: dict,
@@ -948,11 +992,12 @@ class WarpRenderer:
                  * (1.0 / 255.0))[:, :, None]
             # the eye itself, translated with the lower lid
             lower = list(eye[8:]) + [eye[0]]
-            shift_lo = (vd[lower] - src[lower]).mean(0)
-            gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32) - shift_lo[0],
-                                 np.arange(y0, y1, dtype=np.float32) - shift_lo[1])
-            eye_px = cv2.remap(crop, gx, gy, cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+            sx, sy = (vd[lower] - src[lower]).mean(0).tolist()
+            # (a translation: one affine warp of the box, no coordinate grids)
+            to_src = np.array([[1, 0, x0 - sx], [0, 1, y0 - sy]], np.float64)
+            eye_px = cv2.warpAffine(crop, to_src, (x1 - x0, y1 - y0),
+                                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                    borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
             roi = frame[y0:y1, x0:x1].astype(np.float32)
             out = roi * (1 - m) + eye_px * m
             # the swept lid: skin from above the lid margin, shifted down, over the region

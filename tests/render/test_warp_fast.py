@@ -467,3 +467,34 @@ def test_single_pose_rotation_equals_the_batched_one() -> None:
     for pitch, yaw, roll in rng.uniform(-90, 90, (50, 3)):
         np.testing.assert_allclose(_rotation(pitch, yaw, roll),
                                    space.rotation_matrix(pitch, yaw, roll), atol=1e-12)
+
+
+def _folded_field(centres: list[tuple[int, int]], g: int = 128) -> np.ndarray:
+    """A smooth random grid field [g, g, 2] (pixels, step 4) squeezed to a fold (det < 0) around
+    each centre (row, col): a local pull of the points below it up past the points above it, as
+    a closing mouth does on a portrait with parted lips."""
+    rng = np.random.default_rng(len(centres))
+    d = cv2.GaussianBlur(rng.normal(0, 6, (g, g, 2)).astype(np.float32), (0, 0), 4)
+    yy, xx = np.mgrid[0:g, 0:g].astype(np.float32)
+    for r, c in centres:
+        bump = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * 3.0 ** 2))
+        d[..., 1] -= 40 * bump * np.tanh((yy - r) / 1.5)   # rows below move up, above move down
+    return d
+
+
+@pytest.mark.parametrize("centres", [[(64, 64)], [(2, 3)], [(125, 60), (20, 110)]],
+                         ids=["middle", "corner", "two-apart"])
+def test_windowed_unfold_equals_the_whole_grid_one(centres: list[tuple[int, int]]) -> None:
+    """_unfold blurs only a window around the folded points; the field and its derivatives are
+    those of blurring the whole grid (the pre-change path), wherever the folds are."""
+    r = _PreChange(size=S)
+    d = _folded_field(centres)
+    det = r._derivatives(d)[2]
+    assert det.min() < 0.0                                   # really folded
+    want = r._unfold_old(d.copy(), det.copy())
+    got, gx, gy = WarpRenderer._unfold(r, d.copy(), det.copy())
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    wgx, wgy, _ = r._derivatives(want)
+    np.testing.assert_allclose(gx, wgx, atol=1e-5)
+    np.testing.assert_allclose(gy, wgy, atol=1e-5)
+    assert not np.array_equal(want, d)                       # the unfold did change the field
