@@ -24,6 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,16 +56,35 @@ def emotion_motion(gen: ProceduralMotion, kp: np.ndarray, intensity: float) -> n
     return out
 
 
+def flow_regions(frame: np.ndarray, ref_frame: np.ndarray, ref_points: np.ndarray
+                 ) -> dict[str, float]:
+    """Image motion from ``ref_frame`` to ``frame`` (Farneback optical flow) at ``ref_points``'
+    landmarks of each region: mean of the region's more-moved half, as a fraction of the IOD."""
+    a = cv2.cvtColor(ref_frame, cv2.COLOR_RGB2GRAY)
+    b = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+    # (4 pyramid levels, 21 px windows: brows move 10-15 px at 512² and must not be smoothed away)
+    flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 4, 21, 5, 7, 1.5, 0)
+    scale = measure.iod(ref_points)
+    out = {}
+    for region, idx in measure.REGIONS.items():
+        p = np.clip(np.round(ref_points[list(idx)]).astype(int), 0, a.shape[0] - 1)
+        d = np.linalg.norm(flow[p[:, 1], p[:, 0]], axis=1) / scale
+        out[region] = float(np.sort(d)[len(idx) // 2:].mean())
+    return out
+
+
 def check_portrait(name: str, image: np.ndarray, renderer: WarpRenderer) -> dict:
     """Figures of one portrait: {emotion: {mean, regions, closest, mean_half}}."""
     avatar = renderer.prepare(image)
     gen = ProceduralMotion()
     gen.prepare(avatar)
     res: dict = {}
-    pts = {}
+    pts, full = {}, {}
     for intensity in (1.0, 0.5):
         frames = renderer.render(avatar, emotion_motion(gen, avatar.kp_canonical, intensity))
         pts[intensity] = {e: measure.track(f) for e, f in zip(EMOTIONS, frames, strict=True)}
+        if intensity == 1.0:
+            full = dict(zip(EMOTIONS, frames, strict=True))
     ref = pts[1.0]["neutral"]
     for e in EMOTIONS:
         if e == "neutral":
@@ -73,9 +93,11 @@ def check_portrait(name: str, image: np.ndarray, renderer: WarpRenderer) -> dict
         half = measure.expression_change(pts[0.5][e], pts[0.5]["neutral"])
         others = [(measure.expression_distance(pts[1.0][e], pts[1.0][o], ref), o)
                   for o in EMOTIONS if o != e]
+        flow = flow_regions(full[e], full["neutral"], ref)
         res[e] = {"mean": ch.mean, "regions": ch.regions, "closest": min(others),
                   "mean_half": half.mean,
-                  "defining": min(ch.regions[r] for r in DEFINING[e])}
+                  "defining": min(ch.regions[r] for r in DEFINING[e]),
+                  "flow": flow, "flow_defining": min(flow[r] for r in DEFINING[e])}
     return res
 
 
@@ -138,12 +160,15 @@ def main() -> None:
         res = check_portrait(name, imgs[name], renderer)
         print(f"\n{name}: % IOD vs the neutral render (intensity 1; mean at 0.5 in brackets)")
         print(f"{'emotion':10s} {'mean40':>13s} {'brows':>6s} {'lids':>6s} {'corners':>7s} "
-              f"{'defining':>8s}  closest")
+              f"{'defining':>8s}  {'closest':14s} flow: {'brows':>5s} {'corners':>7s} "
+              f"{'defining':>8s}")
         for e, r in res.items():
             g = r["regions"]
             print(f"{e:10s} {100 * r['mean']:5.2f} ({100 * r['mean_half']:4.2f}) "
                   f"{100 * g['brows']:6.2f} {100 * g['lids']:6.2f} {100 * g['corners']:7.2f} "
-                  f"{100 * r['defining']:8.2f}  {r['closest'][1]} {100 * r['closest'][0]:.2f}")
+                  f"{100 * r['defining']:8.2f}  {r['closest'][1]:9s} {100 * r['closest'][0]:4.2f}"
+                  f"       {100 * r['flow']['brows']:5.2f} {100 * r['flow']['corners']:7.2f} "
+                  f"{100 * r['flow_defining']:8.2f}")
             worst["defining"] = min(worst["defining"], r["defining"])
             worst["mean"] = min(worst["mean"], r["mean"])
             worst["closest"] = min(worst["closest"], r["closest"][0])
