@@ -60,7 +60,11 @@ class _PreChange(WarpRenderer):
         y = 0.5 * (corr[kp["lower_lid_l"], 2] + corr[kp["lower_lid_r"], 2])
         return np.array([x, y]) * (m[space.SCALE] * self.size / 2.0)
 
-    def _frame(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
+    def _frame(self, avatar: Avatar, motion: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        dst[...] = self._old_frame(avatar, motion)
+        return dst
+
+    def _old_frame(self, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
         ex = avatar.extra
         S, st = self.size, self.grid_step
         vd, vh = self._driven(avatar, motion)
