@@ -72,3 +72,21 @@ def test_thirty_ms_frames_buffer_across_calls():
     assert v.is_speech(np.zeros(FRAME_SAMPLES, np.float32)) is False
     v.reset()
     assert v.is_speech(np.zeros(10, np.float32)) is False
+
+
+def test_non_finite_and_overdriven_samples_read_as_silence_and_full_scale(speech_wav):
+    """NaN/inf samples count as silence and samples past ±1 as full scale: the decisions are
+    those of the cleaned-up audio, and the caller's array is left as it was."""
+    s = speech_wav("Hello there, how are you today?", lead_s=0.3, tail_s=0.3)
+    x = to_pipeline(s.samples, s.rate)
+    rng = np.random.default_rng(1)
+    dirty = x * 3.0                                              # overdriven
+    spots = rng.choice(x.size, 200, replace=False)
+    dirty[spots] = rng.choice([np.nan, np.inf, -np.inf], spots.size)
+    clean = np.clip(np.nan_to_num(dirty, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)
+    before = dirty.copy()
+    a, b = WebRtcVad(), WebRtcVad()
+    got = [a.is_speech(f) for f in frames_of(dirty)]
+    want = [b.is_speech(f) for f in frames_of(clean)]
+    assert got == want and any(got)
+    np.testing.assert_array_equal(dirty, before)
