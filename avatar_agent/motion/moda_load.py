@@ -91,13 +91,16 @@ def feature_fn(feature: Mapping[str, Any], mean: np.ndarray | None = None,
 # --------------------------------------------------------------------------------------------
 
 INFERENCE_DEFAULTS: dict[str, Any] = {
-    "steps": 3, "final_step": False, "cfg_audio": 1.0, "hop": 12, "crossfade": 4,
+    "steps": 3, "final_step": False, "cfg_audio": 0.0, "hop": 12, "crossfade": 4,
     "min_hop_ms": 160, "feature_context": 1, "context": 8,
 }
 """How an exported tiny model is run unless its JSON's ``inference`` block says otherwise: Euler
 steps of the release grid and whether to take its last 0.1 % step (3 steps without it = 2 network
-evaluations, σ 1 → 0.5 → 0.001), audio CFG λ (eq. 8; 1.0 = one extra, batched pass: the mouth opens
-wider and closes in pauses), frames emitted per window, frames blended at window seams, the shortest
+evaluations, σ 1 → 0.5 → 0.001), audio CFG λ (eq. 8; 0 = no null-audio pass: the embedded
+profile replaces the DiT's mouth with the procedural articulation, and for the head and the rest of
+the face λ 0 is as close to the teacher as λ 1 (closer on expression error and pose jerk) at 60 %
+of the network cost; λ 1 makes the DiT's own mouth open wider and close in pauses), frames emitted
+per window, frames blended at window seams, the shortest
 chunk hop (one DiT window per hop keeps the cost per second of audio low: bench/bench_moda.py) and
 the left context the (frame-local mel) features need.  Chosen with bench/eval_moda_tiny.py (see the
 model card); ``context``: frames already shown that each window re-uses as pinned context
