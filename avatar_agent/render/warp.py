@@ -785,8 +785,10 @@ class WarpRenderer:
             soft -= sub                                          # d·(1 − w) + soft·w
             soft *= cv2.merge([w, w])
             sub += soft
-            # the determinant changed one point past the blend; the window's own derivatives
-            # are exact UNFOLD_REACH + 1 points inside its edges (or at the grid's edges)
+            # the field changed at most UNFOLD_REACH − 1 points past the bad ones and its
+            # determinant one point further, all 2·UNFOLD_REACH + 2 inside the window's edges;
+            # the window's own derivatives are exact but for its outer ring (unless that is the
+            # grid's edge), so its inner part, UNFOLD_REACH + 1 in, is written back
             _, _, sdet = self._derivatives(sub)
             iy0 = 0 if y0 == 0 else UNFOLD_REACH + 1
             ix0 = 0 if x0 == 0 else UNFOLD_REACH + 1
