@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
+from .memory import freeze_startup_heap
 from .metrics import rss_bytes
 from .types import SAMPLE_RATE, SegmentStarted, VideoFrame
 
@@ -71,6 +72,7 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
     period = len(pcm) / SAMPLE_RATE + 2.0
     engine = Engine(cfg)
     await engine.warm_up()
+    freeze_startup_heap()                              # as `serve` and `livekit-worker` do
     rss_base = rss_bytes()
     sessions, watches, tasks = [], [], []
     rss_one = 0.0

@@ -35,6 +35,7 @@ async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) 
     """Run the live agent until stopped; returns the exit code (non-zero if a task failed)."""
     from .agent import Agent
     from .clock import SystemClock
+    from .memory import freeze_startup_heap
     from .service import Notifier
     from .session import Session
     from .wiring import make_motion, make_renderer, make_sinks, make_source, make_vad
@@ -67,6 +68,7 @@ async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) 
     reloader = Reloader(session, cfg, config_path, overrides, notifier, security)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     loop.add_signal_handler(signal.SIGHUP, agent.stop if interactive else reloader.request)
+    freeze_startup_heap()                 # libraries and models: out of the full GC's scan
     try:
         async with asyncio.TaskGroup() as tg:
             reloader.tasks = tg
@@ -199,6 +201,7 @@ async def _read_stdin(session: Any) -> None:
 async def run_serve(cfg: Config) -> int:
     """``avatar-agent serve``: the session server (many sessions, one engine) until SIGTERM."""
     from .engine import Engine
+    from .memory import freeze_startup_heap
     from .server.app import serve
     from .server.control import settings_from_config
     from .server.sessions import make_session_app
@@ -208,6 +211,7 @@ async def run_serve(cfg: Config) -> int:
     notifier.status("warming up")
     engine = Engine(cfg)
     await engine.warm_up()
+    freeze_startup_heap()                 # (no full GC pause of ~0.1 s across all sessions)
     control, security = settings_from_config(cfg)
     security = dataclasses.replace(security, public_paths=(*security.public_paths, "/readyz"))
     runner = await serve(make_session_app(engine, control, security), cfg.server.host,

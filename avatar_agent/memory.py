@@ -13,13 +13,17 @@ numpy/torch buffers:
   rather than what is in use.  It runs on a daemon thread, never on the event loop.
 
 Elsewhere (musl, macOS, Windows) both are no-ops.
+
+A third, for the garbage collector: :func:`freeze_startup_heap` (any platform).
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import functools
+import gc
 import logging
 import threading
 import time
@@ -64,6 +68,32 @@ def keep_memory_flat(arenas: int = ARENAS, trim_interval_s: float = TRIM_INTERVA
     thread = threading.Thread(target=trim, name="malloc-trim", daemon=True)
     thread.start()
     return thread
+
+
+def freeze_startup_heap() -> int:
+    """Move every object alive now (libraries, loaded models, the warm-up's tables: ~250 k
+    objects, all living as long as the process) out of the cyclic collector's reach; returns
+    how many were frozen.  Call once, from a process's entry point, after its models are warm.
+
+    Why: CPython's full collection scans every tracked object with the GIL held, so while it
+    runs no session anywhere in the process draws a frame.  Measured with 10 sessions open
+    (2-core VM): a full collection took 90–104 ms before the freeze (two or three frames late
+    in every session, each time the long-lived generation grows by a quarter) and 0.6–2.2 ms
+    after.  Objects freed by reference counting are freed as before; only cyclic garbage among
+    the frozen objects would stay, and at startup there is none (collected first).
+
+    The objects are unfrozen at exit, so that shutdown finalises them exactly as it would
+    have without the freeze (the interpreter's last collections skip frozen objects).
+    """
+    gc.collect()
+    gc.freeze()
+    _unfreeze_at_exit()
+    return gc.get_freeze_count()
+
+
+@functools.cache                 # (registered once, however often a process freezes)
+def _unfreeze_at_exit() -> None:
+    atexit.register(gc.unfreeze)
 
 
 def trim_now() -> bool:

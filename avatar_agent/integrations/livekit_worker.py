@@ -196,6 +196,7 @@ async def serve(cfg: Config, args: argparse.Namespace) -> None:
     import dataclasses
 
     from ..engine import Engine
+    from ..memory import freeze_startup_heap
 
     if args.max_sessions is not None:
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(
@@ -212,6 +213,7 @@ async def serve(cfg: Config, args: argparse.Namespace) -> None:
     async def build() -> None:   # models load while the worker registers (reported full till then)
         engine = await asyncio.to_thread(Engine, cfg)
         await engine.warm_up()
+        freeze_startup_heap()             # (no full GC pause of ~0.1 s across all sessions)
         worker.engine = engine
         log.info("livekit-worker %r ready: capacity %d sessions", args.agent_name,
                  engine.capacity)
