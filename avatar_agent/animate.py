@@ -103,9 +103,9 @@ class Animator:
             t1 = time.perf_counter()
             images = await self.batcher.render(self.player.due(live[0]), avatar,
                                                motion[[i - first for i in live]])
-            self.metrics.stage_seconds.labels("render").observe(time.perf_counter() - t1)
+            self.metrics.render_seconds.observe(time.perf_counter() - t1)
             if epoch != self.epoch:
                 return
             for i, img in zip(live, images, strict=False):
                 if self.player.push(i, img, speech):
-                    self.metrics.frames.labels("produced").inc()
+                    self.metrics.frames_produced.inc()

@@ -42,11 +42,17 @@ class Metrics:
         self.rss = Gauge("avatar_rss_bytes", "Resident memory of the agent process", registry=r)
         self.speaking = Gauge("avatar_speaking", "1 while speech is being animated", registry=r)
         self.rss.set_function(rss_bytes)
+        # The per-frame series, bound once: labels() is a locked lookup, and these are counted
+        # for every frame of every session on the event loop.
+        self.frames_produced = self.frames.labels("produced")
+        self.render_seconds = self.stage_seconds.labels("render")
+        self._delivered = self.frames.labels("delivered")
+        self._speech, self._idle = self.frames.labels("speech"), self.frames.labels("idle")
 
     def frame_sent(self, speech: bool, lateness: float, av_offset: float) -> None:
         """Count one delivered frame (speech or idle), its lateness and its A/V offset."""
-        self.frames.labels("delivered").inc()
-        self.frames.labels("speech" if speech else "idle").inc()
+        self._delivered.inc()
+        (self._speech if speech else self._idle).inc()
         self.clock_lateness.set(lateness)
         self.av_offset.set(av_offset)
 
