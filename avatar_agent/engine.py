@@ -90,7 +90,7 @@ class Engine:
         self._base = motion or make_motion(cfg)
         self._make_vad = vad or (lambda: make_vad(cfg))
         self.inference = Inference(self.clock, cfg.render.threads,
-                                   workers=cfg.server.inference_workers)
+                                   workers=inference_workers(cfg))
         # Frames of sessions that wait together become one renderer call (GPU renderers).
         self.batcher = RenderBatcher(self.renderer, self.inference)
         self.sessions: dict[str, _Running] = {}
@@ -261,6 +261,24 @@ def _process_cpu_s() -> float:
     """CPU seconds this process has used (all threads)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+AUTO_WORKERS_MAX = 2
+"""``server.inference_workers = 0`` gives the embedded profile one inference thread per core,
+up to this many: the threads share one GIL, and the renderer's Python between its OpenCV calls
+is what limits a CPU session server (measured on 2 cores, 10 sessions: 1 thread 1.1 cores and a
+collapse, 2 threads < 0.5 % dropped, 3 threads a collapse)."""
+
+
+def inference_workers(cfg: Config) -> int:
+    """The inference threads an engine runs: ``server.inference_workers``, or with 0 one per
+    core up to :data:`AUTO_WORKERS_MAX` for the embedded profile and 1 for the official one
+    (one torch context, whose operators use the cores themselves)."""
+    if cfg.server.inference_workers:
+        return cfg.server.inference_workers
+    if cfg.avatar.profile != "embedded":
+        return 1
+    return max(1, min(_cores(), AUTO_WORKERS_MAX))
 
 
 def _cores() -> int:

@@ -83,3 +83,20 @@ def test_relative_paths_resolve_against_config_folder(tmp_path):
     p.parent.mkdir()
     p.write_text('[avatar]\nimage = "me.png"\n')
     assert load_config(p).avatar_path() == tmp_path / "conf" / "me.png"
+
+
+def test_inference_workers_default_to_the_cores_up_to_two_and_one_for_the_official_profile(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from avatar_agent import engine
+
+    cfg = load_config(None, [])
+    assert cfg.server.inference_workers == 0                       # automatic
+    monkeypatch.setattr(engine, "_cores", lambda: 1)
+    assert engine.inference_workers(cfg) == 1
+    monkeypatch.setattr(engine, "_cores", lambda: 16)
+    assert engine.inference_workers(cfg) == engine.AUTO_WORKERS_MAX == 2
+    official = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar, profile="official"))
+    assert engine.inference_workers(official) == 1
+    assert engine.inference_workers(load_config(None, ["server.inference_workers=3"])) == 3
+    with pytest.raises(ConfigError, match="inference_workers = -1.*0 = automatic"):
+        load_config(None, ["server.inference_workers=-1"])
