@@ -68,8 +68,9 @@ async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) 
     reloader = Reloader(session, cfg, config_path, overrides, notifier, security)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     loop.add_signal_handler(signal.SIGHUP, agent.stop if interactive else reloader.request)
-    freeze_startup_heap()                 # libraries and models: out of the full GC's scan
     try:
+        await agent.warm_up()             # (what session.run would do first)
+        freeze_startup_heap()             # libraries, models, the portrait: out of full GCs
         async with asyncio.TaskGroup() as tg:
             reloader.tasks = tg
             stdin = None
