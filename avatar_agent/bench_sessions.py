@@ -1,7 +1,8 @@
 """``avatar-agent bench --sessions N``: N concurrent sessions on one engine, speech pushed into
 every one; prints one JSON object (figures only, no pass/fail).
 
-Keys: sessions, seconds, fps_min, fps_mean, dropped_pct_max, dropped_pct_mean,
+Keys: sessions, seconds, size, inference_workers, render_batch, fps_min, fps_mean,
+dropped_pct_max, dropped_pct_mean,
 repeated_pct_max, cpu_cores,
 rss_mb, rss_per_session_mb, first_frame_ms_p50/p90 (push → first frame carrying that audio, at
 the session's frame stream), capacity (what admission control would allow), and with
@@ -103,6 +104,7 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
     st1 = [dataclasses.replace(s.agent.player.stats) for s in sessions]
     rss_end = rss_bytes()
     measured_capacity = _capacity(engine)
+    workers = engine.inference.workers
     per_session_load = engine.per_session_load      # while the sessions still run
     for t in talkers:
         t.cancel()
@@ -120,6 +122,7 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
            if u in watches[k].started and t0 - 3.0 <= t]
     return {
         "sessions": n, "seconds": round(t1 - t0, 1), "size": cfg.render.size,
+        "inference_workers": workers, "render_batch": cfg.render.batch,
         "fps_min": round(min(fps), 2), "fps_mean": round(float(np.mean(fps)), 2),
         "dropped_pct_max": round(max(dropped), 3), "dropped_pct_mean": round(float(np.mean(dropped)), 3),
         "repeated_pct_max": round(max(repeated), 3),

@@ -30,6 +30,11 @@ def test_bench_sessions_prints_one_json_object_with_the_figures():
         assert key in out, key
     assert out["sessions"] == 2 and 0 < out["fps_min"] <= 26 and out["cpu_cores"] > 0
     assert 0 <= out["repeated_pct_max"] <= min(100.0, out["dropped_pct_max"])
+    # the automatic default reached the engine: one inference thread per core, at most 2
+    from avatar_agent.engine import AUTO_WORKERS_MAX, _cores
+
+    assert out["inference_workers"] == min(_cores(), AUTO_WORKERS_MAX)
+    assert out["render_batch"] == 4
 
 
 def test_bench_soak_prints_its_figures_and_the_calls_it_made():
