@@ -19,7 +19,7 @@ from .inference import Inference
 from .metrics import Metrics
 from .motion import space
 from .player import Player
-from .render.batching import RenderBatcher
+from .render.batching import RenderBatcher, RenderExpired
 from .types import SAMPLE_RATE, Avatar, MotionGenerator, Renderer, SpeechChunk
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,13 @@ class Animator:
                 self.metrics.frames.labels("skipped_late").inc(e - b)
                 continue
             t1 = time.perf_counter()
-            images = await self.batcher.render(self.player.due(live[0]), avatar,
-                                               motion[[i - first for i in live]])
+            try:
+                images = await self.batcher.render(self.player.due(live[0]), avatar,
+                                                   motion[[i - first for i in live]],
+                                                   expire=self.player.due(live[-1]))
+            except RenderExpired:                     # waited past its frames: nothing to show
+                self.metrics.frames.labels("skipped_late").inc(len(live))
+                continue
             self.metrics.render_seconds.observe(time.perf_counter() - t1)
             if epoch != self.epoch:
                 return

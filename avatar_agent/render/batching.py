@@ -10,6 +10,10 @@ find their frames ready and return at once.
 The inference queue's order is untouched: the batch runs when the earliest-due job of the waiting
 ones is taken, so no request is later than it would be alone, and each request keeps its own
 inference job (with its due time, and the clock hold a FakeClock needs).
+
+A request may carry an expiry: the due time of its last frame.  One taken after it is not
+rendered (:class:`RenderExpired`): its images would only be thrown away as late, and under
+overload that wasted work is what turns a short stall into a lasting collapse.
 """
 
 from __future__ import annotations
@@ -34,11 +38,16 @@ class BatchRenderer(Protocol):
         ...
 
 
+class RenderExpired(RuntimeError):
+    """The request's frames were all due before its render could start; nothing was rendered."""
+
+
 @dataclass(eq=False)
 class _Request:
     due: float
     avatar: Avatar
     motion: np.ndarray
+    expire: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: np.ndarray | None = None
     error: BaseException | None = None
@@ -69,10 +78,15 @@ class RenderBatcher:
         self.calls = 0
         """Renderer calls made (a batch of several requests counts once)."""
 
-    async def render(self, due: float, avatar: Avatar, motion: np.ndarray) -> np.ndarray:
+    async def render(self, due: float, avatar: Avatar, motion: np.ndarray,
+                     expire: float | None = None) -> np.ndarray:
         """uint8 [B, size, size, 3] frames for ``motion`` [B, 70], rendered in the inference
-        thread, possibly together with other sessions' waiting requests."""
-        req = _Request(due, avatar, np.asarray(motion, np.float32))
+        thread, possibly together with other sessions' waiting requests.
+
+        Raises:
+            RenderExpired: the clock was past ``expire`` when the render would have started.
+        """
+        req = _Request(due, avatar, np.asarray(motion, np.float32), expire)
         with self._lock:
             self._waiting.append(req)
         return await self.inference.run(due, self._serve, req)
@@ -82,6 +96,11 @@ class RenderBatcher:
         job already did."""
         with self._lock:
             batch = self._take(req) if req in self._waiting else []
+        now = self.inference.clock.now()
+        for r in [r for r in batch if r.expire is not None and now > r.expire]:
+            batch.remove(r)
+            r.error = RenderExpired(f"frames due by {r.expire:.3f} s, render started at {now:.3f} s")
+            r.done.set()
         if batch:
             self._render(batch)
         req.done.wait()                       # served by this job or by another worker's

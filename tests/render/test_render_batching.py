@@ -113,3 +113,33 @@ async def test_a_renderer_without_render_many_renders_each_request_in_its_own_jo
         assert np.array_equal(outs[1][0], r.render(av, m[:1])[0])
     finally:
         inference.close()
+
+
+async def test_a_request_taken_after_its_frames_were_due_is_not_rendered(
+        lp: LivePortraitRenderer) -> None:
+    """Under overload a render that starts after its last frame's due time would only be thrown
+    away as late: it is skipped (RenderExpired), and the requests still in time render as usual."""
+    from avatar_agent.render.batching import RenderExpired
+
+    av = lp.prepare_crop(fixture("source")["source_rgb_u8"])
+    clock = SystemClock()
+    inference = Inference(clock)
+    try:
+        batcher = RenderBatcher(lp, inference)
+        calls = WarpCalls(lp)
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(inference.run(0.0, gate.wait))
+        await asyncio.sleep(0.05)                     # the thread is busy (a stall)
+        now = clock.now()
+        stale = asyncio.ensure_future(batcher.render(now, av, motions(av, 3), expire=now + 0.05))
+        fresh = asyncio.ensure_future(batcher.render(now + 0.01, av, motions(av, 2),
+                                                     expire=now + 60.0))
+        await asyncio.sleep(0.2)                      # the stale request's frames are now past
+        gate.set()
+        await blocker
+        with pytest.raises(RenderExpired):
+            await stale
+        assert (await fresh).shape[0] == 2
+        assert calls.sizes == [2]                     # only the request still in time rendered
+    finally:
+        inference.close()
