@@ -51,3 +51,29 @@ def test_busy_time_is_counted_by_the_time_the_result_is_awaited() -> None:
 
     seen = asyncio.run(main())
     assert min(seen) >= 0.009, seen
+
+
+def test_close_waits_briefly_for_a_running_job_and_never_for_a_stuck_one() -> None:
+    """At exit a daemon worker still inside native code aborts the process (CPython unwinds it
+    when it wakes after finalisation), so close() lets a running job finish — for a bounded
+    time only: a hung model call must not make shutdown hang."""
+    import threading
+
+    async def main() -> None:
+        for sleep_s, grace_s, joined in ((0.05, 2.0, True), (30.0, 0.1, False)):
+            inf = Inference(SystemClock())
+            started = threading.Event()
+
+            def job(s: float = sleep_s, started: threading.Event = started) -> None:
+                started.set()
+                time.sleep(s)
+
+            fut = asyncio.ensure_future(inf.run(0.0, job))
+            assert await asyncio.to_thread(started.wait, 5.0)
+            t0 = time.monotonic()
+            inf.close(grace_s)
+            assert time.monotonic() - t0 < grace_s + 1.0
+            assert all(not t.is_alive() for t in inf._threads) is joined
+            fut.cancel()
+
+    asyncio.run(main())
