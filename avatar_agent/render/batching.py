@@ -13,7 +13,7 @@ inference job (with its due time, and the clock hold a FakeClock needs).
 
 A request may carry an expiry: the due time of its last frame.  One taken after it is not
 rendered (:class:`RenderExpired`): its images would only be thrown away as late, and under
-overload that wasted work is what turns a short stall into a lasting collapse.
+overload that work would deepen the backlog the other sessions wait behind.
 """
 
 from __future__ import annotations
