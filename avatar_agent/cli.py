@@ -27,11 +27,18 @@ class _JournalFormatter(logging.Formatter):
         return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{record.name}: {msg}"
 
 
-def setup_logging(cfg: Config) -> None:
-    """Logs to stdout: journald-friendly under systemd, timestamped otherwise."""
+def journal_logs(cfg: Config) -> bool:
+    """Whether logs are journald lines: ``service.log_format``, or under systemd for "auto"."""
     fmt = cfg.service.log_format
-    journal = fmt == "journal" or (fmt == "auto" and bool(os.environ.get("JOURNAL_STREAM")
-                                                          or os.environ.get("NOTIFY_SOCKET")))
+    return fmt == "journal" or (fmt == "auto" and bool(os.environ.get("JOURNAL_STREAM")
+                                                       or os.environ.get("NOTIFY_SOCKET")))
+
+
+def setup_logging(cfg: Config, journal: bool | None = None) -> None:
+    """Logs to stdout: journald-friendly under systemd, timestamped otherwise (``journal``
+    decides instead where given: a ``serve`` shard logs like its parent)."""
+    if journal is None:
+        journal = journal_logs(cfg)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_JournalFormatter("%(message)s") if journal else
                          logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",

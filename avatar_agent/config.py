@@ -241,7 +241,9 @@ class ServerConfig:
     max_viewers: int = 8
     """WebRTC viewers per session (each costs encoding CPU; beyond it an offer gets 503)."""
     inference_workers: int = 0
-    """Inference threads of the session server, sharing one earliest-due-first queue (0 = automatic: for the embedded profile one per core the process may use, at most 2, for the official profile 1; measured on 2 cores with 10 sessions, one thread left a core idle and collapsed, three collapsed too)."""
+    """Inference threads of the session server, sharing one earliest-due-first queue (0 = automatic: for the embedded profile one per core of the process's share (the cores over server.shards), at most 2, for the official profile 1; measured on 2 cores with 10 sessions, one thread left a core idle and collapsed, three collapsed too)."""
+    shards: int = 0
+    """Processes the session server spreads its sessions over, each with its own engine (0 = automatic: for the embedded profile one per core, at most 8; for the official profile 1). Threads of one process share one interpreter lock, which limits a CPU engine to about one core: on 2 cores one engine held 10 sessions at the edge, two shards held 12 with none dropped. The parent process keeps the HTTP API, security and admission; each shard costs its own model memory (about 0.5 GB embedded)."""
     rate_offer_per_min: float = 30.0
     """WebRTC offers (POST /offer) per minute per client."""
     rate_interrupt_per_min: float = 120.0
@@ -373,6 +375,9 @@ class Config:
         if not 0 <= sv.inference_workers <= 64:
             raise ConfigError(f"server.inference_workers = {sv.inference_workers}: must be 0..64 "
                               "(0 = automatic)")
+        if not 0 <= sv.shards <= 64:
+            raise ConfigError(f"server.shards = {sv.shards}: must be 0..64 (0 = automatic, "
+                              "1 = one process)")
         if not 0 <= sv.port <= 65535:
             raise ConfigError(f"server.port = {sv.port}: must be 0..65535 (0 = any free port)")
         if sv.max_body_kb < 1:
@@ -588,6 +593,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except ConfigError as e:
             raise ConfigError(f"{e} (from --set)") from None
     cfg = dataclasses.replace(cfg, source_path=str(Path(path).resolve()) if path else "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_toml(text: str, source_path: str = "") -> Config:
+    """The configuration :func:`to_toml` wrote (a ``serve`` shard gets its parent's this way);
+    relative paths resolve as if read from ``source_path``."""
+    cfg = _build(tomllib.loads(text), source_path or "<parent config>", text)
+    cfg = dataclasses.replace(cfg, source_path=source_path)
     cfg.validate()
     return cfg
 

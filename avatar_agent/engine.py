@@ -42,6 +42,21 @@ viewers joining, the HTTP API).  Measured on 2 cores at 512² with 2 inference w
 0.16 cores each, 10 were at the edge (0.2–9 % dropped between runs) — this admits 9."""
 
 
+@dataclass(frozen=True)
+class Shard:
+    """An engine's part of the machine when ``serve`` spreads sessions over processes
+    (:mod:`avatar_agent.server.shards`); the default is the whole machine."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def prefix(self) -> str:
+        """Session ids of this shard start with it, so the parent routes a request by its id
+        alone; empty when unsharded."""
+        return f"{self.index}-" if self.count > 1 else ""
+
+
 @runtime_checkable
 class Forkable(Protocol):
     """A motion generator that can make per-session copies sharing its loaded weights."""
@@ -78,19 +93,20 @@ class Engine:
         motion: a loaded generator to fork sessions from (default: built from ``cfg``).
         renderer: the shared renderer (default: built from ``cfg``).
         vad: factory of per-session VADs (default: from ``cfg``).
+        shard: this engine's share of the machine (capacity, inference threads, session ids).
     """
 
     def __init__(self, cfg: Config, clock: Clock | None = None, *,
                  motion: MotionGenerator | None = None, renderer: Renderer | None = None,
-                 vad: Callable[[], Any] | None = None) -> None:
+                 vad: Callable[[], Any] | None = None, shard: Shard = Shard()) -> None:
         from .wiring import make_motion, make_renderer, make_vad
 
-        self.cfg, self.clock = cfg, clock or SystemClock()
+        self.cfg, self.clock, self.shard = cfg, clock or SystemClock(), shard
         self.renderer = renderer or make_renderer(cfg)
         self._base = motion or make_motion(cfg)
         self._make_vad = vad or (lambda: make_vad(cfg))
         self.inference = Inference(self.clock, cfg.render.threads,
-                                   workers=inference_workers(cfg))
+                                   workers=inference_workers(cfg, shard.count))
         # Frames of sessions that wait together become one renderer call (GPU renderers).
         self.batcher = RenderBatcher(self.renderer, self.inference)
         self.sessions: dict[str, _Running] = {}
@@ -116,11 +132,11 @@ class Engine:
     def capacity(self) -> int:
         """How many sessions fit (``server.max_sessions``, else measured): sessions fit while
         their summed CPU stays under :data:`TARGET_LOAD` of the cores the process can use (the
-        inference workers plus the event loop's thread)."""
+        inference workers plus the event loop's thread, within this shard's share)."""
         if self.cfg.server.max_sessions > 0:
             return self.cfg.server.max_sessions
         cost = self.per_session_load
-        cores = min(_cores(), self.inference.workers + 1)
+        cores = min(_cores() / self.shard.count, self.inference.workers + 1)
         return max(1, int(TARGET_LOAD * cores / cost)) if cost > 0 else 1
 
     @property
@@ -175,7 +191,7 @@ class Engine:
             agent = Agent(cfg, source=source, vad=self._make_vad(), motion=self._fork(),
                           renderer=self.renderer, sinks=list(sinks or ()), clock=self.clock,
                           inference=self.inference, batcher=self.batcher, image=image)
-            session = Session(agent, id=secrets.token_urlsafe(9))
+            session = Session(agent, id=self.shard.prefix + secrets.token_urlsafe(9))
             if avatar is not None:
                 session.avatar_path = avatar
             if emotion is not None:
@@ -270,15 +286,34 @@ is what limits a CPU session server (measured on 2 cores, 10 sessions: 1 thread 
 collapse, 2 threads < 0.5 % dropped, 3 threads a collapse)."""
 
 
-def inference_workers(cfg: Config) -> int:
+def inference_workers(cfg: Config, shards: int = 1) -> int:
     """The inference threads an engine runs: ``server.inference_workers``, or with 0 one per
-    core up to :data:`AUTO_WORKERS_MAX` for the embedded profile and 1 for the official one
-    (one torch context, whose operators use the cores themselves)."""
+    core of its share (the cores over ``shards`` processes) up to :data:`AUTO_WORKERS_MAX` for
+    the embedded profile, and 1 for the official one (one torch context, whose operators use
+    the cores themselves)."""
     if cfg.server.inference_workers:
         return cfg.server.inference_workers
     if cfg.avatar.profile != "embedded":
         return 1
-    return max(1, min(_cores(), AUTO_WORKERS_MAX))
+    return max(1, min(_cores() // max(shards, 1), AUTO_WORKERS_MAX))
+
+
+AUTO_SHARDS_MAX = 8
+"""``server.shards = 0`` spreads the embedded profile's sessions over one process per core, up
+to this many (each holds its own models, ~0.5 GB)."""
+
+
+def shard_count(cfg: Config) -> int:
+    """The processes ``serve`` spreads sessions over: ``server.shards``, or with 0 one per core
+    up to :data:`AUTO_SHARDS_MAX` for the embedded profile and 1 for the official one (a GPU's
+    memory holds one copy of the models; its kernels are not held back by the interpreter
+    lock).  Measured on 2 cores (2026-12-06, `bench --sessions`): one engine held 10 sessions
+    at the edge (0.27 % dropped at 1.48 cores), two processes of 6 held 12 with none dropped."""
+    if cfg.server.shards:
+        return cfg.server.shards
+    if cfg.avatar.profile != "embedded":
+        return 1
+    return max(1, min(_cores(), AUTO_SHARDS_MAX))
 
 
 def _cores() -> int:

@@ -17,9 +17,14 @@ import dataclasses
 import logging
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, load_config
+
+if TYPE_CHECKING:
+    from .server.control import ControlSettings
+    from .server.security import SecuritySettings
+    from .service import Notifier
 
 log = logging.getLogger("avatar_agent")
 
@@ -200,8 +205,10 @@ async def _read_stdin(session: Any) -> None:
 
 
 async def run_serve(cfg: Config) -> int:
-    """``avatar-agent serve``: the session server (many sessions, one engine) until SIGTERM."""
-    from .engine import Engine
+    """``avatar-agent serve``: the session server until SIGTERM — one engine in this process, or
+    with ``server.shards`` > 1 (the embedded profile's default on several cores) the sessions
+    spread over that many shard processes behind this one."""
+    from .engine import Engine, shard_count
     from .memory import freeze_startup_heap
     from .server.app import serve
     from .server.control import settings_from_config
@@ -210,29 +217,86 @@ async def run_serve(cfg: Config) -> int:
 
     notifier = Notifier()
     notifier.status("warming up")
+    control, security = settings_from_config(cfg)
+    security = dataclasses.replace(security, public_paths=(*security.public_paths, "/readyz"))
+    shards = shard_count(cfg)
+    if shards > 1:
+        return await _run_sharded(cfg, shards, control, security, notifier)
     engine = Engine(cfg)
     await engine.warm_up()
     freeze_startup_heap()                 # (no full GC pause of ~0.1 s across all sessions)
-    control, security = settings_from_config(cfg)
-    security = dataclasses.replace(security, public_paths=(*security.public_paths, "/readyz"))
     runner = await serve(make_session_app(engine, control, security), cfg.server.host,
                          cfg.server.port, page=False)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     notifier.ready(f"serving sessions (capacity {engine.capacity})")
     log.info("session server ready: capacity %d sessions (measured %.3f of a core each)",
              engine.capacity, engine.per_session_load)
     try:
-        while not stop.is_set():
-            await _tick(stop)
-            notifier.watchdog(loop.time())
+        await _serve_until(stop, notifier)
     finally:
         notifier.stopping()
         await runner.cleanup()
         notifier.close()
     return 0
+
+
+async def _run_sharded(cfg: Config, shards: int, control: ControlSettings,
+                       security: SecuritySettings, notifier: Notifier) -> int:
+    """The sharded session server: start the shards, serve the public API, restart shards that
+    die; exit 1 when a shard cannot be started at all."""
+    from .cli import journal_logs
+    from .server.app import serve
+    from .server.shards import ShardError, ShardPool, make_sharded_app
+
+    pool = ShardPool(cfg, shards, journal=journal_logs(cfg))
+    log.info("starting %d shard processes", shards)
+    try:
+        await pool.start()
+    except ShardError as e:
+        log.error("%s", e)
+        notifier.close()
+        return 1
+    runner = await serve(make_sharded_app(pool, control, security), cfg.server.host,
+                         cfg.server.port, page=False)
+    stop = _stop_on_signals()
+    stop_waiter = asyncio.create_task(stop.wait())
+    stop_waiter.add_done_callback(lambda _: pool.stopping.set())   # shard exits are expected now
+    notifier.ready(f"serving sessions on {shards} shards")
+    log.info("session server ready on %d shards (pids %s)", shards,
+             ", ".join(str(s.pid) for s in pool.shards))
+    code = 0
+    try:
+        async with asyncio.TaskGroup() as tg:
+            supervisor = tg.create_task(pool.supervise(), name="shard-supervisor")
+            await _serve_until(stop, notifier, supervisor)
+            supervisor.cancel()
+    except* ShardError as eg:
+        log.error("%s", eg.exceptions[0])
+        code = 1
+    finally:
+        stop_waiter.cancel()
+        notifier.stopping()
+        await runner.cleanup()
+        await pool.stop()
+        notifier.close()
+    return code
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve_until(stop: asyncio.Event, notifier: Notifier,
+                       task: asyncio.Task[None] | None = None) -> None:
+    """Feed the watchdog every second until ``stop`` is set (or ``task`` ends)."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set() and (task is None or not task.done()):
+        await _tick(stop)
+        notifier.watchdog(loop.time())
 
 
 async def _tick(stop: asyncio.Event) -> None:

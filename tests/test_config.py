@@ -100,3 +100,35 @@ def test_inference_workers_default_to_the_cores_up_to_two_and_one_for_the_offici
     assert engine.inference_workers(load_config(None, ["server.inference_workers=3"])) == 3
     with pytest.raises(ConfigError, match="inference_workers = -1.*0 = automatic"):
         load_config(None, ["server.inference_workers=-1"])
+
+
+def test_shards_default_to_one_process_per_core_for_the_embedded_profile_and_one_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from avatar_agent import engine
+
+    cfg = load_config(None, [])
+    assert cfg.server.shards == 0                                  # automatic
+    monkeypatch.setattr(engine, "_cores", lambda: 1)
+    assert engine.shard_count(cfg) == 1
+    monkeypatch.setattr(engine, "_cores", lambda: 2)
+    assert engine.shard_count(cfg) == 2
+    assert engine.inference_workers(cfg, shards=2) == 1             # the cores are shared out
+    monkeypatch.setattr(engine, "_cores", lambda: 64)
+    assert engine.shard_count(cfg) == engine.AUTO_SHARDS_MAX
+    assert engine.inference_workers(cfg, shards=8) == 2
+    official = dataclasses.replace(cfg, avatar=dataclasses.replace(cfg.avatar, profile="official"))
+    assert engine.shard_count(official) == 1
+    assert engine.shard_count(load_config(None, ["server.shards=3"])) == 3
+    with pytest.raises(ConfigError, match="shards = 65.*0 = automatic"):
+        load_config(None, ["server.shards=65"])
+
+
+def test_a_shard_gets_its_parents_configuration_back_from_toml(tmp_path) -> None:
+    from avatar_agent.config import config_from_toml, to_toml
+
+    p = tmp_path / "c.toml"
+    p.write_text('[avatar]\nimage = "me.png"\n[server]\ncors_origins = ["https://a.example"]\n'
+                 'max_sessions = 5\n[audio]\nvoice = "fr"\n')
+    cfg = load_config(p, ["render.size=256"])
+    back = config_from_toml(to_toml(cfg), cfg.source_path)
+    assert back == cfg and back.avatar_path() == tmp_path / "me.png"

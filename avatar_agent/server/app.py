@@ -140,10 +140,11 @@ def runner_urls(runner: web.AppRunner) -> list[str]:
 
 
 async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8080, *,
-                page: bool = True) -> web.AppRunner:
+                page: bool = True, announce: bool = True) -> web.AppRunner:
     """Start ``app`` on host:port (port 0: any free port), print the URL, return the runner.
 
     ``page``: the app serves the viewer page (the printed line says to open it).
+    ``announce``: print the URL (not for a ``serve`` shard's internal port).
 
     Stop it with ``await runner.cleanup()``.
     """
@@ -156,7 +157,7 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8080,
         await runner.cleanup()
         raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror}); "
                                "pick another port or stop the program using it") from e
-    for url in runner_urls(runner):
+    for url in runner_urls(runner) if announce else ():
         print(f"avatar-agent: open {url} to watch the avatar" if page else
               f"avatar-agent: session server on {url} (POST {url}v1/sessions)", flush=True)
         log.info("serving on %s", url)

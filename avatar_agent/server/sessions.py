@@ -101,12 +101,15 @@ class _Routes:
 class SessionApi:
     """The /v1 routes over an :class:`Engine` (handlers are methods; state lives here)."""
 
-    def __init__(self, engine: Engine, settings: ControlSettings) -> None:
+    def __init__(self, engine: Engine, settings: ControlSettings, *,
+                 limit_opens: bool = True) -> None:
         self.engine, self.settings = engine, settings
         self.routes: dict[str, _Routes] = {}
         sv = engine.cfg.server
-        # Opening a session costs a warm-up: per client, no faster than WebRTC offers.
-        self._opens = TokenBuckets(RateLimit(sv.rate_offer_per_min, burst=10))
+        # Opening a session costs a warm-up: per client, no faster than WebRTC offers.  (A shard
+        # behind `serve`'s parent sees every client as the parent: the parent limits instead.)
+        self._opens = TokenBuckets(RateLimit(sv.rate_offer_per_min, burst=10)) if limit_opens \
+            else None
         self.max_viewers = sv.max_viewers
 
     def route_table(self) -> list[web.RouteDef]:
@@ -121,10 +124,8 @@ class SessionApi:
 
     async def open(self, request: web.Request) -> web.Response:
         """POST /v1/sessions."""
-        wait = self._opens.take(request.remote or "?")
-        if wait > 0:
-            return web.json_response({"error": f"opening sessions too fast; retry in {wait:.1f} s"},
-                                     status=429, headers={"Retry-After": str(max(1, round(wait)))})
+        if self._opens is not None and (refused := opens_refused(self._opens, request)):
+            return refused
         try:
             raw = await request.read()
             body = validate(parse_json(raw), OPEN_SCHEMA) if raw.strip() else {}
@@ -254,12 +255,22 @@ class SessionApi:
         await self.engine.aclose()
 
 
-def make_session_app(engine: Engine, control: ControlSettings,
-                     security: SecuritySettings) -> web.Application:
-    """The session server's application (``avatar-agent serve``)."""
+def opens_refused(buckets: TokenBuckets, request: web.Request) -> web.Response | None:
+    """429 + Retry-After when this client opens sessions faster than its bucket allows."""
+    wait = buckets.take(request.remote or "?")
+    if wait <= 0:
+        return None
+    return web.json_response({"error": f"opening sessions too fast; retry in {wait:.1f} s"},
+                             status=429, headers={"Retry-After": str(max(1, round(wait)))})
+
+
+def make_session_app(engine: Engine, control: ControlSettings, security: SecuritySettings, *,
+                     limit_opens: bool = True) -> web.Application:
+    """The session server's application (``avatar-agent serve``; ``limit_opens=False`` for a
+    shard, whose parent rate-limits the clients it cannot see)."""
     app = web.Application(client_max_size=1024 * 1024)
     app[ENGINE_KEY] = engine
-    api = SessionApi(engine, control)
+    api = SessionApi(engine, control, limit_opens=limit_opens)
     app.add_routes(api.route_table())
     install(app, security)
     app.on_shutdown.append(api.shutdown)
