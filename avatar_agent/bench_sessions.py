@@ -1,5 +1,6 @@
-"""``avatar-agent bench --sessions N``: N concurrent sessions on one engine, speech pushed into
-every one; prints one JSON object (figures only, no pass/fail).
+"""``avatar-agent bench --sessions N --shards 1``: N concurrent sessions on one engine in this
+process, speech pushed into every one; prints one JSON object (figures only, no pass/fail).
+(More shards: :mod:`avatar_agent.bench_shards`, the same keys.)
 
 Keys: sessions, seconds, size, inference_workers, render_batch, fps_min, fps_mean,
 dropped_pct_max, dropped_pct_mean,
@@ -149,7 +150,7 @@ def _capacity(engine: Any) -> int:
 
 def compare_processes(n: int, seconds: float, sets: list[str]) -> dict[str, Any]:
     """The baseline: ``n`` processes with one session each, started at once."""
-    cmd = [sys.executable, "-m", "avatar_agent.cli", "bench", "--sessions", "1", "--json",
+    cmd = [sys.executable, "-m", "avatar_agent.cli", "bench", "--sessions", "1", "--shards", "1", "--json",
            "--seconds", str(seconds)]
     for s in sets:
         cmd += ["--set", s]
@@ -172,9 +173,20 @@ def compare_processes(n: int, seconds: float, sets: list[str]) -> dict[str, Any]
 
 
 def run(cfg: Config, n: int, seconds: float, as_json: bool, compare: bool,
-        sets: list[str]) -> int:
-    """CLI entry: print the figures (one JSON object with ``--json``)."""
-    out = asyncio.run(bench_sessions(cfg, n, seconds))
+        sets: list[str], shards: int | None = None) -> int:
+    """CLI entry: print the figures (one JSON object with ``--json``).  ``shards``: as ``serve``
+    runs them (None: ``server.shards``); more than one runs :mod:`avatar_agent.bench_shards`."""
+    from .engine import shard_count
+
+    k = shard_count(cfg) if shards is None else shards
+    if k < 1:
+        raise SystemExit("avatar-agent: --shards must be at least 1")
+    if k > 1:
+        from .bench_shards import bench_sharded
+
+        out = asyncio.run(bench_sharded(cfg, n, seconds, k))
+    else:
+        out = asyncio.run(bench_sessions(cfg, n, seconds))
     if compare:
         out["one_process_per_session"] = compare_processes(n, seconds, sets)
     print(json.dumps(out) if as_json else json.dumps(out, indent=2))

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--avatar", help="portrait image (overrides avatar.image)")
     p.add_argument("--profile", choices=["embedded", "official"], help="model profile")
 
-    p = sub.add_parser("serve", help="the session server: many faces over HTTP/WebRTC, one engine")
+    p = sub.add_parser("serve", help="the session server: many faces over HTTP/WebRTC, spread "
+                                      "over server.shards processes")
     _common(p)
 
     p = sub.add_parser("render", help="portrait + speech → mp4, offline, faster than real time")
@@ -97,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulate-hours", type=float, default=0.0,
                    help="also simulate a session this long on the fake clock")
     p.add_argument("--sessions", type=int, default=0,
-                   help="run N concurrent sessions on one engine (speech pushed into each)")
+                   help="run N concurrent sessions (speech pushed into each) as serve would")
+    p.add_argument("--shards", type=int, default=None, metavar="K",
+                   help="with --sessions: over K shard processes through the HTTP API (default: "
+                        "server.shards, as serve; 1 = one engine in this process)")
     p.add_argument("--json", action="store_true", help="with --sessions: one JSON object")
     p.add_argument("--compare-processes", action="store_true",
                    help="with --sessions: also run one process per session, at once")
@@ -206,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
                 from .bench_sessions import run
 
                 return run(cfg, args.sessions, args.seconds, args.json, args.compare_processes,
-                           list(args.set))
+                           list(args.set), shards=args.shards)
             return run_bench(cfg, seconds=args.seconds, simulate_hours=args.simulate_hours)
     except ConfigError as e:
         print(f"avatar-agent: config error: {e}", file=sys.stderr)

@@ -20,7 +20,7 @@ def test_bench_sessions_prints_one_json_object_with_the_figures():
     import sys
 
     r = subprocess.run([sys.executable, "-m", "avatar_agent.cli", "bench", "--sessions", "2",
-                        "--seconds", "3", "--json", "--set", "render.size=128",
+                        "--shards", "1", "--seconds", "3", "--json", "--set", "render.size=128",
                         "--set", "motion.generator=procedural"],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -35,6 +35,27 @@ def test_bench_sessions_prints_one_json_object_with_the_figures():
 
     assert out["inference_workers"] == min(_cores(), AUTO_WORKERS_MAX)
     assert out["render_batch"] == 4
+
+
+def test_bench_sessions_over_shards_drives_the_real_sharded_server():
+    """`bench --sessions 3 --shards 2`: the sessions are opened, fed and read over HTTP through a
+    sharded server's parent, spread over both shard processes; figures from both."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "avatar_agent.cli", "bench", "--sessions", "3",
+                        "--shards", "2", "--seconds", "3", "--json", "--set", "render.size=128",
+                        "--set", "motion.generator=procedural"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+    assert out["sessions"] == 3 and out["shards"] == 2 and sorted(out["shard_sessions"]) == [1, 2]
+    assert 0 < out["fps_min"] <= 26 and out["cpu_cores"] > 0 and out["onsets_measured"] >= 1
+    assert 0 < out["first_frame_ms_p50"] < 5000
+    assert out["inference_workers"] >= 1
+    # three processes' memory: more than one engine holds alone
+    assert out["rss_engine_mb"] > 300
 
 
 def test_bench_soak_prints_its_figures_and_the_calls_it_made():
