@@ -331,7 +331,8 @@ class ShardedApi:
                               f"the session refused the stream ({e.status} {e.message})")
         except aiohttp.ClientError:
             return json_error(404, "no such session (its process ended; open a new one)")
-        ws = web.WebSocketResponse(max_msg_size=limit)
+        # (pings of its own: a client that vanished is noticed here, not only at the shard)
+        ws = web.WebSocketResponse(max_msg_size=limit, heartbeat=self.control.heartbeat_s)
         await ws.prepare(request)
 
         async def down() -> None:                # shard → client
