@@ -19,7 +19,9 @@ How:
   (the parent only carries the SDP).
 * Shards are spawned, not forked (torch, ONNX Runtime and OpenCV have threads by then).  A shard
   that dies ends its own sessions (their event streams close; their ids answer 404) and is
-  restarted; the other shards' sessions go on.  A shard that cannot start
+  restarted; the other shards' sessions go on.  So is a shard that stops answering (its event
+  loop hung or the process stopped) for ``service.frozen_s``: it is killed first.  A shard that
+  cannot start
   :data:`START_FAILURES_MAX` times in a row ends the server (non-zero exit: systemd restarts it).
   A shard whose parent is gone closes its sessions and exits (its stdin reaches end of file).
 """
@@ -40,6 +42,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..clock import Clock, SystemClock
 from ..config import Config, to_toml
 from .control import ControlSettings
 from .security import RateLimit, SecuritySettings, TokenBuckets, install, json_error, read_body
@@ -178,8 +181,9 @@ def _read_line(fd: int) -> bytes:
 class ShardPool:
     """The shard processes, started together and restarted when one dies."""
 
-    def __init__(self, cfg: Config, count: int, *, journal: bool = False) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Config, count: int, *, journal: bool = False,
+                 clock: Clock | None = None) -> None:
+        self.cfg, self.clock = cfg, clock or SystemClock()
         total = cfg.server.max_sessions
         # Each shard may take a full share of server.max_sessions; the parent bounds the sum.
         each = dataclasses.replace(cfg, server=dataclasses.replace(
@@ -210,6 +214,27 @@ class ShardPool:
         async with asyncio.TaskGroup() as tg:
             for s in self.shards:
                 tg.create_task(self._keep(s), name=f"shard-{s.index}")
+                tg.create_task(self._watch(s), name=f"shard-{s.index}-watch")
+
+    async def _watch(self, shard: ShardProcess) -> None:
+        """Kill a shard that has not answered its health check for ``service.frozen_s`` (then
+        :meth:`_keep` restarts it): a hung shard would otherwise keep its sessions frozen."""
+        limit = self.cfg.service.frozen_s
+        every = min(1.0, limit / 4)
+        last_ok, pid = self.clock.now(), shard.pid
+        while True:
+            await self.clock.sleep_until(self.clock.now() + every)
+            if shard.pid != pid or not shard.up.is_set():       # (re)starting: a fresh start
+                last_ok, pid = self.clock.now(), shard.pid
+                continue
+            if await shard.status("/healthz") is not None:
+                last_ok = self.clock.now()
+            elif self.clock.now() - last_ok > limit and shard.proc is not None:
+                log.error("shard %d (pid %s) has not answered for %.0f s (service.frozen_s): "
+                          "killing it", shard.index, pid, self.clock.now() - last_ok)
+                with contextlib.suppress(ProcessLookupError):
+                    shard.proc.kill()
+                shard.up.clear()
 
     async def _keep(self, shard: ShardProcess) -> None:
         while True:

@@ -177,8 +177,9 @@ async def test_sessions_spread_over_shards_and_reach_them_through_the_parent() -
         await asyncio.gather(*streams, return_exceptions=True)
 
 
-async def test_a_viewer_by_whep_and_a_dead_shard_ends_only_its_own_sessions() -> None:
-    async with sharded_server() as srv, aiohttp.ClientSession(headers=AUTH) as http:
+async def test_a_viewer_by_whep_and_a_dead_or_hung_shard_ends_only_its_own_sessions() -> None:
+    async with sharded_server("service.frozen_s=4") as srv, \
+            aiohttp.ClientSession(headers=AUTH) as http:
         url = srv.url
         opened = []
         for _ in range(2):
@@ -223,17 +224,35 @@ async def test_a_viewer_by_whep_and_a_dead_shard_ends_only_its_own_sessions() ->
         async with http.get(status_a) as r:                # the other shard's session goes on
             assert r.status == 200 and (await _json(r))["delivered"] > first
 
-        async def restarted() -> bool:
+        async def restarted(index: int) -> bool:
             async with http.get(url + "healthz") as r:
                 h = await _json(r)
-                return r.status == 200 and h["shards"][1]["restarts"] == 1
-        deadline = time.monotonic() + 90
-        while not await restarted():
-            assert time.monotonic() < deadline, "shard 1 was not restarted"
-            await asyncio.sleep(0.5)
+                return r.status == 200 and h["shards"][index]["restarts"] == 1
+
+        async def wait_restart(index: int) -> None:
+            deadline = time.monotonic() + 90
+            while not await restarted(index):
+                assert time.monotonic() < deadline, f"shard {index} was not restarted"
+                await asyncio.sleep(0.5)
+        await wait_restart(1)
         assert any("shard 1" in line and "exited" in line for line in srv.lines)
-        async with http.post(url + "v1/sessions", json={}) as r:   # the restarted shard serves
-            assert r.status == 201 and (await _json(r))["id"].startswith("1-")
+
+        # a hung shard (stopped: it cannot answer) is killed after service.frozen_s, restarted
+        async with http.get(url + "healthz") as r:
+            pid0 = next(s["pid"] for s in (await _json(r))["shards"] if s["index"] == 0)
+        os.kill(pid0, signal.SIGSTOP)
+        await wait_restart(0)
+        assert any("shard 0" in line and "has not answered" in line for line in srv.lines)
+        async with http.get(url + "healthz") as r:
+            assert next(s["pid"] for s in (await _json(r))["shards"] if s["index"] == 0) != pid0
+        async with http.get(status_a) as r:
+            assert r.status == 404                           # its session ended with it
+        heads = []
+        for _ in range(2):                                   # both restarted shards serve
+            async with http.post(url + "v1/sessions", json={}) as r:
+                assert r.status == 201
+                heads.append((await _json(r))["id"].split("-", 1)[0])
+        assert sorted(heads) == ["0", "1"]
 
         shards = srv.shard_pids()
         srv.proc.send_signal(signal.SIGTERM)
