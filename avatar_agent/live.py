@@ -251,11 +251,10 @@ async def _run_sharded(cfg: Config, shards: int, control: ControlSettings,
     pool = ShardPool(cfg, shards, journal=journal_logs(cfg))
     log.info("starting %d shard processes", shards)
     try:
-        await pool.start()
-    except ShardError as e:
-        log.error("%s", e)
+        await pool.start()            # ShardError (a RuntimeError): the CLI prints it, exits 1
+    except BaseException:
         notifier.close()
-        return 1
+        raise
     runner = await serve(make_sharded_app(pool, control, security), cfg.server.host,
                          cfg.server.port, page=False)
     stop = _stop_on_signals()

@@ -57,7 +57,23 @@ class _Named(logging.Filter):
         return True
 
 
-async def _serve(hello: Hello, ready_fd: int) -> int:
+class _ReadyPipe:
+    """The pipe to the parent: one JSON line, ``{"port": P}`` once serving or ``{"error": msg}``
+    when the shard cannot start (the parent reports it as one line, as ``serve`` would)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def send(self, msg: dict[str, object]) -> None:
+        """Write the line and close the pipe (once)."""
+        if self.fd is None:
+            return
+        os.write(self.fd, json.dumps(msg).encode() + b"\n")
+        os.close(self.fd)
+        self.fd = None
+
+
+async def _serve(hello: Hello, ready: _ReadyPipe) -> int:
     import dataclasses
 
     from ..config import config_from_toml
@@ -79,8 +95,7 @@ async def _serve(hello: Hello, ready_fd: int) -> int:
     runner = await serve(make_session_app(engine, control, security, limit_opens=False),
                          "127.0.0.1", 0, page=False, announce=False)
     port = runner.addresses[0][1]
-    os.write(ready_fd, json.dumps({"port": port, "pid": os.getpid()}).encode() + b"\n")
-    os.close(ready_fd)
+    ready.send({"port": port, "pid": os.getpid()})
     log.info("ready on 127.0.0.1:%d (capacity %d)", port, engine.capacity)
 
     stop = asyncio.Event()
@@ -118,7 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     for h in logging.getLogger().handlers:
         h.addFilter(named)
     keep_memory_flat()
-    return asyncio.run(_serve(hello, args.ready_fd))
+    ready = _ReadyPipe(args.ready_fd)
+    try:
+        return asyncio.run(_serve(hello, ready))
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
+        # what `serve` reports as one line (a bad portrait, a missing model…): no traceback
+        from ..cli import _os_error_line
+
+        msg = _os_error_line(e) if isinstance(e, OSError) and not isinstance(
+            e, FileNotFoundError) else str(e)
+        if ready.fd is not None:
+            ready.send({"error": msg})
+        else:
+            log.error("%s", msg)
+        return 1
 
 
 if __name__ == "__main__":

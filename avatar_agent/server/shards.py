@@ -121,7 +121,11 @@ class ShardProcess:
             code = await self.proc.wait()
             raise ShardError(f"shard {self.index} exited with status {code} while starting "
                              "(its log lines above say why)")
-        port = int(json.loads(line)["port"])
+        msg = json.loads(line)
+        if "error" in msg:
+            await self.proc.wait()
+            raise ShardError(f"shard {self.index} could not start: {msg['error']}")
+        port = int(msg["port"])
         self.url = f"http://127.0.0.1:{port}"
         self.http = aiohttp.ClientSession(
             self.url, headers={"Authorization": f"Bearer {token}"},

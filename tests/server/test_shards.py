@@ -298,3 +298,20 @@ async def test_a_shards_engine_prefixes_its_session_ids_and_counts_its_share_of_
     finally:
         await half.aclose()
         await whole.aclose()
+
+
+def test_a_shard_that_cannot_start_fails_serve_with_one_line_naming_the_input(tmp_path) -> None:
+    import subprocess
+
+    bad = tmp_path / "face.png"
+    bad.write_bytes(b"\x89PNG not really" * 40)
+    r = subprocess.run([sys.executable, "-m", "avatar_agent.cli", "serve", "--set", "server.port=0",
+                        "--set", "server.shards=2", "--set", "render.size=128",
+                        "--set", f"avatar.image={bad}"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "AVATAR_AGENT_CONFIG": os.devnull})
+    assert r.returncode == 1
+    assert "Traceback" not in r.stdout + r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("avatar-agent: shard ") and "could not start" in line
+    assert str(bad) in line and "re-export it" in line
