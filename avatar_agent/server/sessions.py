@@ -105,6 +105,9 @@ class SessionApi:
                  limit_opens: bool = True) -> None:
         self.engine, self.settings = engine, settings
         self.routes: dict[str, _Routes] = {}
+        # A session the engine ended by itself (idle, failure) must not stay reachable from
+        # here until someone asks for its id: its avatar and buffers would never be freed.
+        engine.closed_listeners.append(self._forget)
         sv = engine.cfg.server
         # Opening a session costs a warm-up: per client, no faster than WebRTC offers.  (A shard
         # behind `serve`'s parent sees every client as the parent: the parent limits instead.)
@@ -172,6 +175,11 @@ class SessionApi:
             return _error(404, "no such session (it ended already, or the id is wrong)")
         r.hub.shutdown()
         return web.Response(status=204)
+
+    def _forget(self, session_id: str) -> None:
+        r = self.routes.pop(session_id, None)
+        if r is not None:
+            r.hub.shutdown()
 
     def _get(self, request: web.Request) -> _Routes | None:
         sid = request.match_info["id"]

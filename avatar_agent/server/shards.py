@@ -472,8 +472,9 @@ async def _relay(request: web.Request, shard: ShardProcess, body: bytes
             return web.Response(status=upstream.status, body=await upstream.read(),
                                 headers=headers)
         resp = web.StreamResponse(status=upstream.status, headers=headers)
-        await resp.prepare(request)
+        # The client may be gone before the first byte (a tab closed): nothing to answer then.
         with contextlib.suppress(aiohttp.ClientError, ConnectionResetError):
+            await resp.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await resp.write(chunk)
         return resp

@@ -137,6 +137,34 @@ async def test_idle_sessions_time_out_but_watched_ones_stay() -> None:
             assert r.status == 404
 
 
+async def test_an_ended_sessions_memory_is_freed_without_waiting_for_the_collector() -> None:
+    """A session closed through the API, and one the engine ends by itself (idle), leave nothing
+    reachable, and their reference cycles are collected by the engine soon after — not whenever
+    CPython's collector next runs a full pass (rarely, once the startup heap is frozen; here it
+    is switched off to stand for that)."""
+    import gc
+    import weakref
+
+    from avatar_agent.engine import GC_DELAY_S
+
+    async with session_server("server.session_idle_s=1.0") as (url, engine, http):
+        refs = []
+        for _ in range(2):
+            async with http.post(url + "v1/sessions", json={}) as r:
+                sid = (await r.json())["id"]
+            refs.append(weakref.ref(engine.get(sid).agent))
+        gc.collect()
+        gc.disable()
+        try:
+            async with http.delete(url + f"v1/sessions/{sid}") as r:   # closed by the API
+                assert r.status == 204
+            await wait_for(lambda: not engine.sessions, timeout=15)    # the other: idle
+            await wait_for(lambda: all(ref() is None for ref in refs),
+                           timeout=GC_DELAY_S + 10)
+        finally:
+            gc.enable()
+
+
 async def test_python_client_and_openapi_cover_the_session_routes() -> None:
     from avatar_agent.client import ApiError, AsyncAvatarClient, AvatarClient
 
