@@ -116,7 +116,8 @@ class Engine:
         self._opening = 0
         self._cost_estimate = 0.0          # inference-thread share of one session (warm-up timing)
         self._reaper: asyncio.Task[None] | None = None
-        self._collect_pending = False
+        self._collect_on: asyncio.AbstractEventLoop | None = None
+        """The loop a post-session collection is pending on (its timer dies with it)."""
         self.closed_listeners: list[Callable[[str], None]] = []
         """Called with a session's id when it has ended (closed, idle, failed), on its loop."""
 
@@ -276,18 +277,19 @@ class Engine:
         A loop timer, not a task: a LiveKit job's loop may close right after its session, and a
         timer of a closed loop is simply dropped.  (Wall time, not the injected clock: it only
         frees memory.)"""
-        if self._collect_pending:
+        pending = self._collect_on
+        if pending is not None and not pending.is_closed():
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:                     # ended outside a loop (interpreter shutdown)
             return
-        self._collect_pending = True
+        self._collect_on = loop
         # (later, not now: the API and the session's own tasks drop their references first)
         loop.call_later(GC_DELAY_S, self._collect)
 
     def _collect(self) -> None:
-        self._collect_pending = False
+        self._collect_on = None
         t0 = time.perf_counter()
         freed = gc.collect()
         log.debug("full collection after a session ended: %d objects, %.1f ms", freed,

@@ -270,7 +270,10 @@ async def _run_sharded(cfg: Config, shards: int, control: ControlSettings,
             await _serve_until(stop, notifier, supervisor)
             supervisor.cancel()
     except* ShardError as eg:
-        log.error("%s", eg.exceptions[0])
+        first: BaseException = eg
+        while isinstance(first, BaseExceptionGroup):       # (task groups nest)
+            first = first.exceptions[0]
+        log.error("%s", first)
         code = 1
     finally:
         stop_waiter.cancel()

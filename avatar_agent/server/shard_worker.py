@@ -142,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
 
         msg = _os_error_line(e) if isinstance(e, OSError) and not isinstance(
             e, FileNotFoundError) else str(e)
-        if ready.fd is not None:
+        try:
+            if ready.fd is None:
+                raise BrokenPipeError
             ready.send({"error": msg})
-        else:
+        except OSError:                   # serving already, or the parent is gone: log it
             log.error("%s", msg)
         return 1
 
