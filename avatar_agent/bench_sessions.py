@@ -112,31 +112,44 @@ async def bench_sessions(cfg: Config, n: int, seconds: float) -> dict[str, Any]:
     await engine.aclose()
     for t in tasks:
         t.cancel()
-    fps, dropped, repeated = [], [], []
-    for a, b, w in zip(st0, st1, watches, strict=True):
-        fps.append(sum(1 for x in w.times if t0 <= x < t1) / (t1 - t0))
-        d = ((b.underruns - a.underruns) + (b.late_dropped - a.late_dropped)
-             + (b.overflow_dropped - a.overflow_dropped))
-        dropped.append(100.0 * d / max(1, b.delivered - a.delivered))
-        repeated.append(100.0 * (b.underruns - a.underruns) / max(1, b.delivered - a.delivered))
+    fps = [sum(1 for x in w.times if t0 <= x < t1) / (t1 - t0) for w in watches]
     lat = [1000 * (watches[k].started[u] - t) for k, u, t in pushed
            if u in watches[k].started and t0 - 3.0 <= t]
+    return {"sessions": n, "seconds": round(t1 - t0, 1), "size": cfg.render.size,
+            "inference_workers": workers, "render_batch": cfg.render.batch,
+            **window_figures(fps, [dataclasses.asdict(a) for a in st0],
+                             [dataclasses.asdict(b) for b in st1], lat),
+            "cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
+            **rss_figures(n, rss_base, rss_one, rss_end),
+            "per_session_load": round(per_session_load, 4),
+            "measured_capacity": measured_capacity}
+
+
+def window_figures(fps: list[float], before: list[dict[str, Any]], after: list[dict[str, Any]],
+                   lat_ms: list[float]) -> dict[str, Any]:
+    """fps, dropped/repeated % and first-frame latency over the measured window, from each
+    session's fps, its player counters at the window's start and end, and the latencies."""
+    dropped, repeated = [], []
+    for a, b in zip(before, after, strict=True):
+        delivered = max(1, b["delivered"] - a["delivered"])
+        d = sum(b[k] - a[k] for k in ("underruns", "late_dropped", "overflow_dropped"))
+        dropped.append(100.0 * d / delivered)
+        repeated.append(100.0 * (b["underruns"] - a["underruns"]) / delivered)
     return {
-        "sessions": n, "seconds": round(t1 - t0, 1), "size": cfg.render.size,
-        "inference_workers": workers, "render_batch": cfg.render.batch,
         "fps_min": round(min(fps), 2), "fps_mean": round(float(np.mean(fps)), 2),
-        "dropped_pct_max": round(max(dropped), 3), "dropped_pct_mean": round(float(np.mean(dropped)), 3),
+        "dropped_pct_max": round(max(dropped), 3),
+        "dropped_pct_mean": round(float(np.mean(dropped)), 3),
         "repeated_pct_max": round(max(repeated), 3),
-        "cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
-        "rss_mb": round(rss_end / 1e6, 1), "rss_engine_mb": round(rss_base / 1e6, 1),
-        "rss_per_session_mb": round((rss_end - rss_one) / 1e6 / max(1, n - 1), 2) if n > 1
-        else round((rss_end - rss_base) / 1e6, 2),
-        "first_frame_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat else None,
-        "first_frame_ms_p90": round(float(np.percentile(lat, 90)), 1) if lat else None,
-        "onsets_measured": len(lat),
-        "per_session_load": round(per_session_load, 4),
-        "measured_capacity": measured_capacity,
-    }
+        "first_frame_ms_p50": round(float(np.percentile(lat_ms, 50)), 1) if lat_ms else None,
+        "first_frame_ms_p90": round(float(np.percentile(lat_ms, 90)), 1) if lat_ms else None,
+        "onsets_measured": len(lat_ms)}
+
+
+def rss_figures(n: int, base: float, one: float, end: float) -> dict[str, Any]:
+    """RSS at the end, before any session, and per extra session (bytes in, MB out)."""
+    per = (end - one) / max(1, n - 1) if n > 1 else end - base
+    return {"rss_mb": round(end / 1e6, 1), "rss_engine_mb": round(base / 1e6, 1),
+            "rss_per_session_mb": round(per / 1e6, 2)}
 
 
 def _capacity(engine: Any) -> int:

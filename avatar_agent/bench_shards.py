@@ -66,6 +66,7 @@ class _gone:
 async def bench_sharded(cfg: Config, n: int, seconds: float, shards: int) -> dict[str, Any]:
     """Run ``n`` sessions over ``shards`` processes for ``seconds`` after warm-up."""
     from .audio.tts import synthesize
+    from .bench_sessions import rss_figures, window_figures
     from .engine import inference_workers
     from .server.app import runner_urls, serve
     from .server.control import settings_from_config
@@ -132,32 +133,16 @@ async def bench_sharded(cfg: Config, n: int, seconds: float, shards: int) -> dic
         await http.close()
         await runner.cleanup()
         await pool.stop()
-    fps, dropped, repeated = [], [], []
-    for a, b in zip(st0, st1, strict=True):
-        delivered = max(1, b["delivered"] - a["delivered"])
-        fps.append((b["delivered"] - a["delivered"]) / (t1 - t0))
-        d = sum(b[k] - a[k] for k in ("underruns", "late_dropped", "overflow_dropped"))
-        dropped.append(100.0 * d / delivered)
-        repeated.append(100.0 * (b["underruns"] - a["underruns"]) / delivered)
+    fps = [(b["delivered"] - a["delivered"]) / (t1 - t0) for a, b in zip(st0, st1, strict=True)]
     lat = [1000 * (started[k][u] - t) for k, u, t in pushed
            if u in started[k] and t0 - 3.0 <= t]
-    return {
-        "sessions": n, "shards": shards, "seconds": round(t1 - t0, 1), "size": cfg.render.size,
-        "inference_workers": inference_workers(cfg, shards), "render_batch": cfg.render.batch,
-        "fps_min": round(min(fps), 2), "fps_mean": round(float(np.mean(fps)), 2),
-        "dropped_pct_max": round(max(dropped), 3),
-        "dropped_pct_mean": round(float(np.mean(dropped)), 3),
-        "repeated_pct_max": round(max(repeated), 3),
-        "cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
-        "rss_mb": round(rss_end / 1e6, 1), "rss_engine_mb": round(rss_base / 1e6, 1),
-        "rss_per_session_mb": round((rss_end - rss_one) / 1e6 / max(1, n - 1), 2) if n > 1
-        else round((rss_end - rss_base) / 1e6, 2),
-        "first_frame_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat else None,
-        "first_frame_ms_p90": round(float(np.percentile(lat, 90)), 1) if lat else None,
-        "onsets_measured": len(lat),
-        "per_session_load": ready["per_session_load"],
-        "shard_sessions": [s["sessions"] for s in ready["shards"]],
-    }
+    return {"sessions": n, "shards": shards, "seconds": round(t1 - t0, 1),
+            "size": cfg.render.size, "inference_workers": inference_workers(cfg, shards),
+            "render_batch": cfg.render.batch, **window_figures(fps, st0, st1, lat),
+            "cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
+            **rss_figures(n, rss_base, rss_one, rss_end),
+            "per_session_load": ready["per_session_load"],
+            "shard_sessions": [s["sessions"] for s in ready["shards"]]}
 
 
 async def _watch(http: aiohttp.ClientSession, url: str, sid: str, started: dict[int, float]

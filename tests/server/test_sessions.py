@@ -60,7 +60,8 @@ class Tap:
         return sum(1 for f in self.frames if np.abs(f.audio).max() > 0.05)
 
 
-async def whep(url: str) -> Viewer:
+async def whep(url: str, headers: dict[str, str] | None = None) -> Viewer:
+    """A recvonly aiortc viewer of the session at ``url`` (WHEP, raw SDP)."""
     pc = RTCPeerConnection()
     viewer = Viewer(pc)
     pc.addTransceiver("video", direction="recvonly")
@@ -71,7 +72,7 @@ async def whep(url: str) -> Viewer:
         viewer.tasks.append(asyncio.ensure_future(_consume(viewer, track)))
 
     await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=headers) as s:
         async with s.post(url, data=pc.localDescription.sdp,
                           headers={"Content-Type": "application/sdp"}) as r:
             assert r.status == 201, await r.text()

@@ -21,13 +21,11 @@ import time
 from typing import Any, AsyncIterator
 
 import aiohttp
-import numpy as np
 import psutil
 import pytest
-from aiortc import RTCPeerConnection, RTCSessionDescription
-
 from avatar_agent.types import SAMPLE_RATE
-from tests.sinks.test_webrtc import Viewer, _consume, wait_for
+from tests.server.test_sessions import _tone, whep
+from tests.sinks.test_webrtc import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -81,33 +79,6 @@ async def sharded_server(*sets: str) -> AsyncIterator[Server]:
 
 async def _json(r: aiohttp.ClientResponse) -> Any:
     return json.loads(await r.text())
-
-
-def _tone(seconds: float) -> bytes:
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    x = 0.4 * np.sin(2 * np.pi * 200 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
-    return (x * 32767).astype("<i2").tobytes()
-
-
-async def _whep(url: str) -> Viewer:
-    pc = RTCPeerConnection()
-    viewer = Viewer(pc)
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-
-    @pc.on("track")
-    def _on_track(track: Any) -> None:
-        viewer.tasks.append(asyncio.ensure_future(_consume(viewer, track)))
-
-    await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession(headers=AUTH) as s:
-        async with s.post(url, data=pc.localDescription.sdp,
-                          headers={"Content-Type": "application/sdp"}) as r:
-            assert r.status == 201, await r.text()
-            viewer.location = r.headers["Location"]
-            sdp = await r.text()
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
-    return viewer
 
 
 async def _events(http: aiohttp.ClientSession, url: str, into: list[str]) -> None:
@@ -190,7 +161,7 @@ async def test_a_viewer_by_whep_and_a_dead_or_hung_shard_ends_only_its_own_sessi
         assert set(by_shard) == {"0", "1"}
 
         # a WebRTC viewer of shard 1's session: SDP through the parent, media from the shard
-        viewer = await _whep(url + by_shard["1"]["whep"].lstrip("/"))
+        viewer = await whep(url + by_shard["1"]["whep"].lstrip("/"), AUTH)
         try:
             await wait_for(lambda: viewer.frames >= 10, timeout=60)
             assert viewer.location.startswith(f"/v1/sessions/{by_shard['1']['id']}/whep/")
