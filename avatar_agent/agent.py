@@ -1,12 +1,14 @@
 """The agent: how audio becomes frames, for one session.  Read top to bottom.
 
-    source ──▶ LISTEN task: timeline + VAD + chunker ──▶ [chunk queue]
+    source ──▶ LISTEN task: timeline + VAD + chunker (+ live phones) ──▶ [chunk queue]
                ANIMATE task: motion.generate / motion.idle ─▶ renderer.render  (inference thread)
                              ──▶ player buffer (frame index → image)
                PLAY task (the clock): every 1/fps → the due frame + its audio slice → every sink
 
 * All model work runs on ONE inference thread (shared by a process's sessions), earliest due
   frame first.  Controls (say, emotion, …) live in :mod:`avatar_agent.session`.
+* Speech without phonemes (microphone, pushed audio) may get them from a live phone recogniser
+  (``phones``), so its lips shape visemes as TTS speech does.
 * The chunker tiles the whole audio timeline: speech hops get lip-sync, silence hops the idle
   layer, so the face is never frozen.  Frame i is due at capture time of its audio + latency
   and carries exactly that audio: A/V sync by construction.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -38,6 +40,9 @@ from .service import Notifier
 from .sinks import close_all, start_all
 from .types import (SAMPLE_RATE, AudioSource, Interruptible, MotionGenerator, Renderer, Sink,
                     SpeechChunk, SpeechSource, Vad)
+
+if TYPE_CHECKING:
+    from .audio.recognizer import PhoneTracker
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +63,8 @@ class Agent:
                  renderer: Renderer, sinks: Sequence[Sink] = (), clock: Clock | None = None,
                  image: np.ndarray | None = None, metrics: Metrics | None = None,
                  notifier: Notifier | None = None, offline: bool = False,
-                 inference: Inference | None = None, batcher: RenderBatcher | None = None
-                 ) -> None:
+                 inference: Inference | None = None, batcher: RenderBatcher | None = None,
+                 phones: PhoneTracker | None = None) -> None:
         if motion.profile != renderer.profile:
             raise ValueError(f"motion generator profile {motion.profile!r} does not match renderer "
                              f"profile {renderer.profile!r}: set avatar.profile consistently")
@@ -68,6 +73,7 @@ class Agent:
                              f"{motion.fps} fps: set player.fps = {motion.fps}")
         self.cfg, self.clock, self.image = cfg, clock or SystemClock(), image
         self.source, self.vad, self.motion, self.renderer = source, vad, motion, renderer
+        self.phones = phones
         self.sinks, self.events = list(sinks), EventBus()
         self.metrics, self.notifier = metrics or Metrics(), notifier or Notifier(env={})
         self.fps, self.spf = cfg.player.fps, SAMPLE_RATE // cfg.player.fps
@@ -129,6 +135,8 @@ class Agent:
         """Prepare the avatar and render its rest pose once (loads and JIT-warms the models)."""
         if self.animator.avatar is None:
             await self.set_avatar(self.image)
+        if self.phones is not None:
+            await asyncio.to_thread(self.phones.prepare)
 
     async def set_avatar(self, image: np.ndarray | None) -> None:
         """Prepare a portrait (default: the config's) and switch to it between two frames."""
@@ -154,6 +162,8 @@ class Agent:
     async def _listen(self) -> None:
         async for frame in self.source.frames():
             self.timeline.append(frame.index, frame.samples)
+            if self.phones is not None:
+                self.phones.push(frame)
             for item in self.chunker.push(frame, self.vad.is_speech(frame.samples)):
                 self._on_chunker(item)
         for item in self.chunker.flush():
@@ -163,10 +173,14 @@ class Agent:
 
     def _on_chunker(self, item: SpeechChunk | SpeechStarted | SpeechEnded) -> None:
         if isinstance(item, SpeechChunk):
+            if self.phones is not None:
+                item = self.phones.annotate(item)
             if self.chunks.put(item):                 # full: the oldest chunk's frames repeat
                 self.metrics.frames.labels("chunk_dropped").inc()
             return
         self._utterance = item.utterance if isinstance(item, SpeechStarted) else self._utterance
+        if self.phones is not None:
+            self.phones.on_event(item)
         self.marks.on_chunker(item)
 
     # ---- ANIMATE: chunk → motion (continuing from the last frame) → images → player buffer ----
@@ -240,6 +254,8 @@ class Agent:
             return sample
         self._drop_from(f)
         self.chunker = Chunker(self.chunker.params)   # the timeline continues from f
+        if self.phones is not None:
+            self.phones.reset()
         self._utterance = self._muted_utterance = 0
         self._mute_before = min(self._mute_before, f * self.spf)
         self.timeline.truncate(f * self.spf)

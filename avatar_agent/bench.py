@@ -143,19 +143,21 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def bench_realtime(cfg: Config, seconds: float) -> dict[str, float]:
-    """Run the agent for ``seconds`` on the real clock with a looping speech source."""
+async def bench_realtime(cfg: Config, seconds: float, mic: bool = False) -> dict[str, float]:
+    """Run the agent for ``seconds`` on the real clock with a looping speech source (``mic``:
+    without its phonemes, as a microphone gives speech)."""
     from .agent import Agent
     from .audio.tts import synthesize
-    from .wiring import make_motion, make_renderer, make_vad
+    from .wiring import make_motion, make_phones, make_renderer, make_vad
 
     clock = SystemClock()
     utt = synthesize(_TEXT, voice=cfg.audio.voice, rate_wpm=cfg.audio.tts_rate)
-    source = LoopSource(utt.audio, utt.phonemes, clock)
+    source = LoopSource(utt.audio, () if mic else utt.phonemes, clock)
     rec = _Recorder(clock)
     motion = _MotionTap(make_motion(cfg), cfg.player.fps)
     agent = Agent(cfg, source=source, vad=make_vad(cfg), motion=motion,
-                  renderer=make_renderer(cfg), sinks=[rec], clock=clock)
+                  renderer=make_renderer(cfg), sinks=[rec], clock=clock,
+                  phones=make_phones(cfg, shared=False))
     await agent.warm_up()
     rss0 = rss_bytes()
     task = asyncio.create_task(agent.run())
@@ -278,8 +280,10 @@ async def simulate_session(cfg: Config, hours: float) -> dict[str, float]:
     }
 
 
-def run_bench(cfg: Config, seconds: float = 60.0, simulate_hours: float = 0.0) -> int:
-    """Run the benchmarks and print the figures."""
+def run_bench(cfg: Config, seconds: float = 60.0, simulate_hours: float = 0.0,
+              mic: bool = False) -> int:
+    """Run the benchmarks and print the figures (``mic``: the real-time run's speech without
+    phonemes)."""
     from .config import chunker_params
     from .wiring import motion_min_hop_ms
 
@@ -297,7 +301,13 @@ def run_bench(cfg: Config, seconds: float = 60.0, simulate_hours: float = 0.0) -
           f"→ real-time factor {off['rtf']:.3f} ({off['rtf_after_warmup']:.3f} after the "
           f"{off['warmup_s']:.2f} s portrait warm-up)")
     if seconds > 0:
-        rt = asyncio.run(bench_realtime(cfg, seconds))
+        rt = asyncio.run(bench_realtime(cfg, seconds, mic))
+        if mic:
+            from .wiring import make_phones
+
+            on = make_phones(cfg, shared=False) is not None
+            print(f"speech without phonemes (as from a microphone); live phone recognition "
+                  f"{'on' if on else 'off'} (audio.recognizer = {cfg.audio.recognizer})")
         print(f"real time, {rt['seconds']:.0f} s: {rt['fps']:.2f} fps sustained, "
               f"{rt['dropped_pct']:.2f} % dropped ({rt['underruns']:.0f} underruns, "
               f"{rt['late_dropped']:.0f} late)")

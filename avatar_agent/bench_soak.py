@@ -85,7 +85,8 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
     from .server.app import runner_urls, serve
     from .server.local import make_local_app
     from .session import Session
-    from .wiring import make_motion, make_renderer, make_sinks, make_source, make_vad
+    from .wiring import (make_motion, make_phones, make_renderer, make_sinks, make_source,
+                         make_vad)
 
     tmp = Path(tempfile.mkdtemp())
     portrait = cfg.avatar_path()
@@ -100,7 +101,8 @@ async def soak(cfg: Config, minutes: float) -> dict[str, Any]:
     clock = SystemClock()
     sinks, webrtc = make_sinks(cfg)
     agent = Agent(cfg, source=make_source(cfg, clock), vad=make_vad(cfg), motion=make_motion(cfg),
-                  renderer=make_renderer(cfg), sinks=sinks, clock=clock)
+                  renderer=make_renderer(cfg), sinks=sinks, clock=clock,
+                  phones=make_phones(cfg, shared=False))
     session = Session(agent)
     runner = await serve(make_local_app(cfg, session, webrtc), "127.0.0.1", 0)
     url = runner_urls(runner)[0]

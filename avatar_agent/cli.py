@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure the pipeline and print figures")
     _common(p)
     p.add_argument("--seconds", type=float, default=60.0, help="real-time run length")
+    p.add_argument("--speech", choices=["tts", "mic"], default="tts",
+                   help="real-time run: the looped speech with its TTS phonemes, or without them "
+                        "as a microphone gives it (then audio.recognizer decides whether live "
+                        "phone recognition runs)")
     p.add_argument("--simulate-hours", type=float, default=0.0,
                    help="also simulate a session this long on the fake clock")
     p.add_argument("--sessions", type=int, default=0,
@@ -211,7 +215,8 @@ def _run(args: argparse.Namespace) -> int:
 
                 return run(cfg, args.sessions, args.seconds, args.json, args.compare_processes,
                            list(args.set), shards=args.shards)
-            return run_bench(cfg, seconds=args.seconds, simulate_hours=args.simulate_hours)
+            return run_bench(cfg, seconds=args.seconds, simulate_hours=args.simulate_hours,
+                             mic=args.speech == "mic")
     except ConfigError as e:
         print(f"avatar-agent: config error: {e}", file=sys.stderr)
         return 2

@@ -86,6 +86,8 @@ class AudioConfig:
     """Pipe source: sample rate of the raw s16le PCM."""
     pipe_channels: int = 1
     """Pipe source: channel count of the raw PCM."""
+    recognizer: Literal["auto", "on", "off"] = "auto"
+    """Live phone recognition (pocketsphinx) of speech that comes without phonemes (microphone, pushed audio), so its lips get visemes as TTS speech does. auto = on for one agent (start, bench) on the embedded profile, off for the session server's sessions (≈ 0.04 of a core per talking session) and the official profile; on = also there. Files (render) are always recognised whole, before they play."""
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ class Engine:
             CapacityError: the engine is full (running sessions keep their budget).
         """
         from .audio.queue import SpeechQueueSource
+        from .wiring import make_phones
 
         if len(self.sessions) + self._opening + 1 > self.capacity:
             raise CapacityError(f"at capacity ({self.capacity} sessions): retry later or add "
@@ -196,7 +197,8 @@ class Engine:
                                        max_queued_s=a.max_queued_s)
             agent = Agent(cfg, source=source, vad=self._make_vad(), motion=self._fork(),
                           renderer=self.renderer, sinks=list(sinks or ()), clock=self.clock,
-                          inference=self.inference, batcher=self.batcher, image=image)
+                          inference=self.inference, batcher=self.batcher, image=image,
+                          phones=make_phones(cfg, shared=True))
             session = Session(agent, id=self.shard.prefix + secrets.token_urlsafe(9))
             if avatar is not None:
                 session.avatar_path = avatar

@@ -43,7 +43,8 @@ async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) 
     from .memory import freeze_startup_heap
     from .service import Notifier
     from .session import Session
-    from .wiring import make_motion, make_renderer, make_sinks, make_source, make_vad
+    from .wiring import (make_motion, make_phones, make_renderer, make_sinks, make_source,
+                         make_vad)
 
     if "file" in cfg.sinks.enabled:      # refuse before harm: never overwrite an input
         from .offline import check_output
@@ -56,7 +57,8 @@ async def run_start(cfg: Config, config_path: str | None, overrides: list[str]) 
     source = make_source(cfg, clock)
     sinks, webrtc = make_sinks(cfg)
     agent = Agent(cfg, source=source, vad=make_vad(cfg), motion=make_motion(cfg),
-                  renderer=make_renderer(cfg), sinks=sinks, clock=clock, notifier=notifier)
+                  renderer=make_renderer(cfg), sinks=sinks, clock=clock, notifier=notifier,
+                  phones=make_phones(cfg, shared=False))
     session = Session(agent)
     runner = security = None
     if webrtc is not None:

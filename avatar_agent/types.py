@@ -51,17 +51,20 @@ EMOTION_NONE = 8
 
 @dataclass(frozen=True, slots=True)
 class Phoneme:
-    """One phoneme event from a TTS engine.
+    """One phoneme event: from the TTS engine that spoke it, or heard by a speech recogniser.
 
     Attributes:
         symbol: IPA symbol as espeak-ng reports it (e.g. "oʊ").
         start: start time in seconds from the start of the utterance's audio.
         end: end time in seconds (start of the next phoneme, or end of audio).
+        heard: True when a recogniser estimated it from the audio (a guess that may be wrong),
+            False when the TTS reported what it said.
     """
 
     symbol: str
     start: float
     end: float
+    heard: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock
 from .config import Config, ConfigError
 from .types import AudioSource, MotionGenerator, Renderer, Sink, Vad
+
+if TYPE_CHECKING:
+    from .audio.recognizer import PhoneTracker
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,19 @@ def make_vad(cfg: Config) -> Vad:
     from .audio.vad import WebRtcVad
 
     return WebRtcVad(aggressiveness=cfg.vad.aggressiveness, frame_ms=cfg.vad.frame_ms)
+
+
+def make_phones(cfg: Config, *, shared: bool) -> PhoneTracker | None:
+    """The live phone tracker ``audio.recognizer`` asks for (None: lip-sync from the audio alone).
+
+    ``shared``: the agent is one of a session server's many (auto leaves it off there: its cost
+    per talking session is a large share of what a session costs)."""
+    mode = cfg.audio.recognizer
+    if mode == "off" or (mode == "auto" and (shared or cfg.avatar.profile != "embedded")):
+        return None
+    from .audio.recognizer import make_tracker
+
+    return make_tracker()
 
 
 def make_renderer(cfg: Config) -> Renderer:

@@ -16,8 +16,9 @@ For each video (anything PyAV decodes, with an audio and a video stream):
    start) takes the video frame on screen at (k + ½)·40 ms.
 2. **Avatar.**  The video's audio (16 kHz mono) drives the portrait through the real pipeline on a
    fake clock: ``offline`` = :func:`avatar_agent.offline.render_to_file` (what ``avatar-agent
-   render`` does: long chunks), ``live`` = the live agent (VAD, live hops with their context and
-   lookahead, what ``avatar-agent start`` does).  Every rendered frame is measured with the same
+   render`` does: long chunks, phones recognised over the whole file), ``live`` = the live agent
+   (VAD, live hops with their context and lookahead, phones recognised as the audio arrives as
+   ``audio.recognizer`` decides: what ``avatar-agent start`` does).  Every rendered frame is measured with the same
    FaceMesh definition.
 3. **Envelope baseline.**  The log RMS of each 40 ms audio frame (floored 60 dB under the clip's
    loudest frame) used directly as "mouth opening".
@@ -329,7 +330,7 @@ def drive(audio: np.ndarray, portrait: Path, mode: str, overrides: list[str],
         elif mode == "live":
             agent = Agent(cfg, source=FramesSource.from_audio(audio, clock), vad=wiring.make_vad(cfg),
                           motion=motion, renderer=renderer, sinks=[sink], clock=clock,
-                          image=load_image(portrait))
+                          image=load_image(portrait), phones=wiring.make_phones(cfg, shared=False))
             asyncio.run(agent.run())
         else:
             raise SystemExit(f"mode {mode!r}: use offline or live")

@@ -182,3 +182,44 @@ async def test_interrupt_mutes_next_frame_and_returns_to_idle_without_gaps():
     assert [(type(m).__name__, m.interrupted, f.index) for m, f in ends
             if not isinstance(m, SegmentStarted)] == [("SegmentEnded", True, k)]
     assert motion.resets == 1                         # the generator was told once
+
+
+async def test_live_speech_without_phonemes_reaches_the_motion_with_recognised_phones():
+    # A microphone gives no phonemes; the agent's phone tracker (pocketsphinx) supplies them,
+    # live: each speech chunk the motion generator sees carries the phones of its audio.
+    import soundfile as sf
+    import soxr
+
+    from avatar_agent.audio.vad import WebRtcVad
+    from avatar_agent.wiring import make_phones
+
+    x, sr = sf.read("/usr/share/sounds/alsa/Front_Center.wav", dtype="float32", always_2d=True)
+    voice = soxr.resample(x.mean(1), sr, SAMPLE_RATE).astype(np.float32)
+    audio = np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), voice,
+                            np.zeros(SAMPLE_RATE, np.float32)])
+
+    class PhoneTap(LevelMotion):
+        def __init__(self) -> None:
+            super().__init__()
+            self.chunks: list = []
+
+        def generate(self, chunk, prev, emotion=8, intensity=1.0):  # noqa: ANN001, ANN201
+            self.chunks.append(chunk)
+            return super().generate(chunk, prev, emotion, intensity)
+
+    async def run(setting: str) -> list:
+        clock = FakeClock()
+        cfg = load_config(None, [f"audio.recognizer={setting}"], use_default_path=False)
+        motion = PhoneTap()
+        agent = Agent(cfg, source=ArraySource(audio, clock), vad=WebRtcVad(), motion=motion,
+                      renderer=LevelRenderer(), sinks=[MemorySink()], clock=clock,
+                      image=np.zeros((64, 64, 3), np.uint8),
+                      phones=make_phones(cfg, shared=False))
+        await agent.run()
+        return [c for c in motion.chunks if c.speech]
+
+    speech = await run("auto")
+    assert len(speech) >= 5
+    assert sum(bool(c.phonemes) for c in speech) >= len(speech) - 1
+    assert {"n", "t", "s"} <= {p.symbol for c in speech for p in c.phonemes}
+    assert not any(c.phonemes for c in await run("off"))

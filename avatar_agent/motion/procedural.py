@@ -74,6 +74,11 @@ class ProceduralParams:
         jaw_floor: share of the opening that loudness gives without a formant (whisper, noisy
             speech still part the lips).
         phoneme_level_mix: with phonemes, open = viseme_open · (1 − mix + mix · loudness).
+        heard_audio_mix: with phonemes a recogniser heard (not a TTS's own), the mouth is this
+            share of the audio-only articulation and the rest visemes: two independent, noisy
+            estimates of the same mouth (wrong phone labels; loudness and formant
+            ambiguities), so their mean errs less than either.  It also opens the mouth at
+            speech onset when the first phones heard are still closed ones.
         seam_speech: decay time of a ``prev`` mismatch in the expression while speaking (short:
             lips must follow the audio).
         seam_idle: decay time of a ``prev`` mismatch in the expression while idle (lids, brows).
@@ -98,6 +103,7 @@ class ProceduralParams:
     jaw_f1_hz: tuple[float, float] = (200.0, 500.0)
     jaw_floor: float = 0.15
     phoneme_level_mix: float = 0.7
+    heard_audio_mix: float = 0.5
     seam_speech: float = 0.06
     seam_idle: float = 0.3
     seam_idle_mouth: float = 0.1
@@ -297,11 +303,14 @@ class ProceduralMotion:
         times = t0 + (np.arange(n) + 0.5) / self.fps
         known = self._remember(chunk.phonemes, t0)
         art, level, presence = self._audio_articulation(feats, n, chunk.speech)
+        basis = face.basis.astype(np.float32)
+        exp = articulation_to_exp(art.astype(np.float32), basis)
         if chunk.phonemes:
             mix = self.params.phoneme_level_mix
-            art = articulation_track(known, times).astype(np.float64)
-            art[:, OPEN] *= (1.0 - mix) * presence + mix * level
-        exp = articulation_to_exp(art.astype(np.float32), face.basis.astype(np.float32))
+            vis = articulation_track(known, times).astype(np.float64)
+            vis[:, OPEN] *= (1.0 - mix) * presence + mix * level
+            h = self._heard_mix(chunk.phonemes)
+            exp = (1.0 - h) * articulation_to_exp(vis.astype(np.float32), basis) + h * exp
         if emotion_exp is None:
             emo = face.emotions[emotion_label(emotion)] * float(np.clip(intensity, 0.0, 1.0))
             emo = np.broadcast_to(emo, (n, emo.shape[0]))
@@ -338,9 +347,24 @@ class ProceduralMotion:
 
     # ------------------------------------------------------------------ internals
 
+    def _heard_mix(self, phonemes: tuple[Phoneme, ...] | list[Phoneme]) -> float:
+        """The audio-only articulation's share for these phonemes (0 for a TTS's own)."""
+        return self.params.heard_audio_mix if any(p.heard for p in phonemes) else 0.0
+
     def _remember(self, phonemes: tuple[Phoneme, ...], t0: float) -> list[Phoneme]:
-        """Phonemes of this chunk plus recent ones from earlier chunks (for carry-over)."""
+        """Phonemes of this chunk plus recent ones from earlier chunks (for carry-over).
+
+        The chunk's phonemes are the newest word on the span they cover: a remembered one that
+        starts inside it and is not among them is dropped.  TTS phonemes never change, so this
+        only matters for live recognition, whose last phones may be relabelled or re-timed once
+        more audio is heard (audio/recognizer.py).
+        """
         st = self._st
+        if phonemes:
+            lo, hi = min(p.start for p in phonemes), max(p.end for p in phonemes)
+            keep = {(p.symbol, round(p.start, 4)) for p in phonemes}
+            st.phonemes = [p for p in st.phonemes if not lo <= p.start < hi
+                           or (p.symbol, round(p.start, 4)) in keep]
         known = {(p.symbol, round(p.start, 4)) for p in st.phonemes}
         for p in phonemes:
             if (p.symbol, round(p.start, 4)) not in known:
@@ -439,6 +463,11 @@ class ProceduralMotion:
             v1 = articulation_track(phonemes, times[:1] - 1.0 / self.fps).astype(np.float64)
             v1[:, OPEN] *= (1.0 - mix) * st.last_presence + mix * st.last_level
             before_exp = articulation_to_exp(v1.astype(np.float32), basis)[0]
+            h = self._heard_mix(phonemes)
+            if h:
+                exp = (1.0 - h) * exp + h * exp_audio
+                if st.last_audio_exp is not None:
+                    before_exp = (1.0 - h) * before_exp + h * st.last_audio_exp
         correction = np.zeros(63)
         if st.last_art_exp is not None and before_exp is not None:
             correction = before_exp - st.last_art_exp

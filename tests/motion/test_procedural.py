@@ -382,3 +382,57 @@ def test_rest_pose_before_prepare_is_a_clear_attribute_error() -> None:
     with pytest.raises(MotionInputError, match="prepare"):
         gen.rest_pose  # noqa: B018
     assert not hasattr(gen, "rest_pose")          # AttributeError: protocol checks do not blow up
+
+
+def test_revised_phones_replace_the_remembered_ones(avatar):
+    # Live recognition may relabel the last phone once more audio is heard: the next chunk's
+    # phones win on the span they cover, so the mouth follows the revision (a bilabial that
+    # turned out to be an open vowel opens the lips), not a blend of both guesses.
+    audio = (0.2 * np.sin(np.arange(16000) * 2 * np.pi * 180 / 16000)).astype(np.float32)
+
+    def run(second: tuple) -> np.ndarray:
+        g = ProceduralMotion()
+        g.prepare(avatar)
+        first = (Phoneme("a", 0.0, 0.20), Phoneme("m", 0.20, 0.40))     # the early guess
+        c1 = SpeechChunk(audio[:4000], 0, 3200, 0, 800, True, phonemes=first)
+        m1 = g.generate(c1, g.rest_pose)
+        c2 = SpeechChunk(audio[1600:8000], 3200, 3200, 1600, 1600, True, phonemes=second)
+        return g.generate(c2, m1[-1])
+
+    revised = run((Phoneme("a", 0.0, 0.20), Phoneme("ɑ", 0.20, 0.45)))
+    kept = run((Phoneme("a", 0.0, 0.20), Phoneme("m", 0.20, 0.45)))
+    opening = lip_opening(revised, avatar.kp_canonical)
+    closed = lip_opening(kept, avatar.kp_canonical)
+    # frames 0.20–0.40 s are chunk 2's first frames (0.20–0.36 s): open after the revision
+    assert opening[:4].mean() > 3 * max(closed[:4].mean(), 1e-4), (opening[:4], closed[:4])
+    g = ProceduralMotion()
+    g.prepare(avatar)
+    g._remember((Phoneme("a", 0.0, 0.2), Phoneme("m", 0.2, 0.4)), 0.0)
+    known = g._remember((Phoneme("a", 0.0, 0.2), Phoneme("ɑ", 0.2, 0.45)), 0.2)
+    assert [p.symbol for p in known] == ["a", "ɑ"]
+
+
+@pytest.mark.parametrize("path", ["generate", "articulate"])
+def test_heard_phones_share_the_mouth_with_the_audio_tts_phones_do_not(avatar, speech, path):
+    # A recogniser's phones are guesses: the mouth is half the audio-only estimate and half the
+    # visemes.  Here every phone "heard" is an m (lips closed) while the audio is open speech:
+    # with heard phones the mouth still opens with the sound (about half as wide as from the
+    # audio alone), with the same phones from a TTS (heard=False) it stays closed.
+    def run(phones: tuple) -> np.ndarray:
+        g = ProceduralMotion()
+        g.prepare(avatar)
+        out = []
+        for c in _chunks(speech.audio, phones):
+            if path == "generate":
+                out.append(g.generate(c, out[-1][-1] if out else g.rest_pose))
+            else:
+                out.append(g.articulate(c, np.repeat(g.rest_pose[None], c.n_new // SPF, 0)))
+        return lip_opening(np.concatenate(out), avatar.kp_canonical)
+
+    end = len(speech.audio) / 16000
+    as_m = lambda heard: (Phoneme("m", 0.0, end, heard=heard),)  # noqa: E731
+    audio_only, heard, tts = run(()), run(as_m(True)), run(as_m(False))
+    loud = audio_only > np.percentile(audio_only, 75)
+    ratio = heard[loud].mean() / audio_only[loud].mean()
+    assert 0.35 < ratio < 0.65, ratio
+    assert tts[loud].mean() < 0.1 * audio_only[loud].mean()
