@@ -87,7 +87,7 @@ class AudioConfig:
     pipe_channels: int = 1
     """Pipe source: channel count of the raw PCM."""
     recognizer: Literal["auto", "on", "off"] = "auto"
-    """Live phone recognition (pocketsphinx) of speech that comes without phonemes (microphone, pushed audio), so its lips get visemes as TTS speech does. auto = on for one agent (start, bench) on the embedded profile, off for the session server's sessions (≈ 0.04 of a core per talking session) and the official profile; on = also there. Files (render) are always recognised whole, before they play."""
+    """Live phone recognition (pocketsphinx) of speech that comes without phonemes (microphone, pushed audio), so its lips get visemes as TTS speech does. auto = on for one agent (start, bench) on the embedded profile, off for the session server's sessions (each would cost ≈ 0.04 of a core while talking and 30 MB, a third more CPU than a session's own) and the official profile; on = also there. Files (render) are always recognised whole, before they play."""
 
 
 @dataclass(frozen=True)
