@@ -14,7 +14,7 @@ With ``--speech`` it also checks that speech keeps the emotion: the default embe
 chunks after 1 s of silence, once per emotion; brows and lip corners are compared with the
 neutral run's frame at the same time, in silence and while speaking.
 
-    python bench/emotion_check.py [--portraits photo,photo-gray,statue,painting,hopper-gray]
+    python bench/emotion_check.py [--portraits photo,photo-gray,statue,photo-painting,painting,hopper-gray]
                                   [--speech]
 """
 
@@ -150,7 +150,8 @@ def speech_check(image: np.ndarray, renderer: WarpRenderer) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--portraits", default="photo,photo-gray,statue,painting,hopper-gray")
+    ap.add_argument("--portraits",
+                    default="photo,photo-gray,statue,photo-painting,painting,hopper-gray")
     ap.add_argument("--speech", action="store_true", help="also check emotion while speaking")
     args = ap.parse_args()
     renderer = WarpRenderer(size=512)

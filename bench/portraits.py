@@ -8,6 +8,8 @@
   smoothing, diagonal strokes, a warm varnish palette and a canvas weave), made here.
 * ``statue``: the bundled photo as a marble bust: smoothed, flat low-contrast grey with a faint
   warm-white tint (no lip colour at all).
+* ``photo-painting``: the bundled photo turned into a painting the same way (a painting without
+  spectacles: both Hopper portraits wear thick ones, which the face tracker reads as brows).
 """
 
 from __future__ import annotations
@@ -65,4 +67,5 @@ def portraits() -> dict[str, np.ndarray]:
     photo = load_image(DEFAULT_AVATAR)
     h = hopper()
     return {"photo": photo, "photo-gray": grayscale(photo), "painting": painting(h),
-            "hopper-gray": grayscale(h), "statue": statue(photo)}
+            "hopper-gray": grayscale(h), "statue": statue(photo),
+            "photo-painting": painting(photo)}
