@@ -182,21 +182,32 @@ def test_start_feeds_the_virtual_camera_code_path(fakev4l2_so, tmp_path):
 
 
 async def test_microphone_speech_drives_speech_frames_and_mouth(pulse_server):
-    """espeak-ng speaks into a PulseAudio null sink; the agent records it as its microphone."""
+    """espeak-ng speaks into a PulseAudio null sink; the agent records it as its microphone, with
+    live phone recognition as ``start`` has it."""
     from avatar_agent.agent import Agent
     from avatar_agent.audio.mic import MicSource
     from avatar_agent.bench import _MotionTap
     from avatar_agent.clock import SystemClock
     from avatar_agent.config import load_config
-    from avatar_agent.wiring import make_motion, make_renderer, make_vad
+    from avatar_agent.wiring import make_motion, make_phones, make_renderer, make_vad
     from tests.fakes import MemorySink
+
+    class PhoneTap(_MotionTap):
+        def __init__(self, inner, fps: int) -> None:  # noqa: ANN001
+            super().__init__(inner, fps)
+            self.heard: list = []
+
+        def generate(self, chunk, prev, *a):  # noqa: ANN001, ANN201
+            self.heard.extend(p for p in chunk.phonemes if p.heard)
+            return super().generate(chunk, prev, *a)
 
     cfg = load_config(None, ["render.size=128", "render.batch=8"], use_default_path=False)
     clock = SystemClock()
     sink = MemorySink()
-    motion = _MotionTap(make_motion(cfg), cfg.player.fps)
+    motion = PhoneTap(make_motion(cfg), cfg.player.fps)
     agent = Agent(cfg, source=MicSource(device="pulse", clock=clock), vad=make_vad(cfg),
-                  motion=motion, renderer=make_renderer(cfg), sinks=[sink], clock=clock)
+                  motion=motion, renderer=make_renderer(cfg), sinks=[sink], clock=clock,
+                  phones=make_phones(cfg, shared=False))
     text = "The quick brown fox jumps over the lazy dog."
     task = asyncio.create_task(agent.run())
     await asyncio.sleep(3.0)                                    # recording runs before playing
@@ -225,3 +236,6 @@ async def test_microphone_speech_drives_speech_frames_and_mouth(pulse_server):
     lip = np.array([motion.open.get(i, 0.0) for i in idx])
     assert lip[voiced].mean() > 3 * max(lip[~speech].mean(), 1e-3)
     assert np.corrcoef(lip[speech], rms[speech])[0, 1] > 0.3
+    # The recogniser heard the sentence's phones as it was spoken ("quick", "fox", "lazy" ...).
+    heard = {p.symbol for p in motion.heard}
+    assert {"k", "f", "z"} & heard and len(heard) >= 8, heard
