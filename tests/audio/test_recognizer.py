@@ -210,3 +210,11 @@ def test_make_phones_follows_audio_recognizer():
     assert make_phones(off, shared=False) is None
     official = load_config(None, ["avatar.profile=official"], use_default_path=False)
     assert make_phones(official, shared=False) is None
+
+
+def test_without_pocketsphinx_live_lip_sync_runs_from_the_audio(monkeypatch):
+    from avatar_agent.config import load_config
+    from avatar_agent.wiring import make_phones
+
+    monkeypatch.setattr(recognizer, "available", lambda: False)
+    assert make_phones(load_config(None, [], use_default_path=False), shared=False) is None
