@@ -189,8 +189,11 @@ class PhoneTracker:
         self._recent: collections.deque[AudioFrame] = collections.deque()
         self._utt_start: int | None = None    # timeline sample the decoder's utterance began at
         self._fed = 0                         # timeline sample up to which the decoder has audio
-        self._phones: tuple[Phoneme, ...] = ()
+        self._phones: tuple[Phoneme, ...] = ()  # the open utterance's best path so far
         self._fresh = True                    # _phones is the decoder's path up to _fed
+        # The last ended utterance's final path: its last chunks may be queued after the next
+        # utterance has started (the chunker reports a start as soon as it is decided).
+        self._done: tuple[Phoneme, ...] = ()
         self._own_phonemes = False            # this utterance's frames carry phonemes (TTS)
         self.off = False
         """True after a decoder error (nothing is decoded any more)."""
@@ -243,14 +246,14 @@ class PhoneTracker:
             self._fresh = True
         t0 = (chunk.start - chunk.left) / SAMPLE_RATE
         t1 = (chunk.start + chunk.n_new + chunk.right) / SAMPLE_RATE
-        phon = tuple(p for p in self._phones if p.start < t1 and p.end > t0)
+        phon = tuple(p for p in self._done + self._phones if p.start < t1 and p.end > t0)
         return dataclasses.replace(chunk, phonemes=phon) if phon else chunk
 
     def reset(self) -> None:
         """The timeline was cut (a rewind): forget the open utterance and the recent audio."""
         self._close(keep=False)
         self._recent.clear()
-        self._phones = ()
+        self._phones = self._done = ()
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -286,7 +289,7 @@ class PhoneTracker:
             return
         segments = self._guard(self._segments)
         if segments is not _FAILED:
-            self._phones, self._fresh = _phones(segments, start / SAMPLE_RATE), True
+            self._done, self._phones, self._fresh = _phones(segments, start / SAMPLE_RATE), (), True
 
     def _segments(self) -> list[Any]:
         return list(self._dec.seg() or ())     # (None before the first phone)
@@ -302,7 +305,7 @@ class PhoneTracker:
             log.exception("live phone recognition failed; lip-sync goes on from the audio alone")
             self.off = True
             self._utt_start = None
-            self._phones = ()
+            self._phones = self._done = ()
             return _FAILED
 
 

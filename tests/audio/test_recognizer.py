@@ -140,7 +140,10 @@ def test_tracker_matches_the_whole_file_decode_once_the_utterance_ends():
     tracker = recognizer.PhoneTracker()
     chunks = live_chunks(audio, tracker)
     whole = recognize_phonemes(audio)
-    final = tracker._phones                                  # after SpeechEnded: the final path
+    from avatar_agent.types import SpeechChunk
+
+    n = len(audio) // 640 * 640                              # a chunk over all of it, after
+    final = tracker.annotate(SpeechChunk(audio[:n], 0, n, 0, 0, True)).phonemes   # SpeechEnded
     assert final, "no final path"
     # The utterance starts at its pre-roll, not at 0: the same phones, timed alike (±30 ms).
     common = [p.symbol for p in final]
@@ -218,3 +221,27 @@ def test_without_pocketsphinx_live_lip_sync_runs_from_the_audio(monkeypatch):
 
     monkeypatch.setattr(recognizer, "available", lambda: False)
     assert make_phones(load_config(None, [], use_default_path=False), shared=False) is None
+
+
+def test_an_utterances_last_chunks_keep_its_phones_after_the_next_one_starts():
+    # The chunker reports a new utterance's start as soon as it is decided, which can be before
+    # the last chunks of the previous one are queued: those still get the previous final path.
+    from avatar_agent.audio.resample import frame_audio
+    from avatar_agent.chunker import SpeechEnded, SpeechStarted
+    from avatar_agent.types import SpeechChunk
+
+    audio = padded("Front_Center.wav")
+    n = len(audio) // 640 * 640
+    tracker = recognizer.PhoneTracker()
+    frames = frame_audio(audio)
+    for f in frames[:25]:
+        tracker.push(f)
+    tracker.on_event(SpeechStarted(1, 8000, 7360, f.index + 320))
+    for f in frames[25:]:
+        tracker.push(f)
+    end = frames[-1].index + 320
+    tracker.on_event(SpeechEnded(1, end - 12800, end - 9600, end, "silence"))
+    tracker.on_event(SpeechStarted(2, end, end, end))
+    tail = SpeechChunk(audio[:n], 0, n, 0, 0, True, utterance=1)
+    got = tracker.annotate(tail).phonemes
+    assert {"n", "t", "s"} <= {p.symbol for p in got} and all(p.heard for p in got)
