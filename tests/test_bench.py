@@ -80,3 +80,23 @@ def test_bench_soak_prints_its_figures_and_the_calls_it_made():
                                               strict=True))
     assert out["calls"]["say"] >= 2 and out["calls"]["push"] >= 1 and out["calls"]["viewers"] >= 1
     assert set(out["dropped_after"]) <= set(out["calls"]) | {"none"}
+
+
+def test_bench_with_microphone_like_speech_says_whether_phones_are_recognised():
+    """`avatar-agent bench --seconds 3 --speech mic` (short): the real-time run's speech comes
+    without phonemes, the report says live recognition is on (auto, one agent) and the run ends
+    with its figures; `audio.recognizer=off` says off."""
+    import subprocess
+    import sys
+
+    def run(*extra: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "avatar_agent.cli", "bench", "--seconds", "3",
+                            "--speech", "mic", "--set", "render.size=128", *extra],
+                           capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "fps sustained" in r.stdout and "first mouth-open frame" in r.stdout, r.stdout
+        return r.stdout
+
+    assert "live phone recognition on (audio.recognizer = auto)" in run()
+    assert "live phone recognition off (audio.recognizer = off)" in run("--set",
+                                                                         "audio.recognizer=off")
