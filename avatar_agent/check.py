@@ -150,6 +150,26 @@ def _check_audio(r: Report, cfg: Config) -> None:
             r.ok("espeak-ng text to speech")
         except Exception as e:
             r.problem(f"espeak-ng is not usable: {e}", "sudo apt-get install espeak-ng")
+    _check_recognizer(r, cfg)
+
+
+def _check_recognizer(r: Report, cfg: Config) -> None:
+    """Whether `start` recognises the phones of speech that comes without them."""
+    from .audio.recognizer import available
+    from .wiring import make_phones
+
+    mode = cfg.audio.recognizer
+    if not available():
+        if mode == "on":
+            r.problem("audio.recognizer = \"on\" but pocketsphinx or its English model is missing",
+                      "pip install pocketsphinx==5.1.1 (or set audio.recognizer = \"auto\")")
+        else:
+            r.note("no pocketsphinx: lips follow microphone speech from its loudness alone")
+        return
+    live = make_phones(cfg, shared=False) is not None
+    served = make_phones(cfg, shared=True) is not None
+    r.ok(f"live phone recognition (pocketsphinx, audio.recognizer = {mode}): "
+         f"{'on' if live else 'off'} for start, {'on' if served else 'off'} for serve's sessions")
 
 
 def _check_vcam(r: Report, cfg: Config) -> None:

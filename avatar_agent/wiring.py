@@ -86,7 +86,11 @@ def make_phones(cfg: Config, *, shared: bool) -> PhoneTracker | None:
         return None
     from .audio.recognizer import make_tracker
 
-    return make_tracker()
+    tracker = make_tracker()
+    if tracker is None and mode == "on":
+        log.warning("audio.recognizer = \"on\", but pocketsphinx is not installed: lips follow "
+                    "speech from its loudness alone (pip install pocketsphinx==5.1.1)")
+    return tracker
 
 
 def make_renderer(cfg: Config) -> Renderer:

@@ -245,3 +245,20 @@ def test_an_utterances_last_chunks_keep_its_phones_after_the_next_one_starts():
     tail = SpeechChunk(audio[:n], 0, n, 0, 0, True, utterance=1)
     got = tracker.annotate(tail).phonemes
     assert {"n", "t", "s"} <= {p.symbol for p in got} and all(p.heard for p in got)
+
+
+def test_check_reports_live_recognition_and_a_missing_recogniser(monkeypatch):
+    from avatar_agent.check import run_check
+    from avatar_agent.config import load_config
+
+    lines: list[str] = []
+    run_check(load_config(None, [], use_default_path=False), out=lines.append)
+    text = "\n".join(lines)
+    assert "live phone recognition (pocketsphinx, audio.recognizer = auto): on for start, " \
+           "off for serve's sessions" in text
+    monkeypatch.setattr(recognizer, "available", lambda: False)
+    lines.clear()
+    code = run_check(load_config(None, ["audio.recognizer=on"], use_default_path=False),
+                     out=lines.append)
+    text = "\n".join(lines)
+    assert code == 1 and "PROBLEM  audio.recognizer = \"on\" but pocketsphinx" in text
