@@ -62,6 +62,7 @@ class LevelMotion:
     def __init__(self) -> None:
         self.rest = np.zeros(70, np.float32)
         self.calls: list[tuple[int, int]] = []        # (start sample, frames) per generate
+        self.chunks: list[SpeechChunk] = []           # the chunks generate was given
         self.resets = 0
 
     def prepare(self, avatar: Avatar) -> None:
@@ -82,6 +83,7 @@ class LevelMotion:
         spf = SAMPLE_RATE // self.fps
         n = chunk.n_new // spf
         self.calls.append((chunk.start, n))
+        self.chunks.append(chunk)
         a = chunk.new_audio.reshape(n, spf)
         out = np.repeat(self.rest[None], n, 0)
         out[:, 0] = np.sqrt(np.mean(a ** 2, axis=1))
@@ -135,3 +137,13 @@ class MemorySink:
 
     async def close(self) -> None:
         self.closed = True
+
+
+def recorded_voice(name: str = "Front_Center.wav") -> np.ndarray:
+    """A woman's recorded voice from alsa-utils (install.sh --dev), 16 kHz mono float32
+    ("Front_Center.wav" says "front center")."""
+    import soundfile as sf
+    import soxr
+
+    x, sr = sf.read(f"/usr/share/sounds/alsa/{name}", dtype="float32", always_2d=True)
+    return soxr.resample(x.mean(1), sr, SAMPLE_RATE).astype(np.float32)

@@ -187,30 +187,17 @@ async def test_interrupt_mutes_next_frame_and_returns_to_idle_without_gaps():
 async def test_live_speech_without_phonemes_reaches_the_motion_with_recognised_phones():
     # A microphone gives no phonemes; the agent's phone tracker (pocketsphinx) supplies them,
     # live: each speech chunk the motion generator sees carries the phones of its audio.
-    import soundfile as sf
-    import soxr
-
     from avatar_agent.audio.vad import WebRtcVad
     from avatar_agent.wiring import make_phones
+    from tests.fakes import recorded_voice
 
-    x, sr = sf.read("/usr/share/sounds/alsa/Front_Center.wav", dtype="float32", always_2d=True)
-    voice = soxr.resample(x.mean(1), sr, SAMPLE_RATE).astype(np.float32)
-    audio = np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), voice,
+    audio = np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), recorded_voice(),
                             np.zeros(SAMPLE_RATE, np.float32)])
-
-    class PhoneTap(LevelMotion):
-        def __init__(self) -> None:
-            super().__init__()
-            self.chunks: list = []
-
-        def generate(self, chunk, prev, emotion=8, intensity=1.0):  # noqa: ANN001, ANN201
-            self.chunks.append(chunk)
-            return super().generate(chunk, prev, emotion, intensity)
 
     async def run(setting: str) -> list:
         clock = FakeClock()
         cfg = load_config(None, [f"audio.recognizer={setting}"], use_default_path=False)
-        motion = PhoneTap()
+        motion = LevelMotion()
         agent = Agent(cfg, source=ArraySource(audio, clock), vad=WebRtcVad(), motion=motion,
                       renderer=LevelRenderer(), sinks=[MemorySink()], clock=clock,
                       image=np.zeros((64, 64, 3), np.uint8),

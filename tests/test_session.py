@@ -256,28 +256,16 @@ async def test_pushed_speech_without_phonemes_gets_heard_phones_in_every_utteran
     """A chatbot pushes TTS audio with no phonemes (LiveKit, pipecat); with audio.recognizer = on
     each utterance's chunks carry the phones heard, also after the second push's rewind of the
     timeline (the tracker forgets the cut audio)."""
-    import soundfile as sf
-    import soxr
-
     from avatar_agent.audio.vad import WebRtcVad
     from avatar_agent.wiring import make_phones
+    from tests.fakes import recorded_voice
 
-    x, sr = sf.read("/usr/share/sounds/alsa/Front_Center.wav", dtype="float32", always_2d=True)
-    voice = soxr.resample(x.mean(1), sr, SAMPLE_RATE).astype(np.float32)
-
-    class PhoneTap(LevelMotion):
-        def __init__(self) -> None:
-            super().__init__()
-            self.speech: list = []
-
-        def generate(self, chunk, prev, emotion=8, intensity=1.0):  # noqa: ANN001, ANN201
-            self.speech.append(chunk)
-            return super().generate(chunk, prev, emotion, intensity)
+    voice = recorded_voice()
 
     clock = FakeClock()
     cfg = load_config(None, ["audio.recognizer=on", "service.drain_s=0"])
     source = SpeechQueueSource(clock, prebuffer_ms=0)
-    motion = PhoneTap()
+    motion = LevelMotion()
     phones = make_phones(cfg, shared=True)
     assert phones is not None
     phones.prepare()                        # (its 0.1 s of real time would move the fake clock)
@@ -295,11 +283,11 @@ async def test_pushed_speech_without_phonemes_gets_heard_phones_in_every_utteran
     assert not phones.off
     # Both pushes were heard: an "s" (from "center") in each, over a second apart on the
     # source's timeline (where the second push lands depends on the rewind).
-    heard = [p for c in motion.speech for p in c.phonemes if p.heard]
+    heard = [p for c in motion.chunks for p in c.phonemes if p.heard]
     assert {"n", "t", "s"} <= {p.symbol for p in heard}
     s_at = sorted(p.start for p in heard if p.symbol == "s")
     assert s_at[-1] - s_at[0] > 1.0, s_at
     # every phone a chunk carries overlaps that chunk's audio
-    for c in motion.speech:
+    for c in motion.chunks:
         t0, t1 = (c.start - c.left) / SAMPLE_RATE, (c.start + c.n_new + c.right) / SAMPLE_RATE
         assert all(p.start < t1 and p.end > t0 for p in c.phonemes)

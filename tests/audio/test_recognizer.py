@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 
 from avatar_agent.audio import recognizer
 from avatar_agent.audio.recognizer import ARPABET_IPA, phoneme_source, recognize_phonemes
 from avatar_agent.clock import FakeClock
 from avatar_agent.motion.visemes import ipa_to_visemes
+from tests.fakes import recorded_voice
 
-ALSA = Path("/usr/share/sounds/alsa")   # alsa-utils (install.sh --dev): a woman's recorded voice
-
-
-def recorded(name: str) -> np.ndarray:
-    x, sr = sf.read(str(ALSA / name), dtype="float32", always_2d=True)
-    return soxr.resample(x.mean(1), sr, 16000).astype(np.float32)
 
 
 def test_every_model_phone_maps_to_a_viseme():
@@ -29,7 +22,7 @@ def test_every_model_phone_maps_to_a_viseme():
 
 
 def test_recognises_the_phones_of_front_center():
-    audio = recorded("Front_Center.wav")                    # "front center"
+    audio = recorded_voice("Front_Center.wav")                    # "front center"
     ph = recognize_phonemes(audio)
     symbols = [p.symbol for p in ph]
     assert {"n", "t", "s"} <= set(symbols), symbols
@@ -43,7 +36,7 @@ def test_recognises_the_phones_of_front_center():
 
 
 def test_phoneme_source_attaches_phones_to_the_file_frames(tmp_path):
-    audio = recorded("Front_Left.wav")
+    audio = recorded_voice("Front_Left.wav")
     wav = tmp_path / "speech.wav"
     sf.write(wav, audio, 16000, subtype="FLOAT")
 
@@ -68,7 +61,7 @@ def test_without_pocketsphinx_render_falls_back(tmp_path, monkeypatch):
 def test_decoding_is_faster_than_real_time(name):
     import time
 
-    audio = recorded(name)
+    audio = recorded_voice(name)
     recognize_phonemes(audio[:1600])                        # model load, once per process
     t = time.perf_counter()
     recognize_phonemes(audio)
@@ -105,7 +98,7 @@ def live_chunks(audio: np.ndarray, tracker: recognizer.PhoneTracker | None,
 
 def padded(name: str) -> np.ndarray:
     """A recording with 0.5 s of silence before and 0.8 s after (the VAD ends the utterance)."""
-    return np.concatenate([np.zeros(8000, np.float32), recorded(name),
+    return np.concatenate([np.zeros(8000, np.float32), recorded_voice(name),
                            np.zeros(12800, np.float32)])
 
 
